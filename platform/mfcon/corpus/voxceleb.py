@@ -1,0 +1,100 @@
+"""VoxCeleb-style corpus layout and trial lists.
+
+Layout ``<root>/<speaker>/<video>/<utt>.<ext>`` (VoxCeleb1/2, and what
+:func:`mfcon.corpus.synthetic.make_corpus` writes). Utterance ids are posix
+paths relative to the root, which is exactly what VoxCeleb trial lists name,
+e.g. ``1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav``.
+
+Example::
+
+    utts = list_utterances("data/wav")
+    trials = read_trials("data/trials.txt", root="data/wav")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class CorpusError(ValueError):
+    """The corpus root is missing or holds no audio; the message names the root."""
+
+
+class TrialListError(ValueError):
+    """A trial list is malformed or names missing audio; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str  # posix path relative to the root, e.g. id10270/x6uYqmx31kE/00001.wav
+    speaker: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Trial:
+    label: int  # 1 = same speaker (target), 0 = different speakers
+    enroll: str  # utterance id
+    test: str
+
+
+def list_utterances(root: str | Path, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Utterance]:
+    """All ``<root>/<speaker>/<video>/<utt>.<ext>`` files, sorted by utt_id; other depths are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"corpus root {root} does not exist or is not a folder")
+    exts = tuple(e.lower() for e in extensions)
+    utts = [
+        Utterance(path.relative_to(root).as_posix(), path.parts[-3], path)
+        for path in root.glob("*/*/*")
+        if path.suffix.lower() in exts and path.is_file()
+    ]
+    if not utts:
+        raise CorpusError(f"corpus root {root} holds no {'/'.join(exts)} files at <speaker>/<video>/<utt> depth")
+    return sorted(utts, key=lambda u: u.utt_id)
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> Trial:
+    fields = line.split()
+    where = f"{path}:{lineno}: {line.strip()!r}"
+    if len(fields) != 3:
+        raise TrialListError(f"{where}: expected '<0|1> <enroll> <test>', got {len(fields)} fields")
+    if fields[0] not in ("0", "1"):
+        raise TrialListError(f"{where}: label must be 0 or 1, got {fields[0]!r}")
+    return Trial(int(fields[0]), fields[1], fields[2])
+
+
+def read_trials(path: str | Path, root: str | Path | None = None) -> list[Trial]:
+    """Parse ``<0|1> <enroll> <test>`` lines (blank lines skipped); with ``root``, check every file exists."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise TrialListError(f"{path}: cannot read trial list ({err})") from err
+    trials: list[Trial] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        trial = _parse_line(path, lineno, line)
+        if root is not None:
+            for utt in (trial.enroll, trial.test):
+                if not (Path(root) / utt).is_file():
+                    raise TrialListError(f"{path}:{lineno}: audio file {Path(root) / utt} does not exist")
+        trials.append(trial)
+    if not trials:
+        raise TrialListError(f"{path}: trial list is empty")
+    return trials
+
+
+def write_trials(path: str | Path, trials: Iterable[Trial]) -> None:
+    """Write a trial list atomically (``name.tmp-<pid>`` in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    text = "".join(f"{t.label} {t.enroll} {t.test}\n" for t in trials)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

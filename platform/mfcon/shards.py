@@ -1,0 +1,328 @@
+"""Parquet feature shards + ``manifest.json`` (schema version 1).
+
+Layout of a prepared data folder (see docs/ARCHITECTURE.md)::
+
+    <data>/manifest.json            written last, atomically
+    <data>/trials.txt               normalised trial list (utt ids)
+    <data>/<split>-NNNNN.parquet    utt_id, speaker, speaker_index, num_frames, features
+
+``features`` is ``list<fixed_size_list<float32, F>>`` (frames x bins): the
+frames of one utterance are one contiguous float32 buffer, so readers get
+(T, F) numpy views without copying (``features_from_column``), and Ray Data
+crops them zero-copy (RAY_NOTES.md, Ray Data).
+
+Every file is written as ``name.tmp-<pid>`` and ``os.replace``-d to its final
+name, so a final name never holds a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mfcon.config import FeatureConfig, format_validation_error
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TRIALS_NAME = "trials.txt"
+SPLITS = ("train", "eval")
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: the unit Ray Data reads and shuffles
+
+
+class ShardIntegrityError(ValueError):
+    """A shard listed in a manifest is missing or its bytes changed; ``paths`` lists them."""
+
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` is missing, unreadable, invalid or of another schema version."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShardEntry(_Model):
+    file: str  # name relative to the data folder
+    rows: int
+    sha256: str
+
+
+class SplitInfo(_Model):
+    shards: list[ShardEntry]
+    rows: int
+    num_speakers: int
+
+
+class SkippedAudio(_Model):
+    path: str
+    reason: str
+
+
+class Manifest(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    feature_config: FeatureConfig
+    speakers: dict[str, int]  # train speaker -> class index
+    splits: dict[str, SplitInfo]
+    trials: str = TRIALS_NAME
+    skipped: list[SkippedAudio] = []
+    created_at: str
+    source: str  # corpus root the shards were computed from
+
+
+@dataclass
+class SplitArrays:
+    """One split in memory; ``features[i]`` is a read-only (T_i, F) float32 view into Arrow buffers."""
+
+    utt_ids: list[str]
+    speakers: list[str]
+    speaker_index: np.ndarray  # (N,) int64, -1 in the eval split
+    features: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.utt_ids)
+
+
+# ---------------------------------------------------------------- atomic files
+
+def tmp_name(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+def shard_schema(num_mel_bins: int = 80, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """Arrow schema of a version-1 shard; ``num_mel_bins`` comes from the FeatureConfig."""
+    fields = [
+        pa.field("utt_id", pa.string(), nullable=False),
+        pa.field("speaker", pa.string(), nullable=False),
+        pa.field("speaker_index", pa.int32(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
+        pa.field("features", pa.list_(pa.list_(pa.float32(), num_mel_bins)), nullable=False),
+    ]
+    meta = {"mfcon.schema_version": str(SCHEMA_VERSION), **(metadata or {})}
+    return pa.schema(fields, metadata=meta)
+
+
+def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows ``{utt_id, speaker, speaker_index, features (T, F)}`` -> Arrow table (one copy of the frames)."""
+    bins = schema.field("features").type.value_type.list_size
+    feats = [np.ascontiguousarray(r["features"], dtype=np.float32) for r in rows]
+    for r, x in zip(rows, feats):
+        if x.ndim != 2 or x.shape[1] != bins:
+            raise ValueError(f"{r['utt_id']}: features must be (T, {bins}), got {x.shape}")
+    frames = np.array([x.shape[0] for x in feats], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int32)
+    flat = np.concatenate(feats).reshape(-1) if feats else np.zeros(0, np.float32)  # (sum T * F,)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat), bins))
+    return pa.Table.from_arrays([
+        pa.array([str(r["utt_id"]) for r in rows], pa.string()),
+        pa.array([str(r["speaker"]) for r in rows], pa.string()),
+        pa.array([int(r["speaker_index"]) for r in rows], pa.int32()),
+        pa.array(frames, pa.int32()),
+        column,
+    ], schema=schema)
+
+
+def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bins: int = 80,
+                metadata: Mapping[str, str] | None = None) -> ShardEntry:
+    """Stream ``rows`` into a Parquet shard at ``path`` atomically; return its manifest entry.
+
+    Rows are dicts ``{utt_id, speaker, speaker_index, features: (T, F) float32}``
+    and may come from a generator: they are written ``ROW_GROUP_ROWS`` at a time
+    to ``<name>.tmp-<pid>``, which is removed if anything raises, and renamed to
+    ``path`` only once complete. ``metadata`` goes into the Parquet schema
+    metadata (``prepare`` stores the shard's plan fingerprint there).
+
+    >>> write_shard("/tmp/x.parquet", [{"utt_id": "a", "speaker": "s", "speaker_index": 0,
+    ...              "features": np.zeros((3, 80), np.float32)}]).rows
+    1
+    """
+    path = Path(path)
+    schema = shard_schema(num_mel_bins, metadata)
+    tmp = tmp_name(path)
+    count = 0
+    try:
+        with open(tmp, "wb") as sink:
+            writer = pq.ParquetWriter(sink, schema)
+            try:
+                batch: list[Mapping[str, Any]] = []
+                for row in rows:
+                    batch.append(row)
+                    if len(batch) == ROW_GROUP_ROWS:
+                        writer.write_table(rows_to_table(batch, schema))
+                        count, batch = count + len(batch), []
+                if batch or count == 0:
+                    writer.write_table(rows_to_table(batch, schema))
+                    count += len(batch)
+            finally:
+                writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ShardEntry(file=path.name, rows=count, sha256=digest)
+
+
+def write_manifest(data_dir: str | Path, manifest: Manifest) -> Path:
+    path = Path(data_dir) / MANIFEST_NAME
+    atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- reading
+
+def read_manifest(data_dir: str | Path) -> Manifest:
+    """Parse ``<data_dir>/manifest.json``; every failure is a ManifestError naming the file."""
+    path = Path(data_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: top level must be an object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {version!r}, this mfcon reads version {SCHEMA_VERSION}; "
+                            "prepare the data again")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(format_validation_error(e, str(path))) from None
+
+
+def manifest_hash(data_dir: str | Path) -> str:
+    """sha256 of the manifest bytes: identifies a prepared dataset (tags MLflow runs)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)")
+    return file_sha256(path)
+
+
+def split_info(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitInfo:
+    manifest = manifest or read_manifest(data_dir)
+    if split not in manifest.splits:
+        raise ValueError(f"{Path(data_dir) / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest.splits)})")
+    return manifest.splits[split]
+
+
+def shard_paths(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> list[str]:
+    """Absolute paths of the split's shards, in manifest order."""
+    root = Path(data_dir).resolve()
+    return [str(root / s.file) for s in split_info(data_dir, split, manifest).shards]
+
+
+def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> None:
+    """Recompute every shard's sha256; raise ShardIntegrityError naming each missing or changed shard."""
+    manifest = manifest or read_manifest(data_dir)
+    problems, bad = [], []
+    for split, info in manifest.splits.items():
+        for entry in info.shards:
+            path = Path(data_dir) / entry.file
+            if not path.is_file():
+                problems.append(f"{path}: missing ({split} shard listed in {MANIFEST_NAME})")
+            elif (digest := file_sha256(path)) != entry.sha256:
+                problems.append(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}...)")
+            else:
+                continue
+            bad.append(str(path))
+    if problems:
+        raise ShardIntegrityError("shard integrity check failed:\n  " + "\n  ".join(problems), bad)
+
+
+def features_from_column(column: pa.ChunkedArray | pa.Array | np.ndarray) -> list[np.ndarray]:
+    """``features`` column -> one (T, F) float32 array per row, zero-copy for Arrow input.
+
+    Accepts a ChunkedArray (``pq.read_table``), an Array (one record batch, as
+    Ray Data's ``batch_format="pyarrow"`` gives), or a numpy object array of
+    per-row frames (``batch_format="numpy"``). Arrow-backed results are
+    read-only views into the column's buffers: copy before writing into them.
+    """
+    if isinstance(column, np.ndarray):
+        return [_frames_from_numpy(x) for x in column]
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray] = []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise ValueError("features column holds nulls")
+        bins = chunk.type.value_type.list_size
+        offsets = chunk.offsets.to_numpy()  # (N + 1,) into chunk.values, slice-aware
+        frames = chunk.values  # FixedSizeListArray, unsliced
+        flat = frames.flatten().to_numpy(zero_copy_only=True).reshape(-1, bins)  # (sum T, F)
+        out.extend(flat[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
+    return out
+
+
+def _frames_from_numpy(x: Any) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype == object:  # ragged rows come back as an array of per-frame arrays
+        arr = np.stack([np.asarray(f, dtype=np.float32) for f in arr]) if len(arr) else arr.astype(np.float32)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def load_split(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitArrays:
+    """Read all shards of ``split`` (manifest order) into memory."""
+    manifest = manifest or read_manifest(data_dir)
+    paths = shard_paths(data_dir, split, manifest)
+    bins = manifest.feature_config.num_mel_bins
+    expected = shard_schema(bins)
+    tables = [pq.read_table(p, memory_map=True) for p in paths]
+    for path, t in zip(paths, tables):
+        if not t.schema.equals(expected, check_metadata=False):
+            raise ValueError(f"{path}: columns {t.schema.types} do not match shard schema version {SCHEMA_VERSION} "
+                             f"with {bins} bins")
+    table = pa.concat_tables(tables) if tables else expected.empty_table()
+    return SplitArrays(
+        utt_ids=table.column("utt_id").to_pylist(),
+        speakers=table.column("speaker").to_pylist(),
+        speaker_index=table.column("speaker_index").to_numpy().astype(np.int64),
+        features=features_from_column(table.column("features")),
+    )

@@ -1,0 +1,90 @@
+"""Tune callbacks on the study driver: every trial and every epoch into MLflow."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.tune import Callback
+
+from mfcon.study.spaces import SearchSpace, sampled_to_overrides
+from mfcon.tracking import StudyTracker, TrialRuns
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Everything a person compares in the MLflow UI: raw samples plus resolved overrides."""
+    params = {k: v for k, v in sampled.items()}
+    for key, value in sampled_to_overrides(space, sampled).items():
+        params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    if "loss.mfcon_blocks" in params and params["loss.mfcon_blocks"] == "":
+        params["loss.mfcon_blocks"] = "none"
+    return params
+
+
+def export_weights(checkpoint_dir: str, out_file: Path) -> Path:
+    """Inference-only checkpoint (weights + configs): the optimizer state is not worth storing."""
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    keep = {k: state[k] for k in ("model", "model_config", "config", "epoch", "metrics", "num_classes")}
+    torch.save(keep, out_file)
+    return out_file
+
+
+class MLflowStudyCallback(Callback):
+    """Child run per trial (params, per-epoch metrics, final state, best checkpoint); best so far on the parent.
+
+    Holds only plain settings when pickled with the experiment state; the
+    MLflow client is made on first use, so ``Tuner.restore`` re-attaches.
+    """
+
+    def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace):
+        self.tracking_uri, self.workdir, self.space = tracking_uri, workdir, space
+        self.max_epochs = space.base_config().epochs
+        self._runs: TrialRuns | None = None
+        self._best: dict[str, tuple[float, str | None, int]] = {}
+        self._study_best = math.inf
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_runs"] = None
+        return state
+
+    @property
+    def runs(self) -> TrialRuns:
+        if self._runs is None:
+            self._runs = TrialRuns(StudyTracker(self.tracking_uri, self.space.name, self.workdir))
+        return self._runs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.runs.start(trial.trial_id, trial_params(self.space, trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.runs.log_epoch(trial.trial_id, result, int(time.time() * 1000))
+        value = result.get(self.space.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = self._best.get(trial.trial_id)
+            if best is None or value < best[0]:
+                self._best[trial.trial_id] = (value, result.get("checkpoint_path"), int(result.get("epoch", 0)))
+            if value < self._study_best:
+                self._study_best = value
+                self.runs.tracker.log_best(trial.trial_id, result, self.space.metric, int(result.get("epoch", 0)))
+
+    def _finish(self, trial, state: str) -> None:
+        best = self._best.get(trial.trial_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = None
+            if best and best[1] and Path(best[1], CHECKPOINT_FILE).exists():
+                weights = str(export_weights(best[1], Path(tmp) / "best.pt"))
+            self.runs.finish(trial.trial_id, state, weights)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last_epoch = int((trial.last_result or {}).get("epoch", 0))
+        self._finish(trial, "completed" if last_epoch >= self.max_epochs else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "failed")

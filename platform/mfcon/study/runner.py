@@ -1,0 +1,195 @@
+"""`mfcon study`: a Ray Tune + Optuna (TPE) + ASHA study of Ray Train trials, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from mfcon.corpus.voxceleb import read_trials
+from mfcon.shards import manifest_hash, read_manifest, shard_paths, verify_shards
+from mfcon.study.callbacks import MLflowStudyCallback
+from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
+from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
+from mfcon.study.trial import StudyRuntime, run_trial
+from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
+
+TRIAL_COLUMNS = ["epoch", "train_loss", "eer", "min_dcf"]
+
+
+class StudyError(RuntimeError):
+    """A study cannot start or continue; the message says what to do."""
+
+
+@dataclass
+class StudySummary:
+    study: str
+    tracking_uri: str
+    experiment_dir: str
+    num_trials: int
+    states: dict[str, int]
+    best_trial: str | None
+    best_metric: float | None
+    best_params: dict[str, Any]
+    metric: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def study_paths(workdir: str | Path, name: str) -> dict[str, Path]:
+    root = Path(workdir).resolve() / name
+    return {"root": root, "tune": root / "tune", "experiment": root / "tune" / name, "train": root / "train",
+            "space": root / "space.yaml"}
+
+
+def init_ray(address: str | None) -> None:
+    """Attach to a cluster when asked (``auto`` inside ``ray job submit``), else start a private local one."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> StudyRuntime:
+    manifest = read_manifest(data_dir)
+    return StudyRuntime(
+        space=space,
+        train_shards=tuple(shard_paths(data_dir, "train")),
+        eval_shards=tuple(shard_paths(data_dir, "eval")),
+        trials=tuple(read_trials(data_dir / manifest.trials)),
+        num_classes=len(manifest.speakers),
+        train_rows=manifest.splits["train"].rows,
+        frame_shift_ms=manifest.feature_config.frame_shift_ms,
+        train_storage=str(train_storage),
+    )
+
+
+DRIVER_MEMORY_BYTES = 256 * 1024**2
+
+
+def make_trainable(space: SearchSpace, runtime: StudyRuntime):
+    """The trial driver only waits on its TorchTrainer: it reserves memory, not a CPU the workers need
+    (Ray refuses an empty resource request, so a zero-CPU driver still has to ask for something)."""
+    resources = {"CPU": space.resources.driver_cpus, "memory": DRIVER_MEMORY_BYTES}
+    return tune.with_resources(tune.with_parameters(run_trial, runtime=runtime), resources)
+
+
+def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path], tracking_uri: str,
+               workdir: Path, num_samples: int) -> tune.Tuner:
+    budget = space.budget
+    max_epochs = space.base_config().epochs
+    search = OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
+                          sampler=_tpe(budget.seed))
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(budget.grace_period, max_epochs),
+                              reduction_factor=budget.reduction_factor)
+    stop = {"time_total_s": budget.trial_time_budget_s} if budget.trial_time_budget_s else None
+    return tune.Tuner(
+        make_trainable(space, runtime),
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=budget.max_concurrent_trials,
+                                    time_budget_s=budget.study_time_budget_s),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=str(paths["tune"]), stop=stop,
+            callbacks=[PlacementGroupReaper(), MLflowStudyCallback(tracking_uri, str(workdir), space)],
+            progress_reporter=tune.CLIReporter(metric_columns=TRIAL_COLUMNS, max_report_frequency=15,
+                                               parameter_columns=list(space.params)[:6] or None),
+            failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
+        ),
+    )
+
+
+def _tpe(seed: int):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+
+
+def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdir: str | Path = "runs",
+              num_samples: int | None = None, address: str | None = None, tracking_uri: str | None = None,
+              resume: bool = False, study_name: str | None = None) -> StudySummary:
+    """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended."""
+    workdir = Path(workdir).resolve()
+    space_path, data_dir = _resolve_inputs(space_path, data_dir, workdir, study_name, resume)
+    space = load_search_space(space_path)
+    if study_name and study_name != space.name:
+        space = space.model_copy(update={"name": study_name})
+    paths = study_paths(workdir, space.name)
+    uri = resolve_tracking_uri(tracking_uri, workdir)
+    check_tracking_uri(uri)  # before any training starts
+    verify_shards(data_dir)
+    can_restore = paths["experiment"].exists() and tune.Tuner.can_restore(str(paths["experiment"]))
+    if can_restore and not resume:
+        raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "
+                         f"continue it with --resume or choose another --name")
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    if not can_restore:
+        shutil.copyfile(space_path, paths["space"])
+        (paths["root"] / "study.json").write_text(json.dumps({"space": str(paths["space"]),
+                                                              "data": str(data_dir), "tracking_uri": uri}))
+    tracker = StudyTracker(uri, space.name, workdir)
+    tracker.log_study_inputs(paths["space"], space.base, manifest_hash(data_dir))
+
+    init_ray(address)
+    remove_orphaned_placement_groups()
+    runtime = build_runtime(space, data_dir, paths["train"])
+    if can_restore:
+        tuner = tune.Tuner.restore(str(paths["experiment"]), trainable=make_trainable(space, runtime),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples)
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    summary = summarize(grid, space, uri, paths["experiment"])
+    tracker.client.log_dict(tracker.parent_run_id, json.loads(summary.to_json()), "study_summary.json")
+    tracker.finish("FINISHED")
+    return summary
+
+
+def _resolve_inputs(space_path, data_dir, workdir: Path, study_name, resume) -> tuple[Path, Path]:
+    """``--resume --name X`` needs nothing else: the study remembers its space and data."""
+    if resume and study_name and (space_path is None or data_dir is None):
+        saved = study_paths(workdir, study_name)["root"] / "study.json"
+        if not saved.exists():
+            raise StudyError(f"no study named {study_name!r} under {workdir} to resume")
+        info = json.loads(saved.read_text())
+        space_path, data_dir = space_path or info["space"], data_dir or info["data"]
+    if space_path is None or data_dir is None:
+        raise StudyError("--space and --data are required (or --resume --name NAME)")
+    return Path(space_path), Path(data_dir).resolve()
+
+
+def summarize(grid, space: SearchSpace, uri: str, experiment_dir: Path) -> StudySummary:
+    states: dict[str, int] = {}
+    max_epochs = space.base_config().epochs
+    for result in grid:
+        if result.error is not None:
+            state = "failed"
+        else:
+            epoch = int((result.metrics or {}).get("epoch", 0))
+            state = "completed" if epoch >= max_epochs else "pruned"
+        states[state] = states.get(state, 0) + 1
+    best_trial, best_value, best_params = None, None, {}
+    try:
+        best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+        df = best.metrics_dataframe
+        best_value = float(df[space.metric].min()) if df is not None and space.metric in df else None
+        best_trial, best_params = best.metrics.get("trial_id"), dict(best.config or {})
+    except (RuntimeError, KeyError, AttributeError):
+        pass
+    return StudySummary(study=space.name, tracking_uri=uri, experiment_dir=str(experiment_dir), num_trials=len(grid),
+                        states=states, best_trial=best_trial, best_metric=best_value, best_params=best_params,
+                        metric=space.metric)

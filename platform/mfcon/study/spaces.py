@@ -1,0 +1,216 @@
+"""Declarative search spaces (``search_spaces/*.yaml``) -> validated models -> Optuna.
+
+A space names dotted ``TrainConfig`` paths, so a space can search anything the
+trainer exposes. Block selection is its own kind: either one boolean per
+Conformer block (TPE learns each block's effect separately) or a categorical
+over named subsets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mfcon.config import NAMED_BLOCK_SETS, ConfigError, TrainConfig, apply_overrides, format_validation_error, read_yaml
+
+
+class _Param(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Uniform(_Param):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class LogUniform(Uniform):
+    type: Literal["loguniform"]  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Param):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log int range needs low > 0")
+        return self
+
+
+class Categorical(_Param):
+    type: Literal["categorical"]
+    choices: list[Union[str, int, float, bool, None]] = Field(min_length=1)
+
+
+class BlockSelection(_Param):
+    """Which Conformer blocks get the MFCon loss."""
+
+    type: Literal["blocks"]
+    encoding: Literal["per_block", "named"] = "per_block"
+    choices: list[str] = Field(default_factory=lambda: ["all", "shallow", "deep"])
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        if self.encoding == "named":
+            if not self.choices:
+                raise ValueError("named block selection needs at least one choice")
+            bad = [c for c in self.choices if c not in NAMED_BLOCK_SETS]
+            if bad:
+                raise ValueError(f"unknown block sets {bad}; known: {list(NAMED_BLOCK_SETS)}")
+        return self
+
+
+Param = Annotated[Union[Uniform, LogUniform, IntRange, Categorical, BlockSelection], Field(discriminator="type")]
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    trial_time_budget_s: float | None = Field(None, gt=0)
+    study_time_budget_s: float | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", True, False] = "auto"
+    driver_cpus: float = Field(0.0, ge=0)
+    max_failures: int = Field(0, ge=0)
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    metric: Literal["eer", "min_dcf"] = "eer"
+    mode: Literal["min"] = "min"
+    base: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
+    budget: Budget = Budget()
+    resources: Resources = Resources()
+
+    def base_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.base)
+
+    def num_blocks(self) -> int:
+        return self.base_config().model_config_resolved().num_blocks
+
+
+class SearchSpaceError(ConfigError):
+    """An invalid search-space file; the message names the file and the field."""
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    try:
+        data = read_yaml(path)
+    except ConfigError as e:
+        raise SearchSpaceError(str(e)) from None
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as e:
+        raise SearchSpaceError(format_validation_error(e, str(path))) from None
+    try:
+        base = space.base_config()
+    except ValidationError as e:
+        raise SearchSpaceError(format_validation_error(e, f"{path}: base")) from None
+    for key in space.params:
+        try:
+            apply_overrides(base, {key: _probe_value(space.params[key], space.num_blocks())}, f"{path}: params.{key}")
+        except ConfigError as e:
+            raise SearchSpaceError(f"{path}: params.{key}: not a valid training-config field or value\n{e}") from None
+    return space
+
+
+def _probe_value(param: Any, num_blocks: int) -> Any:
+    """A representative value, used to check that a dotted key exists in TrainConfig."""
+    if isinstance(param, BlockSelection):
+        return "all" if param.encoding == "per_block" else param.choices[0]
+    if isinstance(param, Categorical):
+        return param.choices[0]
+    return param.low
+
+
+def block_param_name(key: str, block: int) -> str:
+    return f"{key}.b{block}"
+
+
+def optuna_distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The flat Optuna parameters this space samples (per-block booleans expanded)."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, p in space.params.items():
+        if isinstance(p, LogUniform):
+            dists[key] = optuna.distributions.FloatDistribution(p.low, p.high, log=True)
+        elif isinstance(p, Uniform):
+            dists[key] = optuna.distributions.FloatDistribution(p.low, p.high)
+        elif isinstance(p, IntRange):
+            dists[key] = optuna.distributions.IntDistribution(p.low, p.high, step=p.step, log=p.log)
+        elif isinstance(p, Categorical):
+            dists[key] = optuna.distributions.CategoricalDistribution(p.choices)
+        elif p.encoding == "per_block":
+            for b in range(1, space.num_blocks() + 1):
+                dists[block_param_name(key, b)] = optuna.distributions.CategoricalDistribution([True, False])
+        else:
+            dists[key] = optuna.distributions.CategoricalDistribution(p.choices)
+    return dists
+
+
+class DefineByRun:
+    """Picklable define-by-run space for ``OptunaSearch`` (a closure would not pickle)."""
+
+    def __init__(self, space: SearchSpace):
+        self.distributions = optuna_distributions(space)
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        for name, dist in self.distributions.items():
+            suggest(trial, name, dist)
+
+
+def suggest(trial: optuna.Trial, name: str, dist: optuna.distributions.BaseDistribution) -> Any:
+    if isinstance(dist, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_categorical(name, dist.choices)
+
+
+def sampled_to_overrides(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Flat sampled values -> dotted TrainConfig overrides (per-block booleans -> a block list)."""
+    overrides: dict[str, Any] = {}
+    for key, p in space.params.items():
+        if isinstance(p, BlockSelection) and p.encoding == "per_block":
+            overrides[key] = [b for b in range(1, space.num_blocks() + 1) if sampled[block_param_name(key, b)]]
+        else:
+            overrides[key] = sampled[key]
+    return overrides
+
+
+def trial_config(space: SearchSpace, sampled: dict[str, Any]) -> TrainConfig:
+    return apply_overrides(space.base_config(), sampled_to_overrides(space, sampled), f"search space {space.name}")

@@ -1,0 +1,85 @@
+"""One Tune trial = one Ray Train run (Train V2: Tune cannot wrap a trainer directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mfcon.corpus.voxceleb import Trial
+from mfcon.study.spaces import SearchSpace, trial_config
+from mfcon.study.worker import train_worker
+
+
+@dataclass(frozen=True)
+class StudyRuntime:
+    """Static facts every trial needs; pickled once into the trainable with ``tune.with_parameters``."""
+
+    space: SearchSpace
+    train_shards: tuple[str, ...]
+    eval_shards: tuple[str, ...]
+    trials: tuple[Trial, ...]
+    num_classes: int
+    train_rows: int
+    frame_shift_ms: float
+    train_storage: str
+
+
+def use_gpu(choice: Any) -> bool:
+    if choice == "auto":
+        return bool(ray.cluster_resources().get("GPU", 0))
+    return bool(choice)
+
+
+def read_shards(paths: tuple[str, ...]) -> ray.data.Dataset:
+    """Parquet shards as a Dataset whose read tasks take no CPU slot.
+
+    Train workers hold the node's CPUs; a read that asks for one waits for them
+    forever. Ray Data's V2 Parquet path adds a ListFiles step that always asks
+    for a CPU (Ray 2.60), so the V1 datasource is used, where ``num_cpus``
+    applies to every read task.
+    """
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(list(paths), num_cpus=0)
+
+
+def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
+    """Tune function trainable: build and fit this trial's TorchTrainer."""
+    cfg = trial_config(runtime.space, config)
+    res = runtime.space.resources
+    trial_id = ray.tune.get_context().get_trial_id()
+    gpu = use_gpu(res.use_gpu)
+    datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.eval_shards)}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train_config": cfg.model_dump(mode="json"),
+            "num_classes": runtime.num_classes,
+            "train_rows": runtime.train_rows,
+            "frame_shift_ms": runtime.frame_shift_ms,
+            "trials": list(runtime.trials),
+            "threads_per_worker": max(1, int(res.cpus_per_worker)),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers, use_gpu=gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            # Deterministic name: a restored trial finds its own checkpoints again.
+            name=f"{runtime.space.name}-{trial_id}",
+            storage_path=runtime.train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=runtime.space.metric, checkpoint_score_order="min"),
+            # A trial that cannot start its workers fails (and is logged) instead of retrying forever.
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures, controller_failure_limit=3),
+        ),
+    )
+    trainer.fit()

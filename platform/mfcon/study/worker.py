@@ -1,0 +1,93 @@
+"""What each Ray Train worker runs: the local training loop, fed by Ray Data.
+
+The loop (``train.loop.fit``) is unchanged; only its data source and hooks
+differ: rows stream from this worker's split of the Parquet shards, and each
+epoch's metrics (with a rank-0 checkpoint) go to ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+
+from mfcon.config import TrainConfig
+from mfcon.scoring import EvalSet
+from mfcon.shards import features_from_column
+from mfcon.train.loop import WorkerContext, fit
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RayShardData:
+    """``TrainData`` over ``get_dataset_shard``: "train" is split across workers, "eval" is whole."""
+
+    def __init__(self, num_classes: int, train_rows_total: int, frame_shift_ms: float, trials: list,
+                 world_size: int, seed: int, shuffle_buffer_rows: int):
+        self.num_classes = num_classes
+        self.rows_per_worker = train_rows_total // world_size
+        self.frame_shift_ms = frame_shift_ms
+        self.trials, self.seed, self.buffer = trials, seed, shuffle_buffer_rows
+        self._eval: EvalSet | None = None
+
+    def train_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(batch_size=64, batch_format="pyarrow",
+                                        local_shuffle_buffer_size=self.buffer,
+                                        local_shuffle_seed=self.seed * 1000 + epoch):
+            feats = features_from_column(batch.column("features"))
+            labels = batch.column("speaker_index").to_numpy()
+            yield from zip(feats, labels.tolist())
+
+    def eval_set(self) -> EvalSet | None:
+        if self._eval is None:
+            utt_ids: list[str] = []
+            features: list[np.ndarray] = []
+            for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=256, batch_format="pyarrow"):
+                utt_ids.extend(batch.column("utt_id").to_pylist())
+                features.extend(np.array(f, copy=True) for f in features_from_column(batch.column("features")))
+            self._eval = EvalSet(utt_ids=utt_ids, features=features, trials=self.trials)
+        return self._eval
+
+
+class RayRunHooks:
+    """Checkpoints through Ray Train's storage, so Tune restores and ASHA see every epoch."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (``TorchTrainer(train_worker, ...)``)."""
+    cfg = TrainConfig.model_validate(config["train_config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    data = RayShardData(num_classes=config["num_classes"], train_rows_total=config["train_rows"],
+                        frame_shift_ms=config["frame_shift_ms"], trials=config["trials"], world_size=world,
+                        seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
+    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device))

@@ -1,0 +1,192 @@
+"""The per-worker training loop: the same function runs locally and in a Ray Train worker.
+
+Everything environment-specific (where rows come from, how a checkpoint is
+stored and metrics reported, which rank this is) comes in through ``TrainData``
+and ``RunHooks``; the loop itself never imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from mfcon.config import OptimConfig, TrainConfig
+from mfcon.data.batching import CropBatch, SpeakerBalancedBatcher
+from mfcon.losses.multiscale import LossParts, SpeakerObjective
+from mfcon.models.mfa_conformer import build_model
+from mfcon.scoring import EvalSet, evaluate
+
+
+class TrainData(Protocol):
+    num_classes: int
+    rows_per_worker: int
+    frame_shift_ms: float
+
+    def train_rows(self, epoch: int) -> Iterable[tuple[np.ndarray, int]]: ...
+
+    def eval_set(self) -> EvalSet | None: ...
+
+
+class RunHooks(Protocol):
+    def load_checkpoint(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None: ...
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it, fp16 (+ grad scaling) on older ones, none on CPU."""
+    if choice == "off" or device.type != "cuda":
+        return None
+    if choice == "fp16" or (choice == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+class TrainModule(nn.Module):
+    """Model + objective as one module, so DDP syncs the classifier and MFCon heads too."""
+
+    def __init__(self, model: nn.Module, objective: SpeakerObjective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> LossParts:
+        return self.objective(self.model(feats, lengths), labels)
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine to zero or step decay every ``step_epochs`` epochs."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+    return 1.0
+
+
+def crop_frames(cfg: TrainConfig, frame_shift_ms: float) -> int:
+    return max(1, int(round(cfg.data.crop_seconds * 1000.0 / frame_shift_ms)))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _mean_across_workers(values: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        values = values.to(ctx.device)
+        torch.distributed.all_reduce(values)
+        values = values / ctx.world_size
+    return values.cpu()
+
+
+def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext | None = None) -> list[dict[str, float]]:
+    """Train ``cfg.epochs`` epochs, evaluating and reporting (with a checkpoint) after each."""
+    ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model_cfg = cfg.model_config_resolved()
+    module = TrainModule(build_model(model_cfg), SpeakerObjective(cfg.loss, model_cfg, data.num_classes))
+    module.to(ctx.device)
+    optimizer = build_optimizer(cfg.optim, module.parameters())
+    batch_size = cfg.data.speakers_per_batch * cfg.data.utts_per_speaker
+    steps_per_epoch = max(1, data.rows_per_worker // batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg.optim, s, steps_per_epoch, total_steps))
+    amp_dtype = resolve_amp_dtype(cfg.amp, ctx.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    start_epoch, best_eer, history = 1, math.inf, []
+    state = hooks.load_checkpoint()
+    if state is not None:
+        module.model.load_state_dict(state["model"])
+        module.objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_eer = int(state["epoch"]) + 1, float(state["best_eer"])
+        history = list(state.get("history", []))
+
+    runner: nn.Module = module
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    frames = crop_frames(cfg, data.frame_shift_ms)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        module.objective.set_epoch(epoch - 1)  # warm-up counts epochs from 0
+        torch.manual_seed(_seed(cfg.seed, epoch, ctx.rank))
+        batcher = SpeakerBalancedBatcher(cfg.data.speakers_per_batch, cfg.data.utts_per_speaker, frames,
+                                         steps_per_epoch, seed=_seed(cfg.seed, epoch, ctx.rank, 1))
+        sums = torch.zeros(3, dtype=torch.float64)
+        module.train()
+        for batch in batcher.batches(data.train_rows(epoch)):
+            parts = _train_step(runner, batch, optimizer, scaler, cfg, ctx, amp_dtype)
+            scheduler.step()
+            sums += torch.tensor(parts, dtype=torch.float64)
+        sums = _mean_across_workers(sums / steps_per_epoch, ctx)
+        metrics = {"epoch": float(epoch), "train_loss": float(sums[0]), "margin_loss": float(sums[1]),
+                   "mfcon_loss": float(sums[2]), "lr": float(scheduler.get_last_lr()[0]),
+                   "train_seconds": time.perf_counter() - started}
+        eval_set = data.eval_set() if ctx.rank == 0 else None
+        if eval_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            result = evaluate(module.model, eval_set, ctx.device, cfg.data.eval_max_seconds and
+                              int(cfg.data.eval_max_seconds * 1000 / data.frame_shift_ms))
+            metrics.update(result.metrics())
+            best_eer = min(best_eer, metrics["eer"])
+        metrics["best_eer"] = best_eer
+        history.append(metrics)
+        ckpt = None
+        if ctx.rank == 0:
+            ckpt = {"epoch": epoch, "best_eer": best_eer, "history": history, "metrics": metrics,
+                    "model": module.model.state_dict(), "objective": module.objective.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "config": cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
+                    "num_classes": data.num_classes}
+        hooks.report(metrics, ckpt)
+    return history
+
+
+def _train_step(runner: nn.Module, batch: CropBatch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                cfg: TrainConfig, ctx: WorkerContext, amp_dtype: torch.dtype | None) -> tuple[float, float, float]:
+    feats, lengths, labels = (t.to(ctx.device, non_blocking=True) for t in (batch.feats, batch.lengths, batch.labels))
+    autocast = (torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        parts = runner(feats, lengths, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts.total).backward()
+    if cfg.optim.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return tuple(float(torch.as_tensor(x).detach()) for x in (parts.total, parts.margin, parts.mfcon))

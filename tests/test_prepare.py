@@ -1,0 +1,220 @@
+"""prepare_dataset on a tiny real VoxCeleb-layout corpus: splits, resume, bad audio, Ray vs process pool."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from mfcon.audio import load_audio
+from mfcon.config import FeatureConfig
+from mfcon.corpus.voxceleb import list_utterances, read_trials
+from mfcon.features import compute_fbank
+from mfcon.prepare import PrepareError, plan_shards, prepare_dataset, split_corpus
+from mfcon.shards import ManifestError, file_sha256, load_split, manifest_hash, read_manifest, verify_shards
+
+SR = 16000
+N_SPEAKERS, UTTS_PER_SPEAKER, ROWS_PER_SHARD = 6, 4, 4
+EVAL_SPEAKERS = ("id00004", "id00005")
+
+
+def write_tiny_corpus(base: Path, seed: int = 0) -> tuple[Path, Path]:
+    """6 speakers x 4 utterances (1-2 s tone + noise, 16 kHz) and a trial list over the last 2 speakers."""
+    rng = np.random.default_rng(seed)
+    root = base / "wav"
+    for s in range(N_SPEAKERS):
+        for u in range(UTTS_PER_SPEAKER):
+            path = root / f"id{s:05d}" / f"vid{u % 2}" / f"{u:05d}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t = np.arange(int(rng.uniform(1.0, 2.0) * SR)) / SR
+            wav = 0.3 * np.sin(2 * np.pi * (150 + 40 * s) * t) + 0.05 * rng.standard_normal(t.size)
+            sf.write(path, wav.astype(np.float32), SR, subtype="PCM_16")
+    a, b = EVAL_SPEAKERS
+    trials = base / "trials.txt"
+    trials.write_text("".join(f"{int(x == y)} {x}/vid0/00000.wav {y}/vid1/{u:05d}.wav\n"
+                              for x in (a, b) for y in (a, b) for u in (1, 3)))
+    return root, trials
+
+
+def prepare(corpus: tuple[Path, Path], out: Path, **kwargs):
+    kwargs = {"rows_per_shard": ROWS_PER_SHARD, "num_workers": 0, "progress": False, **kwargs}
+    return prepare_dataset(corpus[0], corpus[1], out, **kwargs)
+
+
+def content(manifest) -> dict:
+    return manifest.model_dump(exclude={"created_at"})
+
+
+def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def pooled(corpus, tmp_path_factory):
+    """The corpus prepared once on a 2-process pool: (out_dir, manifest)."""
+    out = tmp_path_factory.mktemp("pooled") / "data"
+    return out, prepare(corpus, out, num_workers=2)
+
+
+@pytest.fixture
+def ray_local_2cpu():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_round_trip_equals_compute_fbank(corpus, pooled):
+    out, manifest = pooled
+    assert read_manifest(out) == manifest
+    verify_shards(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "trials.txt"] + [s.file for i in manifest.splits.values() for s in i.shards])
+    for split in ("train", "eval"):
+        arrays = load_split(out, split)
+        assert len(arrays) == manifest.splits[split].rows > 0
+        for utt_id, feats in zip(arrays.utt_ids, arrays.features):
+            expected = compute_fbank(load_audio(corpus[0] / utt_id)).numpy()
+            np.testing.assert_array_equal(feats, expected)
+    assert read_trials(out / "trials.txt") == read_trials(corpus[1])
+    assert manifest.skipped == [] and manifest.source == str(corpus[0].resolve())
+
+
+def test_splits_are_speaker_disjoint(corpus, pooled):
+    out, manifest = pooled
+    train, eval_ = load_split(out, "train"), load_split(out, "eval")
+    train_speakers = sorted(f"id{s:05d}" for s in range(N_SPEAKERS) if f"id{s:05d}" not in EVAL_SPEAKERS)
+    assert manifest.speakers == {s: i for i, s in enumerate(train_speakers)}
+    assert set(train.speakers) == set(train_speakers) and set(eval_.speakers) == set(EVAL_SPEAKERS)
+    assert train.speaker_index.tolist() == [manifest.speakers[s] for s in train.speakers]
+    assert set(eval_.speaker_index.tolist()) == {-1}
+    named = {u for t in read_trials(corpus[1]) for u in (t.enroll, t.test)}
+    assert set(eval_.utt_ids) == named
+    assert len(train) == len(train_speakers) * UTTS_PER_SPEAKER
+    assert (manifest.splits["train"].num_speakers, manifest.splits["eval"].num_speakers) == (4, 2)
+
+
+def test_train_shards_mix_speakers(corpus, pooled):
+    out, manifest = pooled
+    for entry in manifest.splits["train"].shards:
+        speakers = pq.read_table(out / entry.file, columns=["speaker"]).column("speaker").to_pylist()
+        assert len(set(speakers)) >= 2, f"{entry.file} holds one speaker: {speakers}"
+    order = load_split(out, "train").utt_ids
+    assert order != sorted(order)
+    train, eval_ = split_corpus(list_utterances(corpus[0]), read_trials(corpus[1]), corpus[1])
+    _, same = plan_shards(train, eval_, FeatureConfig(), ROWS_PER_SHARD, seed=0)
+    _, other = plan_shards(train, eval_, FeatureConfig(), ROWS_PER_SHARD, seed=1)
+    assert [u[0] for t in same if t.split == "train" for u in t.utterances] == order
+    assert [t.plan for t in same] != [t.plan for t in other]
+
+
+def test_rerun_rebuilds_only_the_missing_shard(corpus, pooled, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(pooled[0], out)
+    before = shard_stats(out)
+    assert content(prepare(corpus, out)) == content(pooled[1])
+    assert shard_stats(out) == before  # nothing rebuilt
+    (out / "train-00001.parquet").unlink()
+    again = prepare(corpus, out)
+    after = shard_stats(out)
+    assert [n for n in before if after[n] != before[n]] == ["train-00001.parquet"]
+    assert content(again) == content(pooled[1])
+    verify_shards(out)
+
+
+def test_failed_shard_leaves_no_manifest_and_resumes(corpus, pooled, tmp_path):
+    out = tmp_path / "data"
+    (out / "train-00002.parquet").mkdir(parents=True)  # its final rename will fail
+    with pytest.raises(PrepareError, match="train-00002.parquet: building the shard failed"):
+        prepare(corpus, out)
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*tmp*")) == []
+    finished = sorted(p.name for p in out.glob("*.parquet") if p.is_file())
+    assert finished == ["train-00000.parquet", "train-00001.parquet"]
+    for name in finished:  # complete, and recorded in a sidecar
+        record = json.loads((out / f"{name}.done.json").read_text())
+        assert record["entry"]["sha256"] == file_sha256(out / name)
+    before = {n: s for n, s in shard_stats(out).items() if n in finished}
+    (out / "train-00002.parquet").rmdir()
+    manifest = prepare(corpus, out)
+    assert {n: shard_stats(out)[n] for n in finished} == before
+    assert content(manifest) == content(pooled[1])
+    assert sorted(out.glob("*.done.json")) == []
+
+
+def test_killed_prepare_is_resumable(corpus, tmp_path):
+    out = tmp_path / "data"
+    code = ("from mfcon.prepare import prepare_dataset\n"
+            f"prepare_dataset({str(corpus[0])!r}, {str(corpus[1])!r}, {str(out)!r}, rows_per_shard=1, "
+            "num_workers=0, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not any(out.glob("*.done.json")):
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    if (out / "manifest.json").exists():
+        pytest.skip("prepare finished before it could be killed")
+    final = [p for p in out.glob("*.parquet")]
+    assert final, "killed before any shard was finished"
+    for path in final:  # a final name never holds a partial shard
+        assert pq.read_table(path).num_rows == 1
+    kept = {p.name[:-len(".done.json")] for p in out.glob("*.done.json")}
+    before = {n: s for n, s in shard_stats(out).items() if n in kept}
+    manifest = prepare(corpus, out, rows_per_shard=1)
+    assert {n: shard_stats(out)[n] for n in before} == before
+    assert manifest.splits["train"].rows == 16 and len(manifest.splits["train"].shards) == 16
+    verify_shards(out)
+
+
+def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
+    root, trials = write_tiny_corpus(tmp_path)
+    corrupt = root / "id00001" / "vid0" / "00099.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 10)
+    short = root / "id00005" / "vid0" / "00099.wav"
+    sf.write(short, np.zeros(int(0.2 * SR), np.float32), SR)
+    with trials.open("a") as f:
+        f.write("0 id00004/vid0/00000.wav id00005/vid0/00099.wav\n")
+    out = tmp_path / "data"
+    manifest = prepare((root, trials), out, num_workers=0)
+    reasons = {s.path: s.reason for s in manifest.skipped}
+    assert list(reasons) == sorted([str(corrupt), str(short)])
+    assert reasons[str(corrupt)].startswith(f"{corrupt}: cannot decode audio")
+    assert reasons[str(short)] == f"{short}: too short (0.200 s < 0.5 s)"
+    assert manifest.splits["train"].rows == 16 and manifest.splits["eval"].rows == 6
+    assert "id00001/vid0/00099.wav" not in load_split(out, "train").utt_ids
+    kept_trials = read_trials(out / "trials.txt")
+    assert len(kept_trials) == 8 and all("00099" not in t.test for t in kept_trials)
+
+
+def test_other_feature_config_is_refused(corpus, pooled, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(pooled[0], out)
+    digest = manifest_hash(out)
+    with pytest.raises(ManifestError, match=f"{out / 'manifest.json'}: prepared with a different feature config"):
+        prepare(corpus, out, feature_cfg=FeatureConfig(num_mel_bins=40))
+    assert manifest_hash(out) == digest
+    manifest = prepare(corpus, out, feature_cfg=FeatureConfig(num_mel_bins=40), overwrite=True)
+    assert manifest.feature_config.num_mel_bins == 40
+    assert load_split(out, "eval").features[0].shape[1] == 40
+    assert not set(shard_stats(out)) - {s.file for i in manifest.splits.values() for s in i.shards}
+
+
+def test_ray_tasks_match_process_pool(corpus, pooled, ray_local_2cpu, tmp_path):
+    manifest = prepare(corpus, tmp_path / "data", num_workers=2)
+    assert content(manifest) == content(pooled[1])  # same shards, byte for byte
+    verify_shards(tmp_path / "data")

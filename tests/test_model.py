@@ -25,15 +25,9 @@ from mfcon.models.mfa_conformer import (
 TINY = MODEL_PRESETS["tiny"]
 
 
-MULTITHREADED = {"test_tiny_is_small_and_fast"}  # timed as users run it: torch's default threads
-
-
 @pytest.fixture(autouse=True)
-def one_thread(request):
+def one_thread():
     """Small tensors: OpenMP hand-offs cost more than they save, badly so on a busy 2-core box."""
-    if request.node.name in MULTITHREADED:
-        yield
-        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -146,37 +140,28 @@ def test_paper_parameter_count():
 
 
 def test_tiny_is_small_and_fast():
+    """Forward+backward of 32 x 200 frames needs well under one CPU-second.
+
+    Timed on one thread (the autouse fixture) and as CPU time, not wall time:
+    the test boxes are shared, and wall time there measures the neighbours.
+    One thread's CPU time bounds the wall time on an idle machine.
+    """
     model = tiny().train()
     n = count_parameters(model)
     assert n < 1_000_000
     feats, lengths = torch.randn(32, 200, 80), torch.full((32,), 200)
 
-    def step() -> None:
+    def step() -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)
         model(feats, lengths).embedding.square().mean().backward()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    step()  # warm-up (oneDNN primitive creation)
-    wall = math.inf
-    for _ in range(2):  # best of two, stopping early once under a second
-        start = time.perf_counter()
-        step()
-        wall = min(wall, time.perf_counter() - start)
-        if wall < 1.0:
-            break
-    print(f"\ntiny: {n:,} parameters; forward+backward 32 x 200 frames: {wall:.3f} s wall "
-          f"({torch.get_num_threads()} threads)")
-    if wall < 1.0:
-        return
-    # A shared CI box can be oversubscribed; then judge the work itself: one thread's CPU time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.process_time()
-        step()
-        cpu = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    print(f"tiny: wall time {wall:.2f} s looks contended; single-thread CPU time {cpu:.3f} s")
+    step()  # warm-up: oneDNN builds its conv primitives on first use
+    walls, cpus = zip(*(step() for _ in range(2)))
+    wall, cpu = min(walls), min(cpus)
+    print(f"\ntiny: {n:,} parameters; forward+backward 32 x 200 frames on 1 thread: "
+          f"{cpu:.3f} CPU-s ({wall:.3f} s wall)")
     assert cpu < 1.0
 
 

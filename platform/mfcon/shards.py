@@ -173,8 +173,9 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
     ``path`` only once complete. ``metadata`` goes into the Parquet schema
     metadata (``prepare`` stores the shard's plan fingerprint there).
 
-    >>> write_shard("/tmp/x.parquet", [{"utt_id": "a", "speaker": "s", "speaker_index": 0,
-    ...              "features": np.zeros((3, 80), np.float32)}]).rows
+    >>> import tempfile
+    >>> row = {"utt_id": "id1/v/1.wav", "speaker": "id1", "speaker_index": 0, "features": np.zeros((3, 80), np.float32)}
+    >>> write_shard(Path(tempfile.mkdtemp()) / "train-00000.parquet", [row]).rows
     1
     """
     path = Path(path)

@@ -270,6 +270,8 @@ class Espeak:
         """
         if not text.strip():
             raise EspeakError("cannot synthesise empty text")
+        if "+" in voice:  # the library would read "en+m3+x" as variant "m3+x" and silently ignore it
+            raise EspeakError(f"voice {voice!r}: pass the variant as variant=, not after '+'")
         variant = VoiceVariant() if variant is None else variant
         vname = self.add_variant(variant) if isinstance(variant, VoiceVariant) else variant
         if vname not in self._written and not (self._variants_dir / vname).is_file():

@@ -89,8 +89,9 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path]
                workdir: Path, num_samples: int) -> tune.Tuner:
     budget = space.budget
     max_epochs = space.base_config().epochs
-    search = OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
-                          sampler=_tpe(budget.seed))
+    # A space with nothing to search (the baseline) runs its fixed config num_samples times.
+    search = (OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(budget.seed))
+              if space.params else None)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(budget.grace_period, max_epochs),
                               reduction_factor=budget.reduction_factor)
     stop = {"time_total_s": budget.trial_time_budget_s} if budget.trial_time_budget_s else None

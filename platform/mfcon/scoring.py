@@ -56,7 +56,7 @@ def extract_embeddings(model: torch.nn.Module, features: Sequence[np.ndarray], d
         idx = order[start : start + size]
         batch = torch.zeros(len(idx), longest, features[idx[0]].shape[1])
         for row, i in enumerate(idx):
-            batch[row, : lengths[i]] = torch.from_numpy(np.asarray(features[i][: lengths[i]], dtype=np.float32))
+            batch[row, : lengths[i]] = torch.as_tensor(np.array(features[i][: lengths[i]], dtype=np.float32))
         lens = torch.from_numpy(lengths[idx].astype(np.int64))
         emb = model(batch.to(device), lens.to(device)).embedding
         emb = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()

@@ -1,0 +1,36 @@
+"""Corpus -> shards as a pipeline file (``mfcon prepare``); on a cluster, feature extraction runs as Ray tasks:
+
+    ray job submit --working-dir . -- python pipelines/prepare.py \\
+        --corpus /shared/voxceleb1/wav --trials /shared/voxceleb1/veri_test2.txt --out /shared/vox1-shards --ray auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--trials", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ray", metavar="ADDRESS", help="run the shard tasks on this Ray cluster (e.g. auto)")
+    args = p.parse_args()
+    if args.ray:
+        import ray
+
+        ray.init(address=args.ray)
+    from mfcon.cli import main as cli_main
+
+    return cli_main(["prepare", "--corpus", args.corpus, "--trials", args.trials, "--out", args.out,
+                     "--rows-per-shard", str(args.rows_per_shard), "--workers", str(args.workers)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small real corpus prepared once per session, and a private 2-CPU Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Ray's token auth (2.59+) and usage stats are for clusters, not a test's private instance.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """12 synthetic espeak speakers x 6 utterances (4 held-out test speakers), VoxCeleb layout."""
+    from mfcon.corpus.synthetic import CorpusSpec, make_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return make_corpus(out, CorpusSpec(n_speakers=12, utts_per_speaker=6, n_test_speakers=4, seed=3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_data(small_corpus, tmp_path_factory) -> Path:
+    """The small corpus as fbank Parquet shards (train: 8 speakers, eval: the trial list's 4)."""
+    from mfcon.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare_dataset(small_corpus.root, small_corpus.trials, out, rows_per_shard=16, num_workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_corpus_data(tmp_path_factory) -> Path:
+    """A corpus big enough for EER to mean something: 24 speakers x 8 utterances, 6 test speakers."""
+    from mfcon.corpus.synthetic import CorpusSpec, make_corpus
+    from mfcon.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    layout = make_corpus(root / "corpus", CorpusSpec(n_speakers=24, utts_per_speaker=8, n_test_speakers=6, seed=1),
+                         progress=False)
+    prepare_dataset(layout.root, layout.trials, root / "shards", rows_per_shard=32, num_workers=2, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def ray_local_2cpu():
+    """A private local Ray with 2 CPUs (never attaches to another cluster on the machine)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,249 @@
+"""Things the MLflow tests start: a study store written as a study writes it, a real
+``mlflow server`` over it, and headless Debian Chromium.
+
+Conftest-free on purpose: a test module imports what it needs
+(``from mlflow_fixtures import ...``) and wraps it in a fixture named for what it
+starts (``mlflow_server``, ``chromium``). No training happens here: trial runs are
+written through ``StudyTracker`` / ``TrialRuns`` with hand-made epoch results, the
+same calls ``mfcon.study.callbacks.MLflowStudyCallback`` makes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_FILE = REPO / "search_spaces" / "demo.yaml"  # tiny model: 3 Conformer blocks, 4 epochs
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+INSTALL_HINT = "install them with: apt-get update && apt-get install -y chromium chromium-driver"
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1600,1000")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One hand-made trial: what Optuna sampled, the eer (percent) per epoch, how it ended."""
+
+    trial_id: str
+    sampled: dict[str, Any]
+    eers: tuple[float, ...]
+    state: str  # completed | pruned | failed
+
+
+DEMO_TRIALS = (
+    TrialSpec("5f0c1_00000", {"loss.mfcon_weight": 0.05, "loss.mfcon_temperature": 0.07,
+                              "loss.mfcon_blocks.b1": True, "loss.mfcon_blocks.b2": False,
+                              "loss.mfcon_blocks.b3": True}, (31.0, 26.5, 23.0, 21.25), "completed"),
+    TrialSpec("5f0c1_00001", {"loss.mfcon_weight": 0.3, "loss.mfcon_temperature": 0.2,
+                              "loss.mfcon_blocks.b1": False, "loss.mfcon_blocks.b2": True,
+                              "loss.mfcon_blocks.b3": True}, (29.0, 22.0, 18.5, 16.75), "completed"),
+    TrialSpec("5f0c1_00002", {"loss.mfcon_weight": 0.9, "loss.mfcon_temperature": 0.4,
+                              "loss.mfcon_blocks.b1": False, "loss.mfcon_blocks.b2": False,
+                              "loss.mfcon_blocks.b3": False}, (41.0,), "pruned"),
+    TrialSpec("5f0c1_00003", {"loss.mfcon_weight": 0.02, "loss.mfcon_temperature": 0.04,
+                              "loss.mfcon_blocks.b1": True, "loss.mfcon_blocks.b2": True,
+                              "loss.mfcon_blocks.b3": False}, (36.0, 34.5), "pruned"),
+    TrialSpec("5f0c1_00004", {"loss.mfcon_weight": 0.5, "loss.mfcon_temperature": 0.1,
+                              "loss.mfcon_blocks.b1": True, "loss.mfcon_blocks.b2": True,
+                              "loss.mfcon_blocks.b3": True}, (44.0,), "failed"),
+)
+
+
+@dataclass
+class StudyStore:
+    """A finished study's work dir: ``mlflow.db`` + ``mlartifacts/`` (the layout ``mfcon study`` leaves)."""
+
+    workdir: Path
+    tracking_uri: str
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    trial_runs: dict[str, str] = field(default_factory=dict)  # trial id -> run id
+    trials: tuple[TrialSpec, ...] = ()
+
+    def run_name(self, trial_id: str) -> str:
+        return f"trial-{trial_id}"
+
+    def best_trial(self) -> TrialSpec:
+        return min((t for t in self.trials if t.state != "failed"), key=lambda t: min(t.eers))
+
+
+def study_params(space, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Mirror of ``mfcon.study.callbacks.trial_params`` (importing that module pulls in torch and Ray)."""
+    from mfcon.study.spaces import sampled_to_overrides
+
+    params = dict(sampled)
+    for key, value in sampled_to_overrides(space, sampled).items():
+        params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    if params.get("loss.mfcon_blocks") == "":
+        params["loss.mfcon_blocks"] = "none"
+    return params
+
+
+def epoch_result(eer: float, epoch: int) -> dict[str, float]:
+    """What a trial reports to Tune each epoch (eer in percent, min_dcf absolute)."""
+    return {"epoch": epoch, "eer": eer, "min_dcf": min(1.0, eer / 40.0), "min_dcf_005": min(1.0, eer / 50.0),
+            "train_loss": 8.0 / epoch, "margin_loss": 7.0 / epoch, "mfcon_loss": 1.0 / epoch, "lr": 0.002}
+
+
+def write_study_store(workdir: Path, study: str = "ui-study", trials: tuple[TrialSpec, ...] = DEMO_TRIALS,
+                      space_file: Path = SPACE_FILE, tracking_uri: str | None = None) -> StudyStore:
+    """Parent run + one child run per trial, through the classes the study callback uses."""
+    from mfcon.study.spaces import load_search_space
+    from mfcon.tracking import StudyTracker, TrialRuns, default_tracking_uri
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    space = load_search_space(space_file)
+    tracker = StudyTracker(uri, study, workdir)
+    tracker.log_study_inputs(space_file, space.base, data_hash="0" * 64)
+    runs = TrialRuns(tracker)
+    best = math.inf
+    t0 = int(time.time() * 1000)
+    for trial in trials:
+        runs.start(trial.trial_id, study_params(space, trial.sampled))
+        for epoch, eer in enumerate(trial.eers, start=1):
+            result = epoch_result(eer, epoch)
+            runs.log_epoch(trial.trial_id, result, t0 + 1000 * epoch)
+            if eer < best:
+                best = eer
+                tracker.log_best(trial.trial_id, result, "eer", epoch)
+        runs.finish(trial.trial_id, trial.state)
+    states: dict[str, int] = {}
+    for trial in trials:
+        states[trial.state] = states.get(trial.state, 0) + 1
+    tracker.client.log_dict(tracker.parent_run_id, {"study": study, "num_trials": len(trials), "states": states},
+                            "study_summary.json")
+    tracker.finish("FINISHED")
+    return StudyStore(workdir, uri, study, tracker.experiment_id, tracker.parent_run_id, dict(runs.run_ids), trials)
+
+
+def gaussian_scores(n: int = 400, seed: int = 0, d_prime: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine-like trial scores: targets (label 1) N(d', 1), non-targets N(0, 1), scaled into [-1, 1]-ish."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 2).astype(np.int64)
+    return (rng.normal(size=n) + d_prime * labels) / 5.0, labels
+
+
+# ---------------------------------------------------------------- mlflow server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("mlflow")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the server's own process group (uvicorn runs as its child), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def run_mlflow_server(workdir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """``mlflow server`` over ``workdir/mlflow.db`` and ``workdir/mlartifacts``; yields its URL, always stopped."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # else ~7 job-runner processes
+    cmd = [*_mlflow_cli(), "server", "--backend-store-uri", f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+           "--artifacts-destination", str((workdir / "mlartifacts").resolve()),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = workdir / "mlflow-server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_healthy(url, proc, log, timeout_s)
+        yield url
+    finally:
+        stop_process_group(proc)
+
+
+def rest_get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+# ---------------------------------------------------------------- chromium
+
+class BrowserMissing(RuntimeError):
+    pass
+
+
+def require_chromium() -> None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not (p.exists() and os.access(p, os.X_OK))]
+    if missing:
+        raise BrowserMissing(f"browser test needs Debian's Chromium and ChromeDriver; missing {', '.join(missing)}; "
+                             f"{INSTALL_HINT}")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        raise BrowserMissing("selenium is not installed: pip install -e '.[test]'") from None
+
+
+@contextmanager
+def headless_chromium(user_data_dir: Path) -> Iterator[Any]:
+    """Selenium-driven headless Chromium with a fresh profile; quit on exit."""
+    require_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={user_data_dir}")
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(user_data_dir.parent / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(user_data_dir, ignore_errors=True)

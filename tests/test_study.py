@@ -1,0 +1,176 @@
+"""Real Ray studies on 2 CPUs: ASHA + Optuna, Ray Train workers, MLflow children, resume, fail-fast tracking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mfcon.study.runner import StudyError, run_study
+from mfcon.tracking import TrackingUnavailable, default_tracking_uri
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+SPACE = """
+name: {name}
+base:
+  model_preset: tiny
+  epochs: {epochs}
+  data: {{speakers_per_batch: 4, utts_per_speaker: 2, crop_seconds: 1.0}}
+  optim: {{lr: 0.003, warmup_steps: 2}}
+params:
+  loss.mfcon_weight: {{type: loguniform, low: 0.01, high: 1.0}}
+  loss.mfcon_temperature: {{type: loguniform, low: 0.03, high: 0.5}}
+  loss.mfcon_blocks: {{type: blocks, encoding: per_block}}
+budget: {{num_samples: {samples}, max_concurrent_trials: {concurrent}, grace_period: 1, reduction_factor: 2, seed: 0}}
+resources: {{num_workers: {workers}, cpus_per_worker: 1}}
+"""
+
+
+def write_space(tmp_path: Path, name: str, epochs=3, samples=4, concurrent=2, workers=1) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SPACE.format(name=name, epochs=epochs, samples=samples, concurrent=concurrent, workers=workers))
+    return path
+
+
+def trial_runs(workdir: Path, study: str):
+    client = MlflowClient(default_tracking_uri(workdir))
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("mfcon.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mfcon.role") == "trial"]
+    return client, parent, children
+
+
+def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu, small_data, tmp_path):
+    """8 trials, ASHA stops some: their leaked placement groups must not starve later trials."""
+    space = write_space(tmp_path, "asha8", epochs=3, samples=8, concurrent=2)
+    summary = run_study(space, small_data, workdir=tmp_path)
+    assert summary.num_trials == 8
+    assert summary.states.get("failed", 0) == 0, summary.states
+    assert summary.states.get("pruned", 0) >= 1, summary.states  # ASHA really stopped trials
+    assert summary.states.get("completed", 0) >= 1
+
+    client, parent, children = trial_runs(tmp_path, "asha8")
+    assert len(parent) == 1 and len(children) == 8
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
+    assert len({c.data.tags["mfcon.trial_id"] for c in children}) == 8
+    for child in children:
+        state = child.data.tags["mfcon.trial_state"]
+        history = client.get_metric_history(child.info.run_id, "eer")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, len(steps) + 1)) and steps, steps  # one eer per epoch, stepped by epoch
+        assert (len(steps) == 3) == (state == "completed")
+        assert "loss.mfcon_weight" in child.data.params and "loss.mfcon_blocks" in child.data.params
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+    best_child = min(children, key=lambda c: min(m.value for m in client.get_metric_history(c.info.run_id, "eer")))
+    assert summary.best_trial == best_child.data.tags["mfcon.trial_id"]
+    assert parent[0].data.tags["best_trial"] == summary.best_trial
+    assert parent[0].data.metrics["best_eer"] == pytest.approx(summary.best_metric)
+    assert parent[0].data.tags["mfcon.data_manifest_sha256"]
+    # Nothing left holding CPUs once the study is over.
+    from mfcon.study.reaper import orphaned_placement_groups
+
+    assert orphaned_placement_groups() == []
+
+
+def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small_data, tmp_path):
+    one = run_study(write_space(tmp_path, "w1", epochs=2, samples=1, concurrent=1, workers=1), small_data,
+                    workdir=tmp_path)
+    two = run_study(write_space(tmp_path, "w2", epochs=2, samples=1, concurrent=1, workers=2), small_data,
+                    workdir=tmp_path)
+    assert one.states == {"completed": 1} and two.states == {"completed": 1}
+    client, _, children = trial_runs(tmp_path, "w2")
+    losses = client.get_metric_history(children[0].info.run_id, "train_loss")
+    assert len(losses) == 2 and all(m.value > 0 for m in losses)
+    # Same recipe, half the steps per worker each: the result agrees with one worker up to noise.
+    assert two.best_metric < 45.0 and one.best_metric < 45.0
+    assert abs(two.best_metric - one.best_metric) < 15.0
+
+
+def test_unreachable_tracking_server_fails_before_any_training(small_data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    space = write_space(tmp_path, "nowhere")
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{port}.*unreachable"):
+        run_study(space, small_data, workdir=tmp_path, tracking_uri=f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "nowhere").exists()  # no study folder, no Ray, no training
+
+
+def test_existing_study_is_not_overwritten_without_resume(ray_local_2cpu, small_data, tmp_path):
+    space = write_space(tmp_path, "once", epochs=1, samples=1, concurrent=1)
+    run_study(space, small_data, workdir=tmp_path)
+    with pytest.raises(StudyError, match="--resume"):
+        run_study(space, small_data, workdir=tmp_path)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    family = parent.children(recursive=True) + [parent]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_path):
+    space = write_space(tmp_path, "resumable", epochs=2, samples=3, concurrent=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "mfcon.cli", "study", "--space", str(space), "--data", str(small_data),
+           "--workdir", str(tmp_path)]
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = default_tracking_uri(tmp_path)
+    finished_before: dict[str, list] = {}
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if not (tmp_path / "mlflow.db").exists():
+                continue
+            try:
+                _, _, children = trial_runs(tmp_path, "resumable")
+            except Exception:
+                continue
+            done = [c for c in children if c.data.tags.get("mfcon.trial_state") in ("completed", "pruned")]
+            if done:
+                client = MlflowClient(uri)
+                finished_before = {c.data.tags["mfcon.trial_id"]: client.get_metric_history(c.info.run_id, "eer")
+                                   for c in done}
+                break
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert finished_before, "no trial finished in time"
+    finally:
+        kill_tree(proc)
+        log.close()
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        summary = run_study(None, None, workdir=tmp_path, resume=True, study_name="resumable")
+    finally:
+        ray.shutdown()
+    assert summary.num_trials == 3 and summary.states.get("failed", 0) == 0, summary
+    client, parent, children = trial_runs(tmp_path, "resumable")
+    trial_ids = [c.data.tags["mfcon.trial_id"] for c in children]
+    assert len(parent) == 1 and len(children) == 3 and len(set(trial_ids)) == 3  # no duplicate child runs
+    for trial_id, history in finished_before.items():
+        run = next(c for c in children if c.data.tags["mfcon.trial_id"] == trial_id)
+        after = client.get_metric_history(run.info.run_id, "eer")
+        assert [(m.step, m.value, m.timestamp) for m in after] == [(m.step, m.value, m.timestamp) for m in history]

@@ -11,6 +11,10 @@ REPO = Path(__file__).resolve().parent.parent
 # Ray's token auth (2.59+) and usage stats are for clusters, not a test's private instance.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from mfcon.study.runner import LOCAL_TRAIN_ENV  # noqa: E402
+
+for _name, _value in LOCAL_TRAIN_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
             "frame_shift_ms": runtime.frame_shift_ms,
             "trials": list(runtime.trials),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
+            "trial_started_at": time.time(),  # start-up overhead = first training step - this
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpu,

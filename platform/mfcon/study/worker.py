@@ -90,4 +90,5 @@ def train_worker(config: dict[str, Any]) -> None:
     data = RayShardData(num_classes=config["num_classes"], train_rows_total=config["train_rows"],
                         frame_shift_ms=config["frame_shift_ms"], trials=config["trials"], world_size=world,
                         seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
-    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device))
+    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device,
+                                                   started_at=config.get("trial_started_at")))

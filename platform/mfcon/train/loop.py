@@ -45,6 +45,7 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    started_at: float | None = None  # wall clock when the run was requested: start-up overhead is measured from it
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -148,7 +149,9 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
                                          steps_per_epoch, seed=_seed(cfg.seed, epoch, ctx.rank, 1))
         sums = torch.zeros(3, dtype=torch.float64)
         module.train()
+        first_step_at = None
         for batch in batcher.batches(data.train_rows(epoch)):
+            first_step_at = first_step_at or time.time()
             parts = _train_step(runner, batch, optimizer, scaler, cfg, ctx, amp_dtype)
             scheduler.step()
             sums += torch.tensor(parts, dtype=torch.float64)
@@ -156,6 +159,8 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
         metrics = {"epoch": float(epoch), "train_loss": float(sums[0]), "margin_loss": float(sums[1]),
                    "mfcon_loss": float(sums[2]), "lr": float(scheduler.get_last_lr()[0]),
                    "train_seconds": time.perf_counter() - started}
+        if ctx.started_at is not None and epoch == start_epoch and first_step_at is not None:
+            metrics["startup_seconds"] = first_step_at - ctx.started_at
         eval_set = data.eval_set() if ctx.rank == 0 else None
         if eval_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             result = evaluate(module.model, eval_set, ctx.device, cfg.data.eval_max_seconds and

@@ -52,8 +52,11 @@ def study_paths(workdir: str | Path, name: str) -> dict[str, Path]:
 
 
 # On one machine there is no spot preemption to watch and no Prometheus to feed: two actors
-# less per trial, which on 2 cores is a visible share of each trial's start-up.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# less per trial, which on 2 cores is a visible share of each trial's start-up. Starting a
+# worker group on a busy 2-core machine was seen to take 45 s; 180 s still fails a trial
+# whose resources never come, instead of hanging the study.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
 
 
 def init_ray(address: str | None) -> None:

@@ -78,9 +78,12 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
     assert parent[0].data.metrics["best_eer"] == pytest.approx(summary.best_metric)
     assert parent[0].data.tags["mfcon.data_manifest_sha256"]
     # Nothing left holding CPUs once the study is over.
+    import ray
+
     from mfcon.study.reaper import orphaned_placement_groups
 
     assert orphaned_placement_groups() == []
+    assert ray.available_resources().get("CPU", 0) == 2
 
 
 def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small_data, tmp_path):

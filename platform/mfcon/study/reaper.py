@@ -76,3 +76,16 @@ class PlacementGroupReaper(Callback):
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self._last >= self.interval_s:
             self._reap()
+
+    def on_experiment_end(self, trials, **info):
+        """The last trials' controllers die after Tune has moved on: sweep until they are gone."""
+        self.removed += sweep_orphans(settle_s=10.0)
+
+
+def sweep_orphans(settle_s: float = 10.0, poll_s: float = 0.5) -> int:
+    """Reap repeatedly for ``settle_s`` seconds (actor deaths reach GCS asynchronously)."""
+    removed, deadline = 0, time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        removed += remove_orphaned_placement_groups()
+        time.sleep(poll_s)
+    return removed

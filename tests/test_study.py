@@ -53,7 +53,7 @@ def trial_runs(workdir: Path, study: str):
 
 def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu, small_data, tmp_path):
     """8 trials, ASHA stops some: their leaked placement groups must not starve later trials."""
-    space = write_space(tmp_path, "asha8", epochs=3, samples=8, concurrent=2)
+    space = write_space(tmp_path, "asha8", epochs=2, samples=8, concurrent=2)
     summary = run_study(space, small_data, workdir=tmp_path)
     assert summary.num_trials == 8
     assert summary.states.get("failed", 0) == 0, summary.states
@@ -69,7 +69,7 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
         history = client.get_metric_history(child.info.run_id, "eer")
         steps = sorted(m.step for m in history)
         assert steps == list(range(1, len(steps) + 1)) and steps, steps  # one eer per epoch, stepped by epoch
-        assert (len(steps) == 3) == (state == "completed")
+        assert (len(steps) == 2) == (state == "completed")
         assert "loss.mfcon_weight" in child.data.params and "loss.mfcon_blocks" in child.data.params
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
     best_child = min(children, key=lambda c: min(m.value for m in client.get_metric_history(c.info.run_id, "eer")))
@@ -92,6 +92,8 @@ def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small
     two = run_study(write_space(tmp_path, "w2", epochs=2, samples=1, concurrent=1, workers=2), small_data,
                     workdir=tmp_path)
     assert one.states == {"completed": 1} and two.states == {"completed": 1}
+    with pytest.raises(StudyError, match="--resume"):  # a finished study is never silently overwritten
+        run_study(write_space(tmp_path, "w1", epochs=2, samples=1, concurrent=1), small_data, workdir=tmp_path)
     client, _, children = trial_runs(tmp_path, "w2")
     losses = client.get_metric_history(children[0].info.run_id, "train_loss")
     assert len(losses) == 2 and all(m.value > 0 for m in losses)
@@ -112,13 +114,6 @@ def test_unreachable_tracking_server_fails_before_any_training(small_data, tmp_p
     assert not (tmp_path / "nowhere").exists()  # no study folder, no Ray, no training
 
 
-def test_existing_study_is_not_overwritten_without_resume(ray_local_2cpu, small_data, tmp_path):
-    space = write_space(tmp_path, "once", epochs=1, samples=1, concurrent=1)
-    run_study(space, small_data, workdir=tmp_path)
-    with pytest.raises(StudyError, match="--resume"):
-        run_study(space, small_data, workdir=tmp_path)
-
-
 def kill_tree(proc: subprocess.Popen) -> None:
     parent = psutil.Process(proc.pid)
     family = parent.children(recursive=True) + [parent]
@@ -131,7 +126,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_path):
-    space = write_space(tmp_path, "resumable", epochs=2, samples=3, concurrent=1)
+    space = write_space(tmp_path, "resumable", epochs=2, samples=2, concurrent=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mfcon.cli", "study", "--space", str(space), "--data", str(small_data),
            "--workdir", str(tmp_path)]
@@ -169,10 +164,10 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
         summary = run_study(None, None, workdir=tmp_path, resume=True, study_name="resumable")
     finally:
         ray.shutdown()
-    assert summary.num_trials == 3 and summary.states.get("failed", 0) == 0, summary
+    assert summary.num_trials == 2 and summary.states.get("failed", 0) == 0, summary
     client, parent, children = trial_runs(tmp_path, "resumable")
     trial_ids = [c.data.tags["mfcon.trial_id"] for c in children]
-    assert len(parent) == 1 and len(children) == 3 and len(set(trial_ids)) == 3  # no duplicate child runs
+    assert len(parent) == 1 and len(children) == 2 and len(set(trial_ids)) == 2  # no duplicate child runs
     for trial_id, history in finished_before.items():
         run = next(c for c in children if c.data.tags["mfcon.trial_id"] == trial_id)
         after = client.get_metric_history(run.info.run_id, "eer")

@@ -22,7 +22,7 @@ from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial
 from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
 
-TRIAL_COLUMNS = ["epoch", "train_loss", "eer", "min_dcf"]
+TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "eer": "EER %", "min_dcf": "minDCF", "best_eer": "best EER"}
 
 
 class StudyError(RuntimeError):
@@ -114,10 +114,18 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path]
             name=space.name, storage_path=str(paths["tune"]), stop=stop,
             callbacks=[PlacementGroupReaper(), MLflowStudyCallback(tracking_uri, str(workdir), space)],
             progress_reporter=tune.CLIReporter(metric_columns=TRIAL_COLUMNS, max_report_frequency=15,
-                                               parameter_columns=list(space.params)[:6] or None),
+                                               parameter_columns=param_columns(space)),
             failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
         ),
     )
+
+
+def param_columns(space: SearchSpace) -> dict[str, str] | None:
+    """Short headers for the live table (per-block booleans as b1..bN)."""
+    from mfcon.study.spaces import optuna_distributions
+
+    names = list(optuna_distributions(space)) if space.params else []
+    return {n: n.rsplit(".", 1)[-1] for n in names} or None
 
 
 def _tpe(seed: int):
@@ -153,6 +161,8 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
 
     init_ray(address)
     remove_orphaned_placement_groups()
+    # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     runtime = build_runtime(space, data_dir, paths["train"])
     if can_restore:
         tuner = tune.Tuner.restore(str(paths["experiment"]), trainable=make_trainable(space, runtime),

@@ -1,0 +1,255 @@
+"""A study's summary in one file: inputs, every trial ranked by eer, the best trial, plots.
+
+Read back from MLflow only (docs/ARCHITECTURE.md, "Study outputs"), so it works for a
+finished, interrupted or still-running study and for any tracking store. HTML embeds
+the plots as base64 PNGs (one file to mail or attach to a pull request); Markdown
+writes the PNGs beside it. Another study whose experiment name contains
+``baseline`` in the same store is shown for comparison.
+
+>>> path = write_report("sqlite:////abs/runs/mlflow.db", "demo-mfcon", "runs/demo-mfcon/report")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mfcon.plots import (PLOTS_DIR, TRIAL_PLOTS, StudyNotFound, StudyRecord, TrialRecord, build_optuna_study,
+                         figure_png, load_space, load_study, no_progress_bars, study_figures)
+
+FORMATS = ("html", "md")
+PLOT_TITLES = {"optimization_history": "Optimization history", "param_importances": "Parameter importances",
+               "slice": "Slices: MFCon weight (lambda), temperature (tau), block selection",
+               "det": "Best trial: DET curve", "score_histogram": "Best trial: score distributions"}
+
+
+class ReportError(ValueError):
+    """The report cannot be written (unknown study or format); the message says which."""
+
+
+@dataclass
+class ReportData:
+    record: StudyRecord
+    tracking_uri: str
+    plots: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
+    baselines: list[StudyRecord] = field(default_factory=list)
+    generated: str = ""
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write ``name.tmp-<pid>`` beside the target, then ``os.replace`` (readers never see half a file)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def find_baselines(client, study_name: str) -> list[StudyRecord]:
+    """Other mfcon studies in the store whose name contains ``baseline`` (case-insensitive)."""
+    out = []
+    for exp in client.search_experiments(filter_string="name ILIKE '%baseline%'"):
+        if exp.name == study_name:
+            continue
+        try:
+            out.append(load_study(client, exp.name))
+        except StudyNotFound:
+            continue  # an experiment that is not an mfcon study
+    return sorted(out, key=lambda r: r.name)
+
+
+def _best_trial_plots(client, record: StudyRecord) -> dict[str, bytes]:
+    """The DET curve and score histogram the study logged on its best trial, where it did."""
+    best = record.best
+    if best is None:
+        return {}
+    names = {Path(f.path).name for f in client.list_artifacts(best.run_id, PLOTS_DIR)}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
+        for name in TRIAL_PLOTS:
+            if f"{name}.png" in names:
+                out[name] = Path(client.download_artifacts(best.run_id, f"{PLOTS_DIR}/{name}.png", tmp)).read_bytes()
+    return out
+
+
+def collect(tracking_uri: str, study_name: str) -> ReportData:
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        raise ReportError(f"no MLflow store at {tracking_uri} (wrong --workdir or --tracking-uri?)")
+    client = MlflowClient(tracking_uri)
+    try:
+        record = load_study(client, study_name)
+    except StudyNotFound as e:
+        raise ReportError(f"{tracking_uri}: {e}") from None
+    study = build_optuna_study(record, load_space(record))
+    plots = {name: figure_png(fig) for name, fig in study_figures(study).items()}
+    plots.update(_best_trial_plots(client, record))
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return ReportData(record, tracking_uri, plots, find_baselines(client, study_name), generated)
+
+
+# ---------------------------------------------------------------- table content (shared by both formats)
+
+def display_params(record: StudyRecord) -> list[str]:
+    """Param columns: per-block booleans ``X.bN`` are folded into the resolved ``X`` ("1,3") when it is logged."""
+    keys = sorted({k for t in record.trials for k in t.params})
+    return [k for k in keys if not (re.fullmatch(r".+\.b\d+", k) and k.rsplit(".", 1)[0] in keys)]
+
+
+def fmt_value(value: str | None) -> str:
+    if value is None:
+        return "-"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if re.fullmatch(r"-?\d+", value) else f"{number:.4g}"
+
+
+def fmt_eer(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_dcf(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def trial_rows(record: StudyRecord) -> tuple[list[str], list[list[str]]]:
+    params = display_params(record)
+    header = ["rank", "trial", "state", *params, "best eer (%)", "min_dcf @ best", "epochs run"]
+    rows = []
+    for rank, t in enumerate(record.ranked(), start=1):
+        rows.append([str(rank), t.trial_id, t.state, *(fmt_value(t.params.get(k)) for k in params),
+                     fmt_eer(t.best_eer), fmt_dcf(t.best_min_dcf), str(t.epochs_run)])
+    return header, rows
+
+
+def info_rows(data: ReportData) -> list[tuple[str, str]]:
+    r = data.record
+    states = ", ".join(f"{n} {s}" for s, n in sorted(r.states().items())) or "none"
+    return [("study", r.name), ("tracking store", data.tracking_uri),
+            ("experiment / study run", f"{r.experiment_id} / {r.parent_run_id}"),
+            ("code version", r.tags.get("mfcon.code_version", "-")),
+            ("data manifest sha256", r.tags.get("mfcon.data_manifest_sha256", "-")),
+            ("search space", r.space_file or "-"), ("trials", f"{len(r.trials)} ({states})"),
+            ("generated", data.generated)]
+
+
+def best_rows(best: TrialRecord) -> list[tuple[str, str]]:
+    rows = [("trial", best.trial_id), ("run", f"{best.run_name} ({best.run_id})"), ("state", best.state),
+            ("best eer (%)", fmt_eer(best.best_eer)), ("min_dcf at that epoch", fmt_dcf(best.best_min_dcf)),
+            ("best epoch / epochs run", f"{best.best_epoch} / {best.epochs_run}")]
+    return rows + [(k, fmt_value(v)) for k, v in sorted(best.params.items())]
+
+
+def baseline_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    ours = data.record.best.best_eer if data.record.best else None
+    header = ["study", "trials", "best trial", "best eer (%)", "min_dcf @ best", f"{data.record.name} minus it (eer)"]
+    rows = []
+    for b in [data.record, *data.baselines]:
+        best = b.best
+        eer = best.best_eer if best else None
+        delta = "-" if (ours is None or eer is None or b is data.record) else f"{ours - eer:+.2f}"
+        rows.append([b.name, str(len(b.trials)), best.trial_id if best else "-", fmt_eer(eer),
+                     fmt_dcf(best.best_min_dcf if best else None), delta])
+    return header, rows
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f2f2f2}tr.best td{background:#e8f5e9;font-weight:600}pre{background:#f7f7f7;padding:1em;overflow:auto}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}code{font-size:90%}"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], best_col: int | None = None, best: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cls = ' class="best"' if best is not None and best_col is not None and row[best_col] == best else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_pairs(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table><tbody>{body}</tbody></table>"
+
+
+def render_html(data: ReportData) -> str:
+    r, best = data.record, data.record.best
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Study {html.escape(r.name)}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>Study {html.escape(r.name)}</h1>",
+             "<h2>Study</h2>", _html_pairs(info_rows(data)), "<h2>Best trial</h2>",
+             _html_pairs(best_rows(best)) if best else "<p>No trial has an eer yet.</p>"]
+    if data.baselines:
+        parts += ["<h2>Baseline comparison</h2>", _html_table(*baseline_rows(data))]
+    header, rows = trial_rows(r)
+    parts += ["<h2>Trials (by best eer)</h2>", _html_table(header, rows, 1, best.trial_id if best else None)]
+    parts.append("<h2>Plots</h2>")
+    for name, png in data.plots.items():
+        title = html.escape(PLOT_TITLES.get(name, name))
+        parts.append(f'<figure id="{name}"><figcaption>{title}</figcaption><img alt="{title}" '
+                     f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>')
+    if r.space_yaml:
+        parts += [f"<h2>Search space ({html.escape(r.space_file or '')})</h2>", f"<pre>{html.escape(r.space_yaml)}</pre>"]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(data: ReportData, images: dict[str, str]) -> str:
+    """``images`` maps plot name -> PNG file name beside the Markdown file."""
+    r, best = data.record, data.record.best
+    parts = [f"# Study {r.name}", "## Study", _md_table(["", ""], [list(p) for p in info_rows(data)]), "## Best trial",
+             _md_table(["", ""], [list(p) for p in best_rows(best)]) if best else "No trial has an eer yet."]
+    if data.baselines:
+        parts += ["## Baseline comparison", _md_table(*baseline_rows(data))]
+    header, rows = trial_rows(r)
+    if best:
+        rows = [[f"**{c}**" for c in row] if row[1] == best.trial_id else row for row in rows]
+    parts += ["## Trials (by best eer)", _md_table(header, rows), "## Plots"]
+    parts += [f"### {PLOT_TITLES.get(name, name)}\n\n![{name}]({file})" for name, file in images.items()]
+    if r.space_yaml:
+        parts += [f"## Search space ({r.space_file})", f"```yaml\n{r.space_yaml.rstrip()}\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- entry point
+
+def report_stem(study_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
+
+
+def write_report(tracking_uri: str, study_name: str, out_dir: str | Path, fmt: str = "html") -> Path:
+    """Write ``<out_dir>/<study>.html`` (plots inline) or ``<study>.md`` + ``<study>-<plot>.png``; returns the path."""
+    if fmt not in FORMATS:
+        raise ReportError(f"unknown report format {fmt!r}; use one of {FORMATS}")
+    data = collect(tracking_uri, study_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = report_stem(study_name)
+    if fmt == "html":
+        return atomic_write(out / f"{stem}.html", render_html(data))
+    images = {}
+    for name, png in data.plots.items():  # images first, so the Markdown never points at a missing file
+        images[name] = atomic_write(out / f"{stem}-{name}.png", png).name
+    return atomic_write(out / f"{stem}.md", render_markdown(data, images))

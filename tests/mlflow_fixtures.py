@@ -10,7 +10,6 @@ same calls ``mfcon.study.callbacks.MLflowStudyCallback`` makes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -204,11 +203,6 @@ def run_mlflow_server(workdir: Path, timeout_s: float = 120.0) -> Iterator[str]:
         yield url
     finally:
         stop_process_group(proc)
-
-
-def rest_get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 # ---------------------------------------------------------------- chromium

@@ -121,7 +121,8 @@ def test_runs_table_lists_trials_with_eer(mlflow_server, study_store, chromium):
     try:
         driver.get(runs_url(mlflow_server, study_store.experiment_id))
         try:
-            wait.until(lambda d: all(d.find_elements(By.XPATH, f"//a[normalize-space(.)='{n}']") for n in names.values()))
+            wait.until(lambda d: all(d.find_elements(By.XPATH, f"//a[normalize-space(.)='{n}']")
+                                     for n in names.values()))
         except TimeoutException:
             pytest.fail(f"trial runs {sorted(names.values())} not listed at {driver.current_url} within {WAIT_S}s")
         close_assistant(driver)

@@ -82,7 +82,7 @@ def test_det_plot_points_are_det_curve_on_normal_deviate_axes():
     assert point.get_xdata()[0] == pytest.approx(NormalDist().inv_cdf(eer))
     assert point.get_ydata()[0] == pytest.approx(NormalDist().inv_cdf(eer))
     assert f"EER {100 * eer:.2f}%" in [t.get_text() for t in ax.get_legend().get_texts()]
-    ticks = {t.get_text(): v for t, v in zip(ax.get_xticklabels(), ax.get_xticks())}
+    ticks = {t.get_text(): v for t, v in zip(ax.get_xticklabels(), ax.get_xticks(), strict=True)}
     assert ticks["10"] == pytest.approx(NormalDist().inv_cdf(0.10))  # percent labels at probit positions
 
 

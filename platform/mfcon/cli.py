@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in --workdir)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p.set_defaults(func=_study)
+
+    from mfcon.cli_registry import add_commands as add_registry_commands
+
+    add_registry_commands(sub)
     return parser
 
 

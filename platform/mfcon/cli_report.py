@@ -18,7 +18,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def add_commands(subparsers) -> None:
     """Register ``report`` on the ``mfcon`` sub-command parser (called from ``mfcon.cli.build_parser``)."""
-    p = subparsers.add_parser("report", help="summary of a study (trials by eer, best trial, plots) as HTML or Markdown")
+    p = subparsers.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
     p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
     p.add_argument("--workdir", default="runs", help="where the study's embedded MLflow store lives")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in --workdir)")

@@ -464,7 +464,8 @@ def log_figures(client, run_id: str, figures: dict[str, Figure]) -> dict[str, st
 
 def log_trial_plots(client, run_id: str, scores, labels) -> dict[str, str]:
     """Hook the study calls when a trial ends: ``plots/det.png`` and ``plots/score_histogram.png``."""
-    return log_figures(client, run_id, {"det": det_plot(scores, labels), "score_histogram": score_histogram(scores, labels)})
+    figures = {"det": det_plot(scores, labels), "score_histogram": score_histogram(scores, labels)}
+    return log_figures(client, run_id, figures)
 
 
 def log_study_plots(tracking_uri: str, study_name: str) -> dict[str, str]:

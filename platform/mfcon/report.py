@@ -199,7 +199,8 @@ def render_html(data: ReportData) -> str:
         parts.append(f'<figure id="{name}"><figcaption>{title}</figcaption><img alt="{title}" '
                      f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>')
     if r.space_yaml:
-        parts += [f"<h2>Search space ({html.escape(r.space_file or '')})</h2>", f"<pre>{html.escape(r.space_yaml)}</pre>"]
+        parts += [f"<h2>Search space ({html.escape(r.space_file or '')})</h2>",
+                  f"<pre>{html.escape(r.space_yaml)}</pre>"]
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

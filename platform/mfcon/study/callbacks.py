@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -11,10 +12,12 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
+from mfcon.serving import log_speaker_model
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
 from mfcon.tracking import StudyTracker, TrialRuns
 
 CHECKPOINT_FILE = "checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -42,8 +45,9 @@ class MLflowStudyCallback(Callback):
     MLflow client is made on first use, so ``Tuner.restore`` re-attaches.
     """
 
-    def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace):
+    def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace, feature_config: dict[str, Any]):
         self.tracking_uri, self.workdir, self.space = tracking_uri, workdir, space
+        self.feature_config = feature_config
         self.max_epochs = space.base_config().epochs
         self._runs: TrialRuns | None = None
         self._best: dict[str, tuple[float, str | None, int]] = {}
@@ -81,6 +85,16 @@ class MLflowStudyCallback(Callback):
             if best and best[1] and Path(best[1], CHECKPOINT_FILE).exists():
                 weights = str(export_weights(best[1], Path(tmp) / "best.pt"))
             self.runs.finish(trial.trial_id, state, weights)
+            run_id = self.runs.run_ids.get(trial.trial_id)
+            if weights and run_id and state in ("completed", "pruned"):
+                # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers).
+                # A failure here must not take the study down: the checkpoint is already logged.
+                try:
+                    log_speaker_model(self.runs.client, run_id, weights, self.feature_config)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("trial %s: model not logged (%s); promote falls back to its checkpoint",
+                                trial.trial_id, e)
+                    self.runs.client.set_tag(run_id, "mfcon.model_error", str(e)[:5000])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last_epoch = int((trial.last_result or {}).get("epoch", 0))

@@ -82,6 +82,7 @@ def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> St
         train_rows=manifest.splits["train"].rows,
         frame_shift_ms=manifest.feature_config.frame_shift_ms,
         train_storage=str(train_storage),
+        feature_config=manifest.feature_config.model_dump(),
     )
 
 
@@ -112,7 +113,8 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path]
                                     time_budget_s=budget.study_time_budget_s),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(paths["tune"]), stop=stop,
-            callbacks=[PlacementGroupReaper(), MLflowStudyCallback(tracking_uri, str(workdir), space)],
+            callbacks=[PlacementGroupReaper(),
+                       MLflowStudyCallback(tracking_uri, str(workdir), space, runtime.feature_config)],
             progress_reporter=tune.CLIReporter(metric_columns=TRIAL_COLUMNS, max_report_frequency=15,
                                                parameter_columns=param_columns(space)),
             failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),

@@ -30,6 +30,7 @@ class StudyRuntime:
     train_rows: int
     frame_shift_ms: float
     train_storage: str
+    feature_config: dict[str, Any]
 
 
 def use_gpu(choice: Any) -> bool:

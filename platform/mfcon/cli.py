@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_study)
 
     from mfcon.cli_registry import add_commands as add_registry_commands
+    from mfcon.cli_report import add_commands as add_report_commands
 
     add_registry_commands(sub)
+    add_report_commands(sub)
     return parser
 
 

@@ -384,10 +384,17 @@ def _placeholder(title: str, message: str) -> Figure:
     return fig
 
 
+def _optuna_mpl():
+    """``optuna.visualization.matplotlib``, which imports pyplot: pick Agg first unless the host already chose."""
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # pyplot not loaded yet, so no figure is open to be closed by the switch
+    import optuna.visualization.matplotlib as mpl
+
+    return mpl
+
+
 def _from_optuna(plot: Callable[..., Any], study, **kwargs) -> Figure:
     """Run an ``optuna.visualization.matplotlib`` function without leaking pyplot state; return its Figure."""
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # nothing is open yet, so this closes nothing
     import optuna
     from matplotlib import pyplot as plt
 
@@ -408,22 +415,18 @@ def _completed(study) -> int:
 
 
 def optimization_history(study) -> Figure:
-    from optuna.visualization.matplotlib import plot_optimization_history
-
     if _completed(study) == 0:
         return _placeholder("Optimization History Plot", "no completed trials yet")
-    return _from_optuna(plot_optimization_history, study, target_name=METRIC_LABEL)
+    return _from_optuna(_optuna_mpl().plot_optimization_history, study, target_name=METRIC_LABEL)
 
 
 def param_importances(study) -> Figure:
     """Importances need >= 2 completed trials and a parameter that varies; a placeholder says so otherwise."""
-    from optuna.visualization.matplotlib import plot_param_importances
-
     n = _completed(study)
     if n < 2:
         return _placeholder("Hyperparameter Importances", f"needs >= 2 completed trials (have {n})")
     try:
-        return _from_optuna(plot_param_importances, study, target_name=METRIC_LABEL)
+        return _from_optuna(_optuna_mpl().plot_param_importances, study, target_name=METRIC_LABEL)
     except (RuntimeError, ValueError) as e:
         return _placeholder("Hyperparameter Importances", f"not computable: {e}")
 
@@ -438,12 +441,10 @@ def slice_params(study) -> list[str]:
 
 
 def slice_plot(study, params: list[str] | None = None) -> Figure:
-    from optuna.visualization.matplotlib import plot_slice
-
     params = params or slice_params(study)
     if _completed(study) == 0 or not params:
         return _placeholder("Slice Plot", "no completed trials yet" if params else "no sampled parameters")
-    return _from_optuna(plot_slice, study, params=params, target_name=METRIC_LABEL)
+    return _from_optuna(_optuna_mpl().plot_slice, study, params=params, target_name=METRIC_LABEL)
 
 
 def study_figures(study) -> dict[str, Figure]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
+from mfcon.plots import log_trial_plots
 from mfcon.serving import log_speaker_model
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
 from mfcon.tracking import StudyTracker, TrialRuns
@@ -30,12 +31,14 @@ def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def export_weights(checkpoint_dir: str, out_file: Path) -> Path:
-    """Inference-only checkpoint (weights + configs): the optimizer state is not worth storing."""
+def export_weights(checkpoint_dir: str, out_file: Path) -> dict[str, Any]:
+    """Inference-only checkpoint (weights + configs): the optimizer state is not worth storing.
+
+    Returns the full state, whose eval scores feed the trial's DET plot."""
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     keep = {k: state[k] for k in ("model", "model_config", "config", "epoch", "metrics", "num_classes")}
     torch.save(keep, out_file)
-    return out_file
+    return state
 
 
 class MLflowStudyCallback(Callback):
@@ -81,11 +84,14 @@ class MLflowStudyCallback(Callback):
     def _finish(self, trial, state: str) -> None:
         best = self._best.get(trial.trial_id)
         with tempfile.TemporaryDirectory() as tmp:
-            weights = None
+            weights, ckpt = None, {}
             if best and best[1] and Path(best[1], CHECKPOINT_FILE).exists():
-                weights = str(export_weights(best[1], Path(tmp) / "best.pt"))
+                weights = str(Path(tmp) / "best.pt")
+                ckpt = export_weights(best[1], Path(weights))
             self.runs.finish(trial.trial_id, state, weights)
             run_id = self.runs.run_ids.get(trial.trial_id)
+            if run_id and "eval_scores" in ckpt:
+                self._plots(trial.trial_id, run_id, ckpt)
             if weights and run_id and state in ("completed", "pruned"):
                 # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers).
                 # A failure here must not take the study down: the checkpoint is already logged.
@@ -95,6 +101,13 @@ class MLflowStudyCallback(Callback):
                     log.warning("trial %s: model not logged (%s); promote falls back to its checkpoint",
                                 trial.trial_id, e)
                     self.runs.client.set_tag(run_id, "mfcon.model_error", str(e)[:5000])
+
+    def _plots(self, trial_id: str, run_id: str, ckpt: dict[str, Any]) -> None:
+        """DET curve and score histograms of the trial's best epoch."""
+        try:
+            log_trial_plots(self.runs.client, run_id, ckpt["eval_scores"].numpy(), ckpt["eval_labels"].numpy())
+        except Exception as e:  # noqa: BLE001 - a plot must never stop a study
+            log.warning("trial %s: plots not logged (%s)", trial_id, e)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last_epoch = int((trial.last_result or {}).get("epoch", 0))

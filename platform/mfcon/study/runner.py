@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,19 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         raise
     summary = summarize(grid, space, uri, paths["experiment"])
     tracker.client.log_dict(tracker.parent_run_id, json.loads(summary.to_json()), "study_summary.json")
+    _log_study_plots(uri, space.name)
     tracker.finish("FINISHED")
     return summary
+
+
+def _log_study_plots(uri: str, study: str) -> None:
+    """Optuna history, importances and lambda/tau/block slices on the parent run."""
+    from mfcon.plots import log_study_plots
+
+    try:
+        log_study_plots(uri, study)
+    except Exception as e:  # noqa: BLE001 - plots are a view; the study's results stand without them
+        print(f"warning: study plots not logged: {e}", file=sys.stderr)
 
 
 def _resolve_inputs(space_path, data_dir, workdir: Path, study_name, resume) -> tuple[Path, Path]:

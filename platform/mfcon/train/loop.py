@@ -167,6 +167,10 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
                               int(cfg.data.eval_max_seconds * 1000 / data.frame_shift_ms))
             metrics.update(result.metrics())
             best_eer = min(best_eer, metrics["eer"])
+            eval_scores = {"eval_scores": torch.from_numpy(result.scores.astype(np.float32)),
+                           "eval_labels": torch.from_numpy(result.labels)}
+        else:
+            eval_scores = {}
         metrics["best_eer"] = best_eer
         history.append(metrics)
         ckpt = None
@@ -175,7 +179,7 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
                     "model": module.model.state_dict(), "objective": module.objective.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "config": cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
-                    "num_classes": data.num_classes}
+                    "num_classes": data.num_classes, **eval_scores}
         hooks.report(metrics, ckpt)
     return history
 

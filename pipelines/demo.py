@@ -1,4 +1,4 @@
-"""The demo pipeline: make-corpus -> prepare -> baseline study -> MFCon study, then the comparison.
+"""The demo pipeline: make-corpus -> prepare -> baseline study -> MFCon study -> comparison -> promote.
 
 Runs on one 2-core machine in minutes on embedded defaults (private local Ray,
 SQLite MLflow in --workdir, generated corpus), and unchanged on a cluster:
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--utts", type=int, default=10)
     p.add_argument("--num-samples", type=int, help="MFCon trials (default: the space's budget)")
     p.add_argument("--smoke-test", action="store_true", help="tiny corpus and 2 MFCon trials: checks the wiring")
+    p.add_argument("--no-promote", action="store_true", help="skip registering the best MFCon trial")
     return p.parse_args(argv)
 
 
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     mfcon = run_or_resume(REPO / "search_spaces" / "demo.yaml", data, runs, args, args.num_samples)
     print_summary(mfcon)
     print_comparison(baseline, mfcon, time.perf_counter() - started)
+    if not args.no_promote:
+        print("\n[5/5] promote MFCon's best trial (champion only if significantly better)", flush=True)
+        from mfcon.cli import main as cli
+
+        cli(["promote", "--study", mfcon.study, "--data", str(data), "--workdir", str(runs)]
+            + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else []))
     return 0
 
 

@@ -62,6 +62,7 @@ class RayRunHooks:
 
     def __init__(self, rank: int):
         self.rank = rank
+        self.reported = False
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()
@@ -71,6 +72,7 @@ class RayRunHooks:
             return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        self.reported = True
         if state is None:
             ray.train.report(metrics)
             return
@@ -90,5 +92,10 @@ def train_worker(config: dict[str, Any]) -> None:
     data = RayShardData(num_classes=config["num_classes"], train_rows_total=config["train_rows"],
                         frame_shift_ms=config["frame_shift_ms"], trials=config["trials"], world_size=world,
                         seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
-    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device,
-                                                   started_at=config.get("trial_started_at")))
+    hooks = RayRunHooks(rank)
+    history = fit(cfg, data, hooks, WorkerContext(rank=rank, world_size=world, device=device,
+                                                  started_at=config.get("trial_started_at")))
+    if not hooks.reported and history:
+        # Restored after its last epoch (the driver died before Tune recorded the trial as done):
+        # nothing to train, but Tune still needs the trial's final result.
+        ray.train.report(history[-1])

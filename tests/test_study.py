@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,14 +118,29 @@ def test_unreachable_tracking_server_fails_before_any_training(small_data, tmp_p
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    parent = psutil.Process(proc.pid)
-    family = parent.children(recursive=True) + [parent]
+    try:
+        parent = psutil.Process(proc.pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
     for p in family:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
+
+
+def finished_trial_states(db: Path) -> list[str]:
+    """Read-only peek at the driver's store: an MlflowClient here would race it creating the schema."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            rows = conn.execute("SELECT value FROM tags WHERE key = 'mfcon.trial_state'").fetchall()
+    except sqlite3.Error:
+        return []
+    return [v for (v,) in rows if v in ("completed", "pruned")]
 
 
 def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_path):
@@ -140,12 +156,9 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(2)
-            if not (tmp_path / "mlflow.db").exists():
+            if not finished_trial_states(tmp_path / "mlflow.db"):
                 continue
-            try:
-                _, _, children = trial_runs(tmp_path, "resumable")
-            except Exception:
-                continue
+            _, _, children = trial_runs(tmp_path, "resumable")
             done = [c for c in children if c.data.tags.get("mfcon.trial_state") in ("completed", "pruned")]
             if done:
                 client = MlflowClient(uri)

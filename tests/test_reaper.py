@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import ray
 from ray.util.placement_group import placement_group
 

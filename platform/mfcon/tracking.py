@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
 TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "eer", "min_dcf", "min_dcf_005", "lr", "startup_seconds",

@@ -15,15 +15,15 @@ from ray.tune import Callback
 from mfcon.plots import log_trial_plots
 from mfcon.serving import log_speaker_model
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
+from mfcon.study.worker import CHECKPOINT_FILE
 from mfcon.tracking import StudyTracker, TrialRuns
 
-CHECKPOINT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
 
 
 def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
     """Everything a person compares in the MLflow UI: raw samples plus resolved overrides."""
-    params = {k: v for k, v in sampled.items()}
+    params = dict(sampled)
     for key, value in sampled_to_overrides(space, sampled).items():
         params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
     if "loss.mfcon_blocks" in params and params["loss.mfcon_blocks"] == "":

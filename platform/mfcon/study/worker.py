@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch

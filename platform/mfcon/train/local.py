@@ -57,6 +57,5 @@ def format_epoch(m: dict[str, float]) -> str:
 
 def train_local(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = True,
                 echo: bool = True) -> list[dict[str, float]]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = LocalShardData(data_dir, seed=cfg.seed)
     return fit(cfg, data, LocalRunHooks(out_dir, resume=resume, echo=echo))

@@ -28,17 +28,21 @@ log = logging.getLogger(__name__)
 _NIL_ACTOR = b"\xff"
 
 
-def orphaned_placement_groups() -> list[ray.PlacementGroupID]:
-    """Live, non-detached groups whose creating actor has died."""
+def _actor_created_groups() -> list[tuple[ray.PlacementGroupID, bool]]:
+    """Live, non-detached groups created by an actor, with whether that actor has died."""
     accessor = ray._private.state.state._connect_and_get_accessor()
-    orphans = []
+    groups = []
     for raw in accessor.get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         created_by_actor = pg.creator_actor_id and pg.creator_actor_id.strip(_NIL_ACTOR)
-        if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
-                and created_by_actor and pg.creator_actor_dead):
-            orphans.append(ray.PlacementGroupID(pg.placement_group_id))
-    return orphans
+        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached and created_by_actor:
+            groups.append((ray.PlacementGroupID(pg.placement_group_id), bool(pg.creator_actor_dead)))
+    return groups
+
+
+def orphaned_placement_groups() -> list[ray.PlacementGroupID]:
+    """Live, non-detached groups whose creating actor has died."""
+    return [pg_id for pg_id, creator_dead in _actor_created_groups() if creator_dead]
 
 
 def remove_orphaned_placement_groups() -> int:
@@ -83,9 +87,11 @@ class PlacementGroupReaper(Callback):
 
 
 def sweep_orphans(settle_s: float = 10.0, poll_s: float = 0.5) -> int:
-    """Reap repeatedly for ``settle_s`` seconds (actor deaths reach GCS asynchronously)."""
+    """Reap until no actor-created group is left, for at most ``settle_s`` seconds
+    (actor deaths reach GCS asynchronously; another study's live groups only cost the wait)."""
     removed, deadline = 0, time.monotonic() + settle_s
-    while time.monotonic() < deadline:
+    while True:
         removed += remove_orphaned_placement_groups()
+        if not _actor_created_groups() or time.monotonic() >= deadline:
+            return removed
         time.sleep(poll_s)
-    return removed

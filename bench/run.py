@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 
-from mfcon.corpus.synthetic import CorpusSpec, make_corpus  # noqa: E402
-from mfcon.prepare import prepare_dataset  # noqa: E402
+from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus  # noqa: E402
+from mfcon.data.prepare import prepare_dataset  # noqa: E402
 
 
 def bench_prepare(speakers: int, utts: int, repeats: int) -> dict:

@@ -20,7 +20,7 @@ for _name, _value in LOCAL_TRAIN_ENV.items():
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """12 synthetic espeak speakers x 6 utterances (4 held-out test speakers), VoxCeleb layout."""
-    from mfcon.corpus.synthetic import CorpusSpec, make_corpus
+    from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     return make_corpus(out, CorpusSpec(n_speakers=12, utts_per_speaker=6, n_test_speakers=4, seed=3), progress=False)
@@ -29,7 +29,7 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data(small_corpus, tmp_path_factory) -> Path:
     """The small corpus as fbank Parquet shards (train: 8 speakers, eval: the trial list's 4)."""
-    from mfcon.prepare import prepare_dataset
+    from mfcon.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("shards")
     prepare_dataset(small_corpus.root, small_corpus.trials, out, rows_per_shard=16, num_workers=1, progress=False)
@@ -39,8 +39,8 @@ def small_data(small_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_corpus_data(tmp_path_factory) -> Path:
     """A corpus big enough for EER to mean something: 24 speakers x 8 utterances, 6 test speakers."""
-    from mfcon.corpus.synthetic import CorpusSpec, make_corpus
-    from mfcon.prepare import prepare_dataset
+    from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
+    from mfcon.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("demo")
     layout = make_corpus(root / "corpus", CorpusSpec(n_speakers=24, utts_per_speaker=8, n_test_speakers=6, seed=1),

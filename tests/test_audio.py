@@ -5,8 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mfcon.audio import SAMPLE_RATE, AudioError, load_audio
+from mfcon.data.audio import SAMPLE_RATE, AudioError, load_audio
 
 
 def _tone(seconds: float, sr: int, freq: float = 220.0) -> np.ndarray:

@@ -6,7 +6,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from mfcon.data.batching import SpeakerBalancedBatcher, random_crop
 
 

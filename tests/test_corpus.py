@@ -9,11 +9,16 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-
-from mfcon.corpus.espeak import Espeak, EspeakError, Formant, VoiceVariant
-from mfcon.corpus.synthetic import CorpusSpec, make_corpus
-from mfcon.corpus.voxceleb import (CorpusError, Trial, TrialListError, list_utterances, read_trials,
-                                   write_trials)
+from mfcon.data.corpus.espeak import Espeak, EspeakError, Formant, VoiceVariant
+from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
+from mfcon.data.corpus.voxceleb import (
+    CorpusError,
+    TrialListError,
+    TrialPair,
+    list_utterances,
+    read_trials,
+    write_trials,
+)
 
 SMALL = CorpusSpec(n_speakers=6, utts_per_speaker=3, n_test_speakers=2, seed=0)
 
@@ -49,7 +54,7 @@ def test_list_utterances_missing_or_empty_root(tmp_path: Path):
 def test_read_trials_happy_path_and_roundtrip(tmp_path: Path):
     path = tmp_path / "trials.txt"
     path.write_text("1 a/x/1.wav a/y/2.wav\n\n0 a/x/1.wav b/z/3.wav\n")
-    assert read_trials(path) == [Trial(1, "a/x/1.wav", "a/y/2.wav"), Trial(0, "a/x/1.wav", "b/z/3.wav")]
+    assert read_trials(path) == [TrialPair(1, "a/x/1.wav", "a/y/2.wav"), TrialPair(0, "a/x/1.wav", "b/z/3.wav")]
     out = tmp_path / "copy.txt"
     write_trials(out, read_trials(path))
     assert read_trials(out) == read_trials(path)
@@ -62,7 +67,7 @@ def test_read_trials_malformed_line_names_file_and_line(tmp_path: Path, bad_line
     path.write_text(f"1 a/x/1.wav a/y/2.wav\n\n{bad_line}\n")
     with pytest.raises(TrialListError) as err:
         read_trials(path)
-    assert f"bad_trials.txt:3" in str(err.value) and bad_line in str(err.value)
+    assert "bad_trials.txt:3" in str(err.value) and bad_line in str(err.value)
 
 
 def test_read_trials_empty_list(tmp_path: Path):

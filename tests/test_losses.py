@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from mfcon.config import LossConfig, ModelConfig
 from mfcon.losses.margin import MARGIN_LOSSES, AAMSoftmax, AMSoftmax, margin_at_epoch
 from mfcon.losses.multiscale import LossParts, MFConLoss, SpeakerObjective
 from mfcon.losses.supcon import supcon_loss
+from torch import nn
 
 B, T, D, E, C = 12, 9, 16, 8, 6
 # 3 x speaker 0, 3 x speaker 1, 2 x speaker 2, then four singletons (anchors without a positive).

@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_curve
-
 from mfcon.metrics import (
     BootstrapResult,
     _System,
@@ -17,6 +15,7 @@ from mfcon.metrics import (
     equal_error_rate,
     min_dcf,
 )
+from sklearn.metrics import roc_curve
 
 # classic 4-trial case: sorted scores 0.1 (non), 0.35 (tar), 0.4 (non), 0.8 (tar)
 FOUR_SCORES = [0.1, 0.4, 0.35, 0.8]

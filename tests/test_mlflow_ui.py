@@ -19,8 +19,14 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from mlflow_fixtures import (REPO, BrowserMissing, headless_chromium, require_chromium, run_mlflow_server,
-                             write_study_store)
+from mlflow_fixtures import (
+    REPO,
+    BrowserMissing,
+    headless_chromium,
+    require_chromium,
+    run_mlflow_server,
+    write_study_store,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,12 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from mfcon.config import MODEL_PRESETS, ModelConfig
-from mfcon.models.conformer import RelPositionMultiHeadSelfAttention, rel_shift, sinusoids
+from mfcon.models.conformer import (
+    RelPositionMultiHeadSelfAttention,
+    rel_shift,
+    sinusoids,
+)
 from mfcon.models.mfa_conformer import (
     MODEL_BUILDERS,
     MFAConformer,
@@ -21,8 +23,9 @@ from mfcon.models.mfa_conformer import (
     mfa_conformer_paper,
     mfa_conformer_tiny,
 )
+from torch import nn
 
-TINY = MODEL_PRESETS["tiny"]
+TINY = MODEL_PRESETS["tiny"]().model_dump()
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,11 @@ from statistics import NormalDist
 import matplotlib
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
-from mlflow_fixtures import DEMO_TRIALS, TrialSpec, gaussian_scores, write_study_store
-
 from mfcon import plots
 from mfcon.metrics import det_curve, equal_error_rate
 from mfcon.report import ReportError, write_report
+from mlflow.tracking import MlflowClient
+from mlflow_fixtures import DEMO_TRIALS, TrialSpec, gaussian_scores, write_study_store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASELINE_TRIALS = (

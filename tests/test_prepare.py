@@ -13,13 +13,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
-from mfcon.audio import load_audio
 from mfcon.config import FeatureConfig
-from mfcon.corpus.voxceleb import list_utterances, read_trials
-from mfcon.features import compute_fbank
-from mfcon.prepare import PrepareError, plan_shards, prepare_dataset, split_corpus
-from mfcon.shards import ManifestError, file_sha256, load_split, manifest_hash, read_manifest, verify_shards
+from mfcon.data.audio import load_audio
+from mfcon.data.corpus.voxceleb import list_utterances, read_trials
+from mfcon.data.features import compute_fbank
+from mfcon.data.prepare import PrepareError, plan_shards, prepare_dataset, split_corpus
+from mfcon.data.shards import (
+    ManifestError,
+    file_sha256,
+    load_split,
+    manifest_hash,
+    read_manifest,
+    verify_shards,
+)
 
 SR = 16000
 N_SPEAKERS, UTTS_PER_SPEAKER, ROWS_PER_SHARD = 6, 4, 4
@@ -158,7 +164,7 @@ def test_failed_shard_leaves_no_manifest_and_resumes(corpus, pooled, tmp_path):
 
 def test_killed_prepare_is_resumable(corpus, tmp_path):
     out = tmp_path / "data"
-    code = ("from mfcon.prepare import prepare_dataset\n"
+    code = ("from mfcon.data.prepare import prepare_dataset\n"
             f"prepare_dataset({str(corpus[0])!r}, {str(corpus[1])!r}, {str(out)!r}, rows_per_shard=1, "
             "num_workers=0, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code])

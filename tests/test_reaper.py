@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import ray
+from mfcon.study.reaper import (
+    orphaned_placement_groups,
+    remove_orphaned_placement_groups,
+)
 from ray.util.placement_group import placement_group
-
-from mfcon.study.reaper import orphaned_placement_groups, remove_orphaned_placement_groups
 
 
 @ray.remote(num_cpus=0)

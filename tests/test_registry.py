@@ -24,19 +24,37 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from mfcon import cli_registry, registry
-from mfcon.audio import load_audio
 from mfcon.config import ModelConfig, TrainConfig, apply_overrides
+from mfcon.data.audio import load_audio
 from mfcon.data.local import read_eval_set
+from mfcon.data.shards import manifest_hash, read_manifest
 from mfcon.models.mfa_conformer import build_model
-from mfcon.registry import RegistryError, finished_trials, promote, rollback, verify, verify_pairs
+from mfcon.registry import (
+    RegistryError,
+    finished_trials,
+    promote,
+    rollback,
+    verify,
+    verify_pairs,
+)
 from mfcon.scoring import extract_embeddings, score_trials
-from mfcon.serving import MODEL_URI_TAG, embed, embedder_of, load_embedder, log_speaker_model, use_tracking_uri
-from mfcon.shards import manifest_hash, read_manifest
-from mfcon.tracking import StudyTracker, TrackingUnavailable, TrialRuns, default_tracking_uri
+from mfcon.serving import (
+    MODEL_URI_TAG,
+    embed,
+    embedder_of,
+    load_embedder,
+    log_speaker_model,
+    use_tracking_uri,
+)
+from mfcon.tracking import (
+    StudyTracker,
+    TrackingUnavailable,
+    TrialRuns,
+    default_tracking_uri,
+)
 from mfcon.train.local import load_checkpoint, train_local
+from mlflow.tracking import MlflowClient
 
 MICRO = {"d_model": 32, "num_blocks": 2, "num_heads": 2, "ffn_dim": 64, "embed_dim": 32, "conv_kernel": 5}
 GOOD = TrainConfig.model_validate({

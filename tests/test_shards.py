@@ -10,11 +10,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from mfcon.config import FeatureConfig
-from mfcon.shards import (
-    ROW_GROUP_ROWS, Manifest, ManifestError, ShardIntegrityError, SplitInfo, features_from_column, load_split,
-    manifest_hash, read_manifest, shard_paths, verify_shards, write_manifest, write_shard,
+from mfcon.data.shards import (
+    ROW_GROUP_ROWS,
+    Manifest,
+    ManifestError,
+    ShardIntegrityError,
+    SplitInfo,
+    features_from_column,
+    load_split,
+    manifest_hash,
+    read_manifest,
+    shard_paths,
+    verify_shards,
+    write_manifest,
+    write_shard,
 )
 
 

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from mfcon.config import ConfigError, TrainConfig, load_train_config, resolve_blocks
-from mfcon.study.spaces import (DefineByRun, SearchSpaceError, load_search_space, optuna_distributions,
-                                sampled_to_overrides, trial_config)
+from mfcon.study.spaces import (
+    DefineByRun,
+    SearchSpaceError,
+    load_search_space,
+    optuna_distributions,
+    sampled_to_overrides,
+    trial_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = """

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
-
 from mfcon.study.runner import StudyError, run_study
 from mfcon.tracking import TrackingUnavailable, default_tracking_uri
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +81,6 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
     assert parent[0].data.tags["mfcon.data_manifest_sha256"]
     # Nothing left holding CPUs once the study is over.
     import ray
-
     from mfcon.study.reaper import orphaned_placement_groups
 
     assert orphaned_placement_groups() == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from mfcon.cli import main as cli_main
 from mfcon.config import TrainConfig, apply_overrides
 from mfcon.data.local import LocalShardData, read_eval_set

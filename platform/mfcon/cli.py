@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _make_corpus(args: argparse.Namespace) -> None:
-    from mfcon.corpus.synthetic import CorpusSpec, make_corpus
+    from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 
     spec = CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts, n_test_speakers=args.test_speakers,
                       seed=args.seed)
@@ -17,7 +17,7 @@ def _make_corpus(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from mfcon.prepare import prepare_dataset
+    from mfcon.data.prepare import prepare_dataset
 
     manifest = prepare_dataset(args.corpus, args.trials, args.out, rows_per_shard=args.rows_per_shard,
                                num_workers=args.workers)

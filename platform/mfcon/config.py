@@ -8,10 +8,17 @@ default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -57,17 +64,23 @@ class ModelConfig(Strict):
         return self
 
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # MFA-Conformer (Zhang et al. 2022), 1/2 subsampling.
-    "paper": {},
-    # CPU-sized: demos and tests.
-    "tiny": {"d_model": 96, "num_blocks": 3, "num_heads": 4, "ffn_dim": 192, "conv_kernel": 7, "embed_dim": 64,
-             "subsampling": 4, "dropout": 0.0},
-}
+def paper_model_config(**overrides: Any) -> ModelConfig:
+    """MFA-Conformer (Zhang et al. 2022): 6 blocks x 256, FFN 2048, kernel 15, 1/2 subsampling."""
+    return ModelConfig(**overrides)
 
-BlockSpec = Union[Literal["all", "shallow", "deep", "none"], Sequence[int]]
 
-NAMED_BLOCK_SETS = ("all", "shallow", "deep", "none")
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """CPU-sized for demos and tests: 3 blocks x 96, 1/4 subsampling, 64-d embedding (under 1M parameters)."""
+    return ModelConfig(**{"d_model": 96, "num_blocks": 3, "num_heads": 4, "ffn_dim": 192, "conv_kernel": 7,
+                          "embed_dim": 64, "subsampling": 4, "dropout": 0.0, **overrides})
+
+
+MODEL_PRESETS: dict[str, Callable[..., ModelConfig]] = {"paper": paper_model_config, "tiny": tiny_model_config}
+ModelPreset = Literal["paper", "tiny"]
+
+BlockSetName = Literal["all", "shallow", "deep", "none"]
+NAMED_BLOCK_SETS: tuple[str, ...] = get_args(BlockSetName)
+BlockSpec = Union[BlockSetName, Sequence[int]]
 
 
 def resolve_blocks(spec: BlockSpec, num_blocks: int) -> tuple[int, ...]:
@@ -84,6 +97,7 @@ def resolve_blocks(spec: BlockSpec, num_blocks: int) -> tuple[int, ...]:
             "deep": range(half + 1, num_blocks + 1),
             "none": range(0),
         }
+        assert set(named) == set(NAMED_BLOCK_SETS)
         if spec not in named:
             raise ValueError(f"unknown block set {spec!r}; use one of {NAMED_BLOCK_SETS} or a list of block numbers")
         return tuple(named[spec])
@@ -103,9 +117,16 @@ class LossConfig(Strict):
     margin_warmup_epochs: int = Field(0, ge=0)
     mfcon_weight: float = Field(0.0, ge=0)
     mfcon_temperature: float = Field(0.07, gt=0)
-    mfcon_blocks: Union[Literal["all", "shallow", "deep", "none"], list[int]] = "all"
+    mfcon_blocks: Union[BlockSetName, list[int]] = "all"
     mfcon_pooling: Literal["asp", "stats"] = "stats"
     mfcon_proj_dim: int = Field(128, ge=2)
+
+
+def mfcon_blocks(loss: LossConfig, num_blocks: int) -> tuple[int, ...]:
+    """The blocks that get MFCon heads: none at all when its weight is 0, so lambda=0 is the plain baseline."""
+    if loss.mfcon_weight == 0:
+        return ()
+    return resolve_blocks(loss.mfcon_blocks, num_blocks)
 
 
 class DataConfig(Strict):
@@ -133,7 +154,7 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     """Everything one training run needs; a study trial overrides dotted fields of it."""
 
-    model_preset: Literal["paper", "tiny"] = "tiny"
+    model_preset: ModelPreset = "tiny"
     model: dict[str, Any] = Field(default_factory=dict)
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
@@ -151,12 +172,10 @@ class TrainConfig(Strict):
         return value
 
     def model_config_resolved(self) -> ModelConfig:
-        return ModelConfig(**{**MODEL_PRESETS[self.model_preset], **self.model})
+        return MODEL_PRESETS[self.model_preset](**self.model)
 
     def selected_blocks(self) -> tuple[int, ...]:
-        if self.loss.mfcon_weight == 0:
-            return ()
-        return resolve_blocks(self.loss.mfcon_blocks, self.model_config_resolved().num_blocks)
+        return mfcon_blocks(self.loss, self.model_config_resolved().num_blocks)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

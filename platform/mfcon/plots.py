@@ -21,7 +21,6 @@ import contextlib
 import io
 import logging
 import math
-import os
 import sys
 import tempfile
 import warnings
@@ -206,27 +205,15 @@ def _trial_record(client, run) -> TrialRecord:
                        start_time=int(run.info.start_time or 0))
 
 
-@contextlib.contextmanager
-def no_progress_bars() -> Iterator[None]:
-    """MLflow draws a tqdm bar per artifact download; a report or CLI run does not want them."""
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
-
-
 def _space_artifact(client, run_id: str) -> tuple[str | None, str | None]:
     """(YAML text, file name) of the study's ``search_space/`` artifact, if it has one."""
     try:
         files = [f.path for f in client.list_artifacts(run_id, "search_space") if f.path.endswith((".yaml", ".yml"))]
         if not files:
             return None, None
-        with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
+        from mfcon.tracking import no_artifact_progress_bars
+
+        with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
             local = client.download_artifacts(run_id, files[0], tmp)
             return Path(local).read_text(), Path(files[0]).name
     except Exception as e:  # an unreadable artifact store must not stop a report

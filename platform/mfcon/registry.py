@@ -42,17 +42,29 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mfcon.audio import load_audio
+from mfcon.data.audio import load_audio
 from mfcon.data.local import read_eval_set
+from mfcon.data.shards import manifest_hash, read_manifest
 from mfcon.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
 from mfcon.scoring import EvalSet
 from mfcon.serving import (
-    MODEL_URI_TAG, SpeakerEmbedder, centered_cosine, embedder_of, load_embedder, log_speaker_model,
-    quiet_artifact_downloads, use_tracking_uri,
+    MODEL_URI_TAG,
+    SpeakerEmbedder,
+    centered_cosine,
+    embedder_of,
+    load_embedder,
+    log_speaker_model,
+    use_tracking_uri,
 )
-from mfcon.shards import manifest_hash, read_manifest
 from mfcon.tracking import (
-    ROLE_TAG, STATE_TAG, TRIAL_TAG, TrackingUnavailable, check_tracking_uri, code_version, find_runs,
+    ROLE_TAG,
+    STATE_TAG,
+    TRIAL_TAG,
+    TrackingUnavailable,
+    check_tracking_uri,
+    code_version,
+    find_runs,
+    no_artifact_progress_bars,
 )
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -211,7 +223,7 @@ def challenger_model_uri(client: MlflowClient, trial: Trial, data_dir: Path, not
     for output in (run.outputs.model_outputs if run.outputs else []):
         if client.get_logged_model(output.model_id).name == "model":
             return f"models:/{output.model_id}"
-    with tempfile.TemporaryDirectory() as tmp, quiet_artifact_downloads():
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
             ckpt = client.download_artifacts(trial.run_id, "checkpoint/best.pt", tmp)
         except (MlflowException, OSError):

@@ -13,15 +13,26 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mfcon.plots import (PLOTS_DIR, TRIAL_PLOTS, StudyNotFound, StudyRecord, TrialRecord, build_optuna_study,
-                         figure_png, load_space, load_study, no_progress_bars, study_figures)
+from mfcon.files import atomic_write_bytes
+from mfcon.plots import (
+    PLOTS_DIR,
+    TRIAL_PLOTS,
+    StudyNotFound,
+    StudyRecord,
+    TrialRecord,
+    build_optuna_study,
+    figure_png,
+    load_space,
+    load_study,
+    study_figures,
+)
+from mfcon.tracking import no_artifact_progress_bars
 
 FORMATS = ("html", "md")
 PLOT_TITLES = {"optimization_history": "Optimization history", "param_importances": "Parameter importances",
@@ -43,10 +54,7 @@ class ReportData:
 
 
 def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write ``name.tmp-<pid>`` beside the target, then ``os.replace`` (readers never see half a file)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
     return path
 
 
@@ -70,7 +78,7 @@ def _best_trial_plots(client, record: StudyRecord) -> dict[str, bytes]:
         return {}
     names = {Path(f.path).name for f in client.list_artifacts(best.run_id, PLOTS_DIR)}
     out = {}
-    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         for name in TRIAL_PLOTS:
             if f"{name}.png" in names:
                 out[name] = Path(client.download_artifacts(best.run_id, f"{PLOTS_DIR}/{name}.png", tmp)).read_bytes()

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mfcon.corpus.voxceleb import Trial
+from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.metrics import equal_error_rate, min_dcf
 
 
@@ -22,7 +22,7 @@ from mfcon.metrics import equal_error_rate, min_dcf
 class EvalSet:
     utt_ids: list[str]
     features: list[np.ndarray]  # each (T, F)
-    trials: list[Trial]
+    trials: list[TrialPair]
 
 
 @dataclass
@@ -67,7 +67,7 @@ def extract_embeddings(model: torch.nn.Module, features: Sequence[np.ndarray], d
     return np.stack(out).astype(np.float32)
 
 
-def score_trials(utt_ids: Sequence[str], embeddings: np.ndarray, trials: Sequence[Trial],
+def score_trials(utt_ids: Sequence[str], embeddings: np.ndarray, trials: Sequence[TrialPair],
                  subtract_mean: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Cosine score of each trial -> (scores, labels)."""
     index = {u: i for i, u in enumerate(utt_ids)}

@@ -6,7 +6,7 @@ cloudpickle, so loading runs no pickled code and needs ``mfcon`` installed
 (``pip install -e .``). Its artifacts are the weights-only checkpoint
 (``checkpoint/best.pt`` of a trial run) and the :class:`FeatureConfig` the model
 was trained with, so serving computes exactly the training features
-(:func:`mfcon.features.compute_fbank`).
+(:func:`mfcon.data.features.compute_fbank`).
 
 Embeddings are L2-normalised model outputs. Scores are cosine similarities
 after subtracting a mean embedding (:func:`centered_cosine`), as
@@ -41,13 +41,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
-from mfcon.audio import load_audio
 from mfcon.config import FeatureConfig, ModelConfig
-from mfcon.corpus.voxceleb import AUDIO_EXTENSIONS
-from mfcon.features import compute_fbank
+from mfcon.data.audio import load_audio
+from mfcon.data.corpus.voxceleb import AUDIO_EXTENSIONS
+from mfcon.data.features import compute_fbank
+from mfcon.files import atomic_path
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import extract_embeddings
-from mfcon.shards import tmp_name
+from mfcon.tracking import no_artifact_progress_bars
 
 MODEL_URI_TAG = "mfcon.model_uri"  # run tag: the pyfunc model logged for this run
 INPUT_COLUMNS = ("waveform", "fbank")
@@ -85,20 +86,6 @@ def use_tracking_uri(uri: str | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@contextlib.contextmanager
-def quiet_artifact_downloads() -> Iterator[None]:
-    """No per-file download progress bars while models are saved or loaded."""
-    key, old = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 class SpeakerEmbedder(mlflow.pyfunc.PythonModel):
@@ -221,7 +208,7 @@ def log_speaker_model(client: MlflowClient | None, run_id: str, checkpoint_file:
         entry, fjson = Path(tmp, "speaker_embedder.py"), Path(tmp, "feature_config.json")
         entry.write_text(_ENTRY)
         fjson.write_text(fcfg.model_dump_json(indent=1))
-        with use_tracking_uri(uri), quiet_artifact_downloads(), warnings.catch_warnings():
+        with use_tracking_uri(uri), no_artifact_progress_bars(), warnings.catch_warnings():
             for text in _QUIET:
                 warnings.filterwarnings("ignore", message=f".*{text}")
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
@@ -240,7 +227,7 @@ def log_speaker_model(client: MlflowClient | None, run_id: str, checkpoint_file:
 def load_embedder(model_uri: str, tracking_uri: str | None = None,
                   device: str | None = None) -> mlflow.pyfunc.PyFuncModel:
     """``mlflow.pyfunc.load_model`` against ``tracking_uri`` (registry too); ``device`` overrides cuda/cpu."""
-    with use_tracking_uri(tracking_uri), quiet_artifact_downloads():
+    with use_tracking_uri(tracking_uri), no_artifact_progress_bars():
         return mlflow.pyfunc.load_model(model_uri, model_config={"device": device} if device else None)
 
 
@@ -304,8 +291,7 @@ def embed(inputs: str | Path, out_parquet: str | Path, model_uri: str = "models:
     schema = pa.schema([("utt_id", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={"mfcon.model_uri": model_uri,
                                  "mfcon.embedding_dim": str(model.model_config.embed_dim)})
-    tmp = tmp_name(out)
-    try:
+    with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(items), unit="utt", disable=not progress) as bar:
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
@@ -315,8 +301,4 @@ def embed(inputs: str | Path, out_parquet: str | Path, model_uri: str = "models:
                                              "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))},
                                             schema=schema))
                 bar.update(len(part))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return len(items)

@@ -8,13 +8,14 @@ to the runs it already has instead of duplicating them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -23,6 +24,21 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
 TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "eer", "min_dcf", "min_dcf_005", "lr", "startup_seconds",
                  "train_seconds")
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow draws a tqdm bar per artifact upload/download; studies, reports and the CLI do not want them."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 class TrackingUnavailable(RuntimeError):

@@ -8,9 +8,14 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from mfcon.corpus.voxceleb import read_trials
+from mfcon.data.corpus.voxceleb import read_trials
+from mfcon.data.shards import (
+    features_from_column,
+    load_split,
+    read_manifest,
+    shard_paths,
+)
 from mfcon.scoring import EvalSet
-from mfcon.shards import features_from_column, load_split, read_manifest, shard_paths
 
 
 def read_eval_set(data_dir: str | Path) -> EvalSet:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mfcon.config import LossConfig, ModelConfig, resolve_blocks
+from mfcon.config import LossConfig, ModelConfig, mfcon_blocks
 from mfcon.losses.margin import MARGIN_LOSSES, margin_at_epoch
 from mfcon.losses.supcon import supcon_loss
 from mfcon.models.pooling import build_pool
@@ -130,7 +130,7 @@ class SpeakerObjective(nn.Module):
         self.num_blocks = model_cfg.num_blocks
         self.margin_loss = MARGIN_LOSSES[loss_cfg.margin_loss](
             model_cfg.embed_dim, num_classes, margin=loss_cfg.margin, scale=loss_cfg.scale)
-        blocks = resolve_blocks(loss_cfg.mfcon_blocks, model_cfg.num_blocks) if loss_cfg.mfcon_weight > 0 else ()
+        blocks = mfcon_blocks(loss_cfg, model_cfg.num_blocks)
         self.selected_blocks: tuple[int, ...] = blocks
         self.mfcon: MFConLoss | None = None
         if blocks:

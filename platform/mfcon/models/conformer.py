@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfcon.config import ModelConfig
+from mfcon.models.pooling import lengths_to_mask
 
 # rate -> number of stride-2 Conv2d layers (WeNet Conv2dSubsampling2/4/8)
 SUBSAMPLING_CONVS = {2: 1, 4: 2, 8: 3}
@@ -261,8 +262,8 @@ class ConformerBlock(nn.Module):
 class ConformerEncoder(nn.Module):
     """Subsampling -> positional encoding -> N blocks; returns every block's output.
 
-    >>> from mfcon.config import MODEL_PRESETS
-    >>> enc = ConformerEncoder(ModelConfig(**MODEL_PRESETS["tiny"]))
+    >>> from mfcon.config import tiny_model_config
+    >>> enc = ConformerEncoder(tiny_model_config())
     >>> maps, mask = enc(torch.randn(2, 100, 80), torch.tensor([100, 60]))
     >>> len(maps), tuple(maps[0].shape), mask.sum(1).tolist()
     (3, (2, 24, 96), [24, 14])
@@ -276,10 +277,10 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         t_in = feats.size(1)
-        in_mask = torch.arange(t_in, device=feats.device)[None, :] < lengths[:, None]  # (B, T)
+        in_mask = lengths_to_mask(lengths, t_in)  # (B, T)
         feats = feats.masked_fill(~in_mask.unsqueeze(-1), 0.0)  # masked_fill, not *: NaN padding stays out
         x, sub_lengths = self.subsampling(feats, lengths)  # (B, T', D), (B,)
-        mask = torch.arange(x.size(1), device=x.device)[None, :] < sub_lengths[:, None]  # (B, T')
+        mask = lengths_to_mask(sub_lengths, x.size(1))  # (B, T')
         x, pos_emb = self.pos_enc(x.masked_fill(~mask.unsqueeze(-1), 0.0))
         feature_maps = []
         for block in self.blocks:

@@ -19,7 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mfcon.config import MODEL_PRESETS, ModelConfig
+from mfcon.config import (
+    MODEL_PRESETS,
+    ModelConfig,
+    paper_model_config,
+    tiny_model_config,
+)
 from mfcon.models.conformer import ConformerEncoder
 from mfcon.models.pooling import build_pool
 
@@ -97,7 +102,7 @@ def build_model(cfg: ModelConfig | str) -> MFAConformer:
     if isinstance(cfg, str):
         if cfg not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {cfg!r}; choose one of {sorted(MODEL_PRESETS)}")
-        cfg = ModelConfig(**MODEL_PRESETS[cfg])
+        cfg = MODEL_PRESETS[cfg]()
     return MFAConformer(cfg)
 
 
@@ -108,12 +113,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 def mfa_conformer_paper(**overrides) -> MFAConformer:
     """6 blocks x 256, 4 heads, FFN 2048, kernel 15, 1/2 subsampling, relative PE, 192-d embedding."""
-    return MFAConformer(ModelConfig(**{**MODEL_PRESETS["paper"], **overrides}))
+    return MFAConformer(paper_model_config(**overrides))
 
 
 def mfa_conformer_tiny(**overrides) -> MFAConformer:
     """3 blocks x 96, 1/4 subsampling, 64-d embedding: under 1M parameters, for CPU tests and demos."""
-    return MFAConformer(ModelConfig(**{**MODEL_PRESETS["tiny"], **overrides}))
+    return MFAConformer(tiny_model_config(**overrides))
 
 
 MODEL_BUILDERS = {"paper": mfa_conformer_paper, "tiny": mfa_conformer_tiny}

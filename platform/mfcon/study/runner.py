@@ -15,8 +15,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from mfcon.corpus.voxceleb import read_trials
-from mfcon.shards import manifest_hash, read_manifest, shard_paths, verify_shards
+from mfcon.data.corpus.voxceleb import read_trials
+from mfcon.data.shards import manifest_hash, read_manifest, shard_paths, verify_shards
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space

@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal, Union
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mfcon.config import NAMED_BLOCK_SETS, ConfigError, TrainConfig, apply_overrides, format_validation_error, read_yaml
+from mfcon.config import (
+    NAMED_BLOCK_SETS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+)
 
 
 class _Param(BaseModel):

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import ray.data
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mfcon.corpus.voxceleb import Trial
+from mfcon.data.corpus.voxceleb import TrialPair
+from mfcon.data.ray_source import read_shards
 from mfcon.study.spaces import SearchSpace, trial_config
 from mfcon.study.worker import train_worker
 
@@ -25,7 +25,7 @@ class StudyRuntime:
     space: SearchSpace
     train_shards: tuple[str, ...]
     eval_shards: tuple[str, ...]
-    trials: tuple[Trial, ...]
+    trials: tuple[TrialPair, ...]
     num_classes: int
     train_rows: int
     frame_shift_ms: float
@@ -37,18 +37,6 @@ def use_gpu(choice: Any) -> bool:
     if choice == "auto":
         return bool(ray.cluster_resources().get("GPU", 0))
     return bool(choice)
-
-
-def read_shards(paths: tuple[str, ...]) -> ray.data.Dataset:
-    """Parquet shards as a Dataset whose read tasks take no CPU slot.
-
-    Train workers hold the node's CPUs; a read that asks for one waits for them
-    forever. Ray Data's V2 Parquet path adds a ListFiles step that always asks
-    for a CPU (Ray 2.60), so the V1 datasource is used, where ``num_cpus``
-    applies to every read task.
-    """
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(list(paths), num_cpus=0)
 
 
 def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:

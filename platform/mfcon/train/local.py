@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,14 @@ import torch
 
 from mfcon.config import TrainConfig
 from mfcon.data.local import LocalShardData
+from mfcon.files import atomic_path
 from mfcon.train.loop import fit
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Atomic: a crash mid-save never replaces a good checkpoint with a torn one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ as in VoxCeleb1-O.
 
 Everything is drawn from ``numpy.random.default_rng([seed, ...])`` keyed by
 speaker and utterance, and the espeak wrapper is order-independent (see
-:mod:`mfcon.corpus.espeak`), so the same spec gives byte-identical files.
+:mod:`mfcon.data.corpus.espeak`), so the same spec gives byte-identical files.
 
 Example::
 
@@ -25,7 +25,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +35,9 @@ import torchaudio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from mfcon.corpus.espeak import Espeak, Formant, VoiceVariant
-from mfcon.corpus.voxceleb import Trial, write_trials
+from mfcon.data.corpus.espeak import Espeak, Formant, VoiceVariant
+from mfcon.data.corpus.voxceleb import TrialPair, write_trials
+from mfcon.files import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1  # bump when the synthesis changes: old corpora are then refused, not mixed
 ENGLISH_VOICES = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
@@ -214,12 +214,12 @@ def synthesize_utterance(tts: Espeak, voice: SpeakerVoice, plan: _Plan, spec: Co
     return np.clip(wav, -1.0, 32767 / 32768)
 
 
-def make_trials(test_utts: dict[str, list[str]], per_utt: int, seed: int) -> list[Trial]:
+def make_trials(test_utts: dict[str, list[str]], per_utt: int, seed: int) -> list[TrialPair]:
     """Each test utterance enrols up to ``per_utt`` target trials and as many non-targets (at least one)."""
     rng = np.random.default_rng([seed, 4])
     speakers = sorted(test_utts)
     seen: set[frozenset[str]] = set()
-    trials: list[Trial] = []
+    trials: list[TrialPair] = []
     for spk in speakers:
         others = [u for s in speakers if s != spk for u in test_utts[s]]
         for enroll in test_utts[spk]:
@@ -230,14 +230,8 @@ def make_trials(test_utts: dict[str, list[str]], per_utt: int, seed: int) -> lis
             for label, tests in ((1, targets), (0, nontargets)):
                 for test in tests:
                     seen.add(frozenset((enroll, test)))
-                    trials.append(Trial(label, enroll, test))
+                    trials.append(TrialPair(label, enroll, test))
     return trials
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_info(layout: CorpusLayout, spec: CorpusSpec, voices: list[SpeakerVoice], plans: list[_Plan],
@@ -257,7 +251,7 @@ def _write_info(layout: CorpusLayout, spec: CorpusSpec, voices: list[SpeakerVoic
         if old.get("spec") != info["spec"] or old.get("generator") != info["generator"]:
             raise ValueError(f"{layout.info}: corpus was made with another spec or generator "
                              f"({old.get('spec')}, {old.get('generator')}); use a new out_dir")
-    _write_atomic_text(layout.info, json.dumps(info, indent=1) + "\n")
+    atomic_write_text(layout.info, json.dumps(info, indent=1) + "\n")
 
 
 def make_corpus(out_dir: str | Path, spec: CorpusSpec = CorpusSpec(), progress: bool = True) -> CorpusLayout:
@@ -276,9 +270,8 @@ def make_corpus(out_dir: str | Path, spec: CorpusSpec = CorpusSpec(), progress: 
                 continue
             wav = synthesize_utterance(tts, voices[plan.speaker_index], plan, spec)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            sf.write(tmp, wav, spec.sample_rate, format="WAV", subtype="PCM_16")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                sf.write(tmp, wav, spec.sample_rate, format="WAV", subtype="PCM_16")
     test_speakers = {v.speaker for v in voices[spec.n_speakers - spec.n_test_speakers:]}
     test_utts: dict[str, list[str]] = {}
     for plan in plans:

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mfcon.files import atomic_write_text
+
 NATIVE_SAMPLE_RATE = 22050
 RATE_RANGE = (80, 450)  # espeakRATE_MINIMUM, espeakRATE_MAXIMUM (words per minute)
 
@@ -251,9 +253,7 @@ class Espeak:
         if name not in self._written:
             path, text = self._variants_dir / name, variant.to_text()
             if not path.is_file() or path.read_text() != text:
-                tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
-                tmp.write_text(text)
-                os.replace(tmp, path)
+                atomic_write_text(path, text)
             self._written.add(name)
         return name
 

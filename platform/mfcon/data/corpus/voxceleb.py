@@ -1,7 +1,7 @@
 """VoxCeleb-style corpus layout and trial lists.
 
 Layout ``<root>/<speaker>/<video>/<utt>.<ext>`` (VoxCeleb1/2, and what
-:func:`mfcon.corpus.synthetic.make_corpus` writes). Utterance ids are posix
+:func:`mfcon.data.corpus.synthetic.make_corpus` writes). Utterance ids are posix
 paths relative to the root, which is exactly what VoxCeleb trial lists name,
 e.g. ``1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav``.
 
@@ -13,10 +13,11 @@ Example::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from mfcon.files import atomic_write_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -37,7 +38,9 @@ class Utterance:
 
 
 @dataclass(frozen=True)
-class Trial:
+class TrialPair:
+    """One line of a verification trial list (not a tuning trial): two utterances and whether they share a speaker."""
+
     label: int  # 1 = same speaker (target), 0 = different speakers
     enroll: str  # utterance id
     test: str
@@ -59,24 +62,24 @@ def list_utterances(root: str | Path, extensions: Iterable[str] = AUDIO_EXTENSIO
     return sorted(utts, key=lambda u: u.utt_id)
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> Trial:
+def _parse_line(path: Path, lineno: int, line: str) -> TrialPair:
     fields = line.split()
     where = f"{path}:{lineno}: {line.strip()!r}"
     if len(fields) != 3:
         raise TrialListError(f"{where}: expected '<0|1> <enroll> <test>', got {len(fields)} fields")
     if fields[0] not in ("0", "1"):
         raise TrialListError(f"{where}: label must be 0 or 1, got {fields[0]!r}")
-    return Trial(int(fields[0]), fields[1], fields[2])
+    return TrialPair(int(fields[0]), fields[1], fields[2])
 
 
-def read_trials(path: str | Path, root: str | Path | None = None) -> list[Trial]:
+def read_trials(path: str | Path, root: str | Path | None = None) -> list[TrialPair]:
     """Parse ``<0|1> <enroll> <test>`` lines (blank lines skipped); with ``root``, check every file exists."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except OSError as err:
         raise TrialListError(f"{path}: cannot read trial list ({err})") from err
-    trials: list[Trial] = []
+    trials: list[TrialPair] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -91,10 +94,8 @@ def read_trials(path: str | Path, root: str | Path | None = None) -> list[Trial]
     return trials
 
 
-def write_trials(path: str | Path, trials: Iterable[Trial]) -> None:
+def write_trials(path: str | Path, trials: Iterable[TrialPair]) -> None:
     """Write a trial list atomically (``name.tmp-<pid>`` in the same folder, then ``os.replace``)."""
     path = Path(path)
     text = "".join(f"{t.label} {t.enroll} {t.test}\n" for t in trials)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

@@ -31,14 +31,30 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from mfcon.audio import AudioError, load_audio
 from mfcon.config import FeatureConfig
-from mfcon.corpus.voxceleb import Trial, Utterance, list_utterances, read_trials, write_trials
-from mfcon.features import compute_fbank
-from mfcon.shards import (
-    MANIFEST_NAME, SCHEMA_VERSION, TRIALS_NAME, Manifest, ManifestError, ShardEntry, SkippedAudio, SplitInfo,
-    atomic_write_text, file_sha256, read_manifest, write_manifest, write_shard,
+from mfcon.data.audio import AudioError, load_audio
+from mfcon.data.corpus.voxceleb import (
+    TrialPair,
+    Utterance,
+    list_utterances,
+    read_trials,
+    write_trials,
 )
+from mfcon.data.features import compute_fbank
+from mfcon.data.shards import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    TRIALS_NAME,
+    Manifest,
+    ManifestError,
+    ShardEntry,
+    SkippedAudio,
+    SplitInfo,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from mfcon.files import atomic_write_text, file_sha256
 
 DONE_SUFFIX = ".done.json"
 PLAN_KEY = "mfcon.plan"
@@ -107,7 +123,7 @@ def _init_worker() -> None:
 
 # ---------------------------------------------------------------- the plan
 
-def split_corpus(utterances: list[Utterance], trials: list[Trial], trials_path: str | Path
+def split_corpus(utterances: list[Utterance], trials: list[TrialPair], trials_path: str | Path
                  ) -> tuple[list[Utterance], list[Utterance]]:
     """(train, eval): eval = utterances named in ``trials`` (sorted); train = speakers never named."""
     by_id = {u.utt_id: u for u in utterances}
@@ -252,7 +268,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mfcon.prepare", "pandas"])
+        ctx.set_forkserver_preload(["mfcon.data.prepare", "pandas"])
         return ctx
     return multiprocessing.get_context("spawn")
 

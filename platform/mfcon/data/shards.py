@@ -17,7 +17,6 @@ name, so a final name never holds a half-written file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mfcon.config import FeatureConfig, format_validation_error
+from mfcon.files import atomic_path, atomic_write_text, file_sha256
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -95,39 +95,6 @@ class SplitArrays:
         return len(self.utt_ids)
 
 
-# ---------------------------------------------------------------- atomic files
-
-def tmp_name(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- writing
 
 def shard_schema(num_mel_bins: int = 80, metadata: Mapping[str, str] | None = None) -> pa.Schema:
@@ -180,9 +147,8 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
     """
     path = Path(path)
     schema = shard_schema(num_mel_bins, metadata)
-    tmp = tmp_name(path)
     count = 0
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as sink:
             writer = pq.ParquetWriter(sink, schema)
             try:
@@ -200,10 +166,6 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
             sink.flush()
             os.fsync(sink.fileno())
         digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return ShardEntry(file=path.name, rows=count, sha256=digest)
 
 

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray.tune import Callback
 
-from mfcon.plots import log_trial_plots
 from mfcon.serving import log_speaker_model
+from mfcon.study.plot_logging import log_trial_plots
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
-from mfcon.study.worker import CHECKPOINT_FILE
 from mfcon.tracking import StudyTracker, TrialRuns
+from mfcon.train.checkpoint import EXPORTED_FILE, RAY_CHECKPOINT_FILE, export_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +28,6 @@ def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
     if "loss.mfcon_blocks" in params and params["loss.mfcon_blocks"] == "":
         params["loss.mfcon_blocks"] = "none"
     return params
-
-
-def export_weights(checkpoint_dir: str, out_file: Path) -> dict[str, Any]:
-    """Inference-only checkpoint (weights + configs): the optimizer state is not worth storing.
-
-    Returns the full state, whose eval scores feed the trial's DET plot."""
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    keep = {k: state[k] for k in ("model", "model_config", "config", "epoch", "metrics", "num_classes")}
-    torch.save(keep, out_file)
-    return state
 
 
 class MLflowStudyCallback(Callback):
@@ -85,8 +74,8 @@ class MLflowStudyCallback(Callback):
         best = self._best.get(trial.trial_id)
         with tempfile.TemporaryDirectory() as tmp:
             weights, ckpt = None, {}
-            if best and best[1] and Path(best[1], CHECKPOINT_FILE).exists():
-                weights = str(Path(tmp) / "best.pt")
+            if best and best[1] and Path(best[1], RAY_CHECKPOINT_FILE).exists():
+                weights = str(Path(tmp) / EXPORTED_FILE)
                 ckpt = export_weights(best[1], Path(weights))
             self.runs.finish(trial.trial_id, state, weights)
             run_id = self.runs.run_ids.get(trial.trial_id)

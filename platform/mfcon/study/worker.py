@@ -7,7 +7,6 @@ epoch's metrics (with a rank-0 checkpoint) go to ``ray.train.report``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ import torch
 
 from mfcon.config import TrainConfig
 from mfcon.data.ray_source import RayShardData
+from mfcon.train.checkpoint import RAY_CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mfcon.train.loop import WorkerContext, fit
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class RayRunHooks:
@@ -35,7 +33,7 @@ class RayRunHooks:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as path:
-            return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            return load_checkpoint(Path(path) / RAY_CHECKPOINT_FILE)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         self.reported = True
@@ -43,7 +41,7 @@ class RayRunHooks:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            save_checkpoint(state, Path(tmp) / RAY_CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

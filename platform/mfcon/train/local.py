@@ -6,22 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mfcon.config import TrainConfig
 from mfcon.data.local import LocalShardData
-from mfcon.files import atomic_path
+from mfcon.train.checkpoint import (
+    BEST_FILE,
+    LAST_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mfcon.train.loop import fit
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomic: a crash mid-save never replaces a good checkpoint with a torn one."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class LocalRunHooks:
@@ -33,14 +26,14 @@ class LocalRunHooks:
         self.resume, self.echo = resume, echo
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        last = self.out_dir / "last.pt"
+        last = self.out_dir / LAST_FILE
         return load_checkpoint(last) if self.resume and last.exists() else None
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if state is not None:
-            save_checkpoint(state, self.out_dir / "last.pt")
+            save_checkpoint(state, self.out_dir / LAST_FILE)
             if "eer" in metrics and metrics["eer"] <= metrics["best_eer"]:
-                save_checkpoint(state, self.out_dir / "best.pt")
+                save_checkpoint(state, self.out_dir / BEST_FILE)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.echo:

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mfcon.config import OptimConfig, TrainConfig
+from mfcon.config import ModelConfig, OptimConfig, TrainConfig
 from mfcon.data.batching import CropBatch, SpeakerBalancedBatcher
 from mfcon.losses.multiscale import LossParts, SpeakerObjective
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import EvalSet, evaluate
+from mfcon.train.checkpoint import restore_training_state, training_state
 
 
 class TrainData(Protocol):
@@ -109,9 +110,20 @@ def _mean_across_workers(values: torch.Tensor, ctx: WorkerContext) -> torch.Tens
     return values.cpu()
 
 
-def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext | None = None) -> list[dict[str, float]]:
-    """Train ``cfg.epochs`` epochs, evaluating and reporting (with a checkpoint) after each."""
-    ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
+@dataclass
+class Training:
+    """What one run trains with: model + objective, optimizer, LR schedule and mixed-precision settings."""
+
+    module: TrainModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    model_config: ModelConfig
+
+
+def build_training(cfg: TrainConfig, data: TrainData, ctx: WorkerContext) -> Training:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model_cfg = cfg.model_config_resolved()
     module = TrainModule(build_model(model_cfg), SpeakerObjective(cfg.loss, model_cfg, data.num_classes))
@@ -124,63 +136,79 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
         optimizer, lambda s: lr_factor(cfg.optim, s, steps_per_epoch, total_steps))
     amp_dtype = resolve_amp_dtype(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return Training(module, optimizer, scheduler, scaler, amp_dtype, steps_per_epoch, model_cfg)
 
-    start_epoch, best_eer, history = 1, math.inf, []
-    state = hooks.load_checkpoint()
-    if state is not None:
-        module.model.load_state_dict(state["model"])
-        module.objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_eer = int(state["epoch"]) + 1, float(state["best_eer"])
-        history = list(state.get("history", []))
 
-    runner: nn.Module = module
+def distribute(module: nn.Module, ctx: WorkerContext) -> nn.Module:
+    """DDP around ``module`` when this is one of several workers, else ``module`` itself."""
     if ctx.world_size > 1 and torch.distributed.is_initialized():
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        runner = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return module
 
-    frames = crop_frames(cfg, data.frame_shift_ms)
+
+def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainData, epoch: int,
+                ctx: WorkerContext, first: bool) -> dict[str, float]:
+    """One epoch of steps; returns its metrics (losses averaged over steps and workers)."""
+    started = time.perf_counter()
+    run.module.objective.set_epoch(epoch - 1)  # warm-up counts epochs from 0
+    torch.manual_seed(_seed(cfg.seed, epoch, ctx.rank))
+    batcher = SpeakerBalancedBatcher(cfg.data.speakers_per_batch, cfg.data.utts_per_speaker,
+                                     crop_frames(cfg, data.frame_shift_ms), run.steps_per_epoch,
+                                     seed=_seed(cfg.seed, epoch, ctx.rank, 1))
+    sums = torch.zeros(3, dtype=torch.float64)
+    run.module.train()
+    first_step_at = None
+    for batch in batcher.batches(data.train_rows(epoch)):
+        first_step_at = first_step_at or time.time()
+        parts = _train_step(runner, batch, run.optimizer, run.scaler, cfg, ctx, run.amp_dtype)
+        run.scheduler.step()
+        sums += torch.tensor(parts, dtype=torch.float64)
+    sums = _mean_across_workers(sums / run.steps_per_epoch, ctx)
+    metrics = {"epoch": float(epoch), "train_loss": float(sums[0]), "margin_loss": float(sums[1]),
+               "mfcon_loss": float(sums[2]), "lr": float(run.scheduler.get_last_lr()[0]),
+               "train_seconds": time.perf_counter() - started}
+    if ctx.started_at is not None and first and first_step_at is not None:
+        metrics["startup_seconds"] = first_step_at - ctx.started_at
+    return metrics
+
+
+def evaluate_epoch(cfg: TrainConfig, model: nn.Module, data: TrainData, epoch: int,
+                   ctx: WorkerContext) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Rank 0, every ``eval_every`` epochs and the last: (eer/min_dcf metrics, eval scores for the checkpoint)."""
+    eval_set = data.eval_set() if ctx.rank == 0 else None
+    if eval_set is None or not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        return {}, {}
+    result = evaluate(model, eval_set, ctx.device, cfg.data.eval_max_seconds and
+                      int(cfg.data.eval_max_seconds * 1000 / data.frame_shift_ms))
+    return result.metrics(), {"eval_scores": torch.from_numpy(result.scores.astype(np.float32)),
+                              "eval_labels": torch.from_numpy(result.labels)}
+
+
+def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext | None = None) -> list[dict[str, float]]:
+    """Train ``cfg.epochs`` epochs, evaluating and reporting (with a checkpoint) after each."""
+    ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
+    run = build_training(cfg, data, ctx)
+    module = run.module
+    start_epoch, best_eer, history = restore_training_state(
+        hooks.load_checkpoint(), module.model, module.objective, run.optimizer, run.scheduler)
+    runner = distribute(module, ctx)
     for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        module.objective.set_epoch(epoch - 1)  # warm-up counts epochs from 0
-        torch.manual_seed(_seed(cfg.seed, epoch, ctx.rank))
-        batcher = SpeakerBalancedBatcher(cfg.data.speakers_per_batch, cfg.data.utts_per_speaker, frames,
-                                         steps_per_epoch, seed=_seed(cfg.seed, epoch, ctx.rank, 1))
-        sums = torch.zeros(3, dtype=torch.float64)
-        module.train()
-        first_step_at = None
-        for batch in batcher.batches(data.train_rows(epoch)):
-            first_step_at = first_step_at or time.time()
-            parts = _train_step(runner, batch, optimizer, scaler, cfg, ctx, amp_dtype)
-            scheduler.step()
-            sums += torch.tensor(parts, dtype=torch.float64)
-        sums = _mean_across_workers(sums / steps_per_epoch, ctx)
-        metrics = {"epoch": float(epoch), "train_loss": float(sums[0]), "margin_loss": float(sums[1]),
-                   "mfcon_loss": float(sums[2]), "lr": float(scheduler.get_last_lr()[0]),
-                   "train_seconds": time.perf_counter() - started}
-        if ctx.started_at is not None and epoch == start_epoch and first_step_at is not None:
-            metrics["startup_seconds"] = first_step_at - ctx.started_at
-        eval_set = data.eval_set() if ctx.rank == 0 else None
-        if eval_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            result = evaluate(module.model, eval_set, ctx.device, cfg.data.eval_max_seconds and
-                              int(cfg.data.eval_max_seconds * 1000 / data.frame_shift_ms))
-            metrics.update(result.metrics())
+        metrics = train_epoch(cfg, run, runner, data, epoch, ctx, first=epoch == start_epoch)
+        eval_metrics, eval_scores = evaluate_epoch(cfg, module.model, data, epoch, ctx)
+        if eval_scores:
+            metrics.update(eval_metrics)
             best_eer = min(best_eer, metrics["eer"])
-            eval_scores = {"eval_scores": torch.from_numpy(result.scores.astype(np.float32)),
-                           "eval_labels": torch.from_numpy(result.labels)}
-        else:
-            eval_scores = {}
         metrics["best_eer"] = best_eer
         history.append(metrics)
-        ckpt = None
+        state = None
         if ctx.rank == 0:
-            ckpt = {"epoch": epoch, "best_eer": best_eer, "history": history, "metrics": metrics,
-                    "model": module.model.state_dict(), "objective": module.objective.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "config": cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
-                    "num_classes": data.num_classes, **eval_scores}
-        hooks.report(metrics, ckpt)
+            state = training_state(
+                epoch=epoch, best_eer=best_eer, history=history, metrics=metrics, model=module.model,
+                objective=module.objective, optimizer=run.optimizer, scheduler=run.scheduler,
+                config=cfg.model_dump(mode="json"), model_config=run.model_config.model_dump(mode="json"),
+                num_classes=data.num_classes, eval_scores=eval_scores)
+        hooks.report(metrics, state)
     return history
 
 

@@ -1,0 +1,80 @@
+"""The checkpoint format in one place: file names, the training-state schema, save/load and export.
+
+Two kinds of file, both plain ``torch.save`` dicts of tensors and builtins, so
+:func:`load_checkpoint` reads them with ``weights_only=True``:
+
+* training state (:func:`training_state`): everything a run needs to resume —
+  ``epoch``, ``best_eer``, ``history``, ``metrics``, the ``model``,
+  ``objective``, ``optimizer`` and ``scheduler`` state dicts, ``config``
+  (TrainConfig), ``model_config`` (ModelConfig), ``num_classes``, and, after an
+  evaluated epoch, ``eval_scores``/``eval_labels`` (float32/int64 tensors).
+  Locally it is ``<out>/last.pt`` every epoch and ``<out>/best.pt`` on a new
+  best EER; in a study, ``checkpoint.pt`` inside each Ray Train checkpoint.
+* exported weights (:func:`export_weights`): the inference-only subset
+  :data:`EXPORT_KEYS` of a trial's best epoch, logged to MLflow as
+  ``checkpoint/best.pt`` and loaded by :mod:`mfcon.serving`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfcon.files import atomic_path
+
+RAY_CHECKPOINT_FILE = "checkpoint.pt"  # inside a Ray Train checkpoint directory
+LAST_FILE = "last.pt"  # local training: every epoch
+BEST_FILE = "best.pt"  # local training: the best EER so far
+EXPORTED_FILE = "best.pt"  # a trial's exported weights (MLflow artifact checkpoint/best.pt)
+EXPORTED_ARTIFACT = f"checkpoint/{EXPORTED_FILE}"
+EXPORT_KEYS = ("model", "model_config", "config", "epoch", "metrics", "num_classes")
+
+
+def training_state(*, epoch: int, best_eer: float, history: list[dict[str, float]], metrics: dict[str, float],
+                   model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any],
+                   model_config: dict[str, Any], num_classes: int,
+                   eval_scores: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The resumable state of a run after ``epoch`` (key order as always written)."""
+    return {"epoch": epoch, "best_eer": best_eer, "history": history, "metrics": metrics,
+            "model": model.state_dict(), "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "config": config, "model_config": model_config, "num_classes": num_classes, **(eval_scores or {})}
+
+
+def restore_training_state(state: dict[str, Any] | None, model: nn.Module, objective: nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           ) -> tuple[int, float, list[dict[str, float]]]:
+    """Load ``state`` into the given objects; returns (first epoch to train, best EER so far, history)."""
+    if state is None:
+        return 1, math.inf, []
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1, float(state["best_eer"]), list(state.get("history", []))
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomic: a crash mid-save never replaces a good checkpoint with a torn one."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Any checkpoint of this module, on the CPU, without running pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export_weights(checkpoint_dir: str | Path, out_file: str | Path) -> dict[str, Any]:
+    """Inference-only checkpoint (weights + configs) from a Ray Train checkpoint directory.
+
+    The optimizer state is not worth storing. Returns the full training state,
+    whose eval scores feed the trial's DET plot."""
+    state = load_checkpoint(Path(checkpoint_dir) / RAY_CHECKPOINT_FILE)
+    save_checkpoint({k: state[k] for k in EXPORT_KEYS}, out_file)
+    return state

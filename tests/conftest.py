@@ -28,24 +28,26 @@ def small_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_data(small_corpus, tmp_path_factory) -> Path:
-    """The small corpus as fbank Parquet shards (train: 8 speakers, eval: the trial list's 4)."""
+    """The small corpus as fbank Parquet shards (train: 6 speakers, dev: 2 held out, test: the trial list's 4)."""
     from mfcon.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("shards")
-    prepare_dataset(small_corpus.root, small_corpus.trials, out, rows_per_shard=16, num_workers=1, progress=False)
+    prepare_dataset(small_corpus.root, small_corpus.trials, out, dev_speakers=2, rows_per_shard=16, num_workers=1,
+                    progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def demo_corpus_data(tmp_path_factory) -> Path:
-    """A corpus big enough for EER to mean something: 24 speakers x 8 utterances, 6 test speakers."""
+    """A corpus big enough for EER to mean something: 24 speakers x 8 utterances, 6 test and 4 dev speakers."""
     from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
     from mfcon.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("demo")
     layout = make_corpus(root / "corpus", CorpusSpec(n_speakers=24, utts_per_speaker=8, n_test_speakers=6, seed=1),
                          progress=False)
-    prepare_dataset(layout.root, layout.trials, root / "shards", rows_per_shard=32, num_workers=2, progress=False)
+    prepare_dataset(layout.root, layout.trials, root / "shards", dev_speakers=4, rows_per_shard=32, num_workers=2,
+                    progress=False)
     return root / "shards"
 
 

@@ -1,4 +1,4 @@
-"""prepare_dataset on a tiny real VoxCeleb-layout corpus: splits, resume, bad audio, Ray vs process pool."""
+"""prepare_dataset on a tiny real VoxCeleb-layout corpus: train/dev/test splits, resume, bad audio, Ray vs pool."""
 
 from __future__ import annotations
 
@@ -29,11 +29,20 @@ from mfcon.data.shards import (
 
 SR = 16000
 N_SPEAKERS, UTTS_PER_SPEAKER, ROWS_PER_SHARD = 6, 4, 4
-EVAL_SPEAKERS = ("id00004", "id00005")
+TEST_SPEAKERS = ("id00004", "id00005")
+DEV_SPEAKERS = ("id00002", "id00003")
+TRAIN_SPEAKERS = ("id00000", "id00001")
 
 
-def write_tiny_corpus(base: Path, seed: int = 0) -> tuple[Path, Path]:
-    """6 speakers x 4 utterances (1-2 s tone + noise, 16 kHz) and a trial list over the last 2 speakers."""
+def pair_list(path: Path, speakers: tuple[str, str]) -> Path:
+    a, b = speakers
+    path.write_text("".join(f"{int(x == y)} {x}/vid0/00000.wav {y}/vid1/{u:05d}.wav\n"
+                            for x in (a, b) for y in (a, b) for u in (1, 3)))
+    return path
+
+
+def write_tiny_corpus(base: Path, seed: int = 0) -> tuple[Path, Path, Path]:
+    """6 speakers x 4 utterances (1-2 s tone + noise, 16 kHz); test list over the last 2 speakers, dev over 2 more."""
     rng = np.random.default_rng(seed)
     root = base / "wav"
     for s in range(N_SPEAKERS):
@@ -43,15 +52,11 @@ def write_tiny_corpus(base: Path, seed: int = 0) -> tuple[Path, Path]:
             t = np.arange(int(rng.uniform(1.0, 2.0) * SR)) / SR
             wav = 0.3 * np.sin(2 * np.pi * (150 + 40 * s) * t) + 0.05 * rng.standard_normal(t.size)
             sf.write(path, wav.astype(np.float32), SR, subtype="PCM_16")
-    a, b = EVAL_SPEAKERS
-    trials = base / "trials.txt"
-    trials.write_text("".join(f"{int(x == y)} {x}/vid0/00000.wav {y}/vid1/{u:05d}.wav\n"
-                              for x in (a, b) for y in (a, b) for u in (1, 3)))
-    return root, trials
+    return root, pair_list(base / "trials.txt", TEST_SPEAKERS), pair_list(base / "dev_trials.txt", DEV_SPEAKERS)
 
 
-def prepare(corpus: tuple[Path, Path], out: Path, **kwargs):
-    kwargs = {"rows_per_shard": ROWS_PER_SHARD, "num_workers": 0, "progress": False, **kwargs}
+def prepare(corpus: tuple[Path, Path, Path], out: Path, **kwargs):
+    kwargs = {"rows_per_shard": ROWS_PER_SHARD, "num_workers": 0, "progress": False, "dev_trials": corpus[2], **kwargs}
     return prepare_dataset(corpus[0], corpus[1], out, **kwargs)
 
 
@@ -64,7 +69,7 @@ def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
+def corpus(tmp_path_factory) -> tuple[Path, Path, Path]:
     return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
@@ -89,29 +94,32 @@ def test_round_trip_equals_compute_fbank(corpus, pooled):
     assert read_manifest(out) == manifest
     verify_shards(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "trials.txt"] + [s.file for i in manifest.splits.values() for s in i.shards])
-    for split in ("train", "eval"):
+        ["manifest.json", "trials-dev.txt", "trials-test.txt"]
+        + [s.file for i in manifest.splits.values() for s in i.shards])
+    for split in ("train", "dev", "test"):
         arrays = load_split(out, split)
         assert len(arrays) == manifest.splits[split].rows > 0
         for utt_id, feats in zip(arrays.utt_ids, arrays.features):
             expected = compute_fbank(load_audio(corpus[0] / utt_id)).numpy()
             np.testing.assert_array_equal(feats, expected)
-    assert read_trials(out / "trials.txt") == read_trials(corpus[1])
+    assert read_trials(out / "trials-test.txt") == read_trials(corpus[1])
+    assert read_trials(out / "trials-dev.txt") == read_trials(corpus[2])
+    assert manifest.dev_protocol.source == "file" and manifest.dev_protocol.speakers == 2
     assert manifest.skipped == [] and manifest.source == str(corpus[0].resolve())
 
 
 def test_splits_are_speaker_disjoint(corpus, pooled):
     out, manifest = pooled
-    train, eval_ = load_split(out, "train"), load_split(out, "eval")
-    train_speakers = sorted(f"id{s:05d}" for s in range(N_SPEAKERS) if f"id{s:05d}" not in EVAL_SPEAKERS)
-    assert manifest.speakers == {s: i for i, s in enumerate(train_speakers)}
-    assert set(train.speakers) == set(train_speakers) and set(eval_.speakers) == set(EVAL_SPEAKERS)
+    train, dev, test = (load_split(out, s) for s in ("train", "dev", "test"))
+    assert manifest.speakers == {s: i for i, s in enumerate(TRAIN_SPEAKERS)}
+    assert set(train.speakers) == set(TRAIN_SPEAKERS)
+    assert set(dev.speakers) == set(DEV_SPEAKERS) and set(test.speakers) == set(TEST_SPEAKERS)
     assert train.speaker_index.tolist() == [manifest.speakers[s] for s in train.speakers]
-    assert set(eval_.speaker_index.tolist()) == {-1}
-    named = {u for t in read_trials(corpus[1]) for u in (t.enroll, t.test)}
-    assert set(eval_.utt_ids) == named
-    assert len(train) == len(train_speakers) * UTTS_PER_SPEAKER
-    assert (manifest.splits["train"].num_speakers, manifest.splits["eval"].num_speakers) == (4, 2)
+    assert set(dev.speaker_index.tolist()) == set(test.speaker_index.tolist()) == {-1}
+    for arrays, trials in ((test, corpus[1]), (dev, corpus[2])):
+        assert set(arrays.utt_ids) == {u for t in read_trials(trials) for u in (t.enroll, t.test)}
+    assert len(train) == len(TRAIN_SPEAKERS) * UTTS_PER_SPEAKER
+    assert [manifest.splits[s].num_speakers for s in ("train", "dev", "test")] == [2, 2, 2]
 
 
 def test_train_shards_mix_speakers(corpus, pooled):
@@ -121,9 +129,10 @@ def test_train_shards_mix_speakers(corpus, pooled):
         assert len(set(speakers)) >= 2, f"{entry.file} holds one speaker: {speakers}"
     order = load_split(out, "train").utt_ids
     assert order != sorted(order)
-    train, eval_ = split_corpus(list_utterances(corpus[0]), read_trials(corpus[1]), corpus[1])
-    _, same = plan_shards(train, eval_, FeatureConfig(), ROWS_PER_SHARD, seed=0)
-    _, other = plan_shards(train, eval_, FeatureConfig(), ROWS_PER_SHARD, seed=1)
+    splits = split_corpus(list_utterances(corpus[0]), {"dev": (read_trials(corpus[2]), corpus[2]),
+                                                       "test": (read_trials(corpus[1]), corpus[1])})
+    _, same = plan_shards(splits, FeatureConfig(), ROWS_PER_SHARD, seed=0)
+    _, other = plan_shards(splits, FeatureConfig(), ROWS_PER_SHARD, seed=1)
     assert [u[0] for t in same if t.split == "train" for u in t.utterances] == order
     assert [t.plan for t in same] != [t.plan for t in other]
 
@@ -144,8 +153,8 @@ def test_rerun_rebuilds_only_the_missing_shard(corpus, pooled, tmp_path):
 
 def test_failed_shard_leaves_no_manifest_and_resumes(corpus, pooled, tmp_path):
     out = tmp_path / "data"
-    (out / "train-00002.parquet").mkdir(parents=True)  # its final rename will fail
-    with pytest.raises(PrepareError, match="train-00002.parquet: building the shard failed"):
+    (out / "dev-00000.parquet").mkdir(parents=True)  # its final rename will fail
+    with pytest.raises(PrepareError, match="dev-00000.parquet: building the shard failed"):
         prepare(corpus, out)
     assert not (out / "manifest.json").exists()
     assert sorted(p.name for p in out.glob("*tmp*")) == []
@@ -155,7 +164,7 @@ def test_failed_shard_leaves_no_manifest_and_resumes(corpus, pooled, tmp_path):
         record = json.loads((out / f"{name}.done.json").read_text())
         assert record["entry"]["sha256"] == file_sha256(out / name)
     before = {n: s for n, s in shard_stats(out).items() if n in finished}
-    (out / "train-00002.parquet").rmdir()
+    (out / "dev-00000.parquet").rmdir()
     manifest = prepare(corpus, out)
     assert {n: shard_stats(out)[n] for n in finished} == before
     assert content(manifest) == content(pooled[1])
@@ -166,6 +175,7 @@ def test_killed_prepare_is_resumable(corpus, tmp_path):
     out = tmp_path / "data"
     code = ("from mfcon.data.prepare import prepare_dataset\n"
             f"prepare_dataset({str(corpus[0])!r}, {str(corpus[1])!r}, {str(out)!r}, rows_per_shard=1, "
+            f"dev_trials={str(corpus[2])!r}, "
             "num_workers=0, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
@@ -183,12 +193,12 @@ def test_killed_prepare_is_resumable(corpus, tmp_path):
     before = {n: s for n, s in shard_stats(out).items() if n in kept}
     manifest = prepare(corpus, out, rows_per_shard=1)
     assert {n: shard_stats(out)[n] for n in before} == before
-    assert manifest.splits["train"].rows == 16 and len(manifest.splits["train"].shards) == 16
+    assert manifest.splits["train"].rows == 8 and len(manifest.splits["train"].shards) == 8
     verify_shards(out)
 
 
 def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
-    root, trials = write_tiny_corpus(tmp_path)
+    root, trials, dev_trials = write_tiny_corpus(tmp_path)
     corrupt = root / "id00001" / "vid0" / "00099.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 10)
     short = root / "id00005" / "vid0" / "00099.wav"
@@ -196,14 +206,14 @@ def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
     with trials.open("a") as f:
         f.write("0 id00004/vid0/00000.wav id00005/vid0/00099.wav\n")
     out = tmp_path / "data"
-    manifest = prepare((root, trials), out, num_workers=0)
+    manifest = prepare((root, trials, dev_trials), out, num_workers=0)
     reasons = {s.path: s.reason for s in manifest.skipped}
     assert list(reasons) == sorted([str(corrupt), str(short)])
     assert reasons[str(corrupt)].startswith(f"{corrupt}: cannot decode audio")
     assert reasons[str(short)] == f"{short}: too short (0.200 s < 0.5 s)"
-    assert manifest.splits["train"].rows == 16 and manifest.splits["eval"].rows == 6
+    assert manifest.splits["train"].rows == 8 and manifest.splits["test"].rows == 6
     assert "id00001/vid0/00099.wav" not in load_split(out, "train").utt_ids
-    kept_trials = read_trials(out / "trials.txt")
+    kept_trials = read_trials(out / "trials-test.txt")
     assert len(kept_trials) == 8 and all("00099" not in t.test for t in kept_trials)
 
 
@@ -216,7 +226,7 @@ def test_other_feature_config_is_refused(corpus, pooled, tmp_path):
     assert manifest_hash(out) == digest
     manifest = prepare(corpus, out, feature_cfg=FeatureConfig(num_mel_bins=40), overwrite=True)
     assert manifest.feature_config.num_mel_bins == 40
-    assert load_split(out, "eval").features[0].shape[1] == 40
+    assert load_split(out, "test").features[0].shape[1] == 40
     assert not set(shard_stats(out)) - {s.file for i in manifest.splits.values() for s in i.shards}
 
 
@@ -224,3 +234,42 @@ def test_ray_tasks_match_process_pool(corpus, pooled, ray_local_2cpu, tmp_path):
     manifest = prepare(corpus, tmp_path / "data", num_workers=2)
     assert content(manifest) == content(pooled[1])  # same shards, byte for byte
     verify_shards(tmp_path / "data")
+
+
+def test_held_out_dev_speakers_are_seeded_and_disjoint(corpus, tmp_path):
+    a = prepare(corpus, tmp_path / "a", dev_trials=None, dev_speakers=2, seed=5)
+    b = prepare(corpus, tmp_path / "b", dev_trials=None, dev_speakers=2, seed=5)
+    assert a.dev_protocol.model_dump() == {"source": "held_out_speakers", "speakers": 2, "file": None,
+                                           "trials_per_utt": 3, "seed": 5}
+    dev_trials = read_trials(tmp_path / "a" / "trials-dev.txt")
+    assert dev_trials == read_trials(tmp_path / "b" / "trials-dev.txt")  # same seed, same list
+    dev_speakers = {u.split("/")[0] for t in dev_trials for u in (t.enroll, t.test)}
+    assert len(dev_speakers) == 2 and not dev_speakers & set(TEST_SPEAKERS)
+    assert not dev_speakers & set(a.speakers)  # held out of training
+    labels = [t.label for t in dev_trials]
+    assert labels.count(1) == 2 * 6  # every same-speaker pair of 4 utterances (cap 3 per enrolment not reached)
+    assert labels.count(1) <= labels.count(0) <= labels.count(1) + 2 * UTTS_PER_SPEAKER  # >= 1 per enrolment
+    pairs = [frozenset((t.enroll, t.test)) for t in dev_trials]
+    assert len(pairs) == len(set(pairs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dev_trials": None}, "give exactly one of dev_trials"),
+    ({"dev_speakers": 2}, "give exactly one of dev_trials"),
+    ({"dev_trials": None, "dev_speakers": 3}, "dev_speakers=3: need 2..2"),
+])
+def test_dev_set_must_be_given_once_and_fit(corpus, tmp_path, kwargs, message):
+    from mfcon.data.prepare import SplitError
+
+    with pytest.raises(SplitError, match=message):
+        prepare(corpus, tmp_path / "data", **kwargs)
+    assert not (tmp_path / "data").exists()
+
+
+def test_dev_list_sharing_test_speakers_is_refused(corpus, tmp_path):
+    from mfcon.data.prepare import SplitError
+
+    overlapping = pair_list(tmp_path / "dev.txt", ("id00003", "id00004"))
+    with pytest.raises(SplitError, match=f"{overlapping} and {corpus[1]} share 1 speakers, e.g. id00004"):
+        prepare(corpus, tmp_path / "data", dev_trials=overlapping)
+    assert not (tmp_path / "data").exists()

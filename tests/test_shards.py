@@ -13,6 +13,7 @@ import pytest
 from mfcon.config import FeatureConfig
 from mfcon.data.shards import (
     ROW_GROUP_ROWS,
+    DevProtocol,
     Manifest,
     ManifestError,
     ShardIntegrityError,
@@ -37,22 +38,25 @@ def make_rows(n: int, seed: int = 0, bins: int = 80, speaker_index: int = 0):
 
 
 def make_dataset(tmp_path: Path, bins: int = 80) -> tuple[Manifest, dict[str, list[dict]]]:
-    """Two train shards + one eval shard and their manifest, written with the public API."""
+    """Two train shards, one dev and one test shard and their manifest, written with the public API."""
     rows = {"train-00000.parquet": list(make_rows(70, 1, bins)), "train-00001.parquet": list(make_rows(5, 2, bins)),
-            "eval-00000.parquet": list(make_rows(4, 3, bins, speaker_index=-1))}
+            "dev-00000.parquet": list(make_rows(3, 4, bins, speaker_index=-1)),
+            "test-00000.parquet": list(make_rows(4, 3, bins, speaker_index=-1))}
     entries = {name: write_shard(tmp_path / name, r, num_mel_bins=bins) for name, r in rows.items()}
     splits = {
         split: SplitInfo(shards=[e for n, e in entries.items() if n.startswith(split)],
                          rows=sum(e.rows for n, e in entries.items() if n.startswith(split)), num_speakers=3)
-        for split in ("train", "eval")}
+        for split in ("train", "dev", "test")}
     manifest = Manifest(feature_config=FeatureConfig(num_mel_bins=bins), speakers={f"id{i:05d}": i for i in range(3)},
-                        splits=splits, skipped=[], created_at=datetime.now(timezone.utc).isoformat(),
+                        splits=splits, trials={"dev": "trials-dev.txt", "test": "trials-test.txt"},
+                        dev_protocol=DevProtocol(source="held_out_speakers", speakers=3, trials_per_utt=3, seed=0),
+                        skipped=[], created_at=datetime.now(timezone.utc).isoformat(),
                         source=str(tmp_path))
     write_manifest(tmp_path, manifest)
     return manifest, rows
 
 
-def test_schema_is_version_1(tmp_path):
+def test_shard_schema(tmp_path):
     entry = write_shard(tmp_path / "train-00000.parquet", make_rows(3))
     schema = pq.read_schema(tmp_path / "train-00000.parquet")
     assert schema.field("features").type == pa.list_(pa.list_(pa.float32(), 80))
@@ -75,8 +79,8 @@ def test_round_trip_is_exact_and_zero_copy(tmp_path):
     # views into one Arrow buffer, not copies
     assert not train.features[0].flags.writeable
     assert np.shares_memory(train.features[0].base, train.features[1].base)
-    eval_ = load_split(tmp_path, "eval")
-    assert len(eval_) == 4 and set(eval_.speaker_index.tolist()) == {-1}
+    test = load_split(tmp_path, "test")
+    assert len(test) == 4 and set(test.speaker_index.tolist()) == {-1}
     table = pq.read_table(tmp_path / "train-00000.parquet")
     assert table.column("num_frames").to_pylist() == [r["features"].shape[0] for r in rows["train-00000.parquet"]]
     assert table.num_rows == 70 and pq.ParquetFile(tmp_path / "train-00000.parquet").num_row_groups == 2
@@ -105,8 +109,8 @@ def test_shard_paths_are_absolute_in_manifest_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     paths = shard_paths(tmp_path.name, "train")
     assert paths == [str(tmp_path / "train-00000.parquet"), str(tmp_path / "train-00001.parquet")]
-    with pytest.raises(ValueError, match="no split 'dev'"):
-        shard_paths(tmp_path, "dev")
+    with pytest.raises(ValueError, match="no split 'eval'"):
+        shard_paths(tmp_path, "eval")
 
 
 def test_failing_writer_leaves_no_file(tmp_path):
@@ -126,7 +130,8 @@ def test_failing_writer_keeps_previous_shard(tmp_path):
         write_shard(path, [{"utt_id": "a", "speaker": "s", "speaker_index": 0, "features": np.zeros((3, 7))}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.parquet"]
     verify_shards(tmp_path, Manifest(feature_config=FeatureConfig(), speakers={}, created_at="", source="",
-                                     splits={"train": SplitInfo(shards=[entry], rows=2, num_speakers=1)}))
+                                     splits={"train": SplitInfo(shards=[entry], rows=2, num_speakers=1)},
+                                     trials={}, dev_protocol=DevProtocol(source="file", speakers=0)))
 
 
 def test_verify_names_flipped_byte_and_missing_shard(tmp_path):
@@ -139,8 +144,8 @@ def test_verify_names_flipped_byte_and_missing_shard(tmp_path):
     with pytest.raises(ShardIntegrityError, match="train-00001.parquet: corrupted") as err:
         verify_shards(tmp_path, manifest)
     assert err.value.paths == [str(shard)]
-    (tmp_path / "eval-00000.parquet").unlink()
-    with pytest.raises(ShardIntegrityError, match="eval-00000.parquet: missing") as err:
+    (tmp_path / "test-00000.parquet").unlink()
+    with pytest.raises(ShardIntegrityError, match="test-00000.parquet: missing") as err:
         verify_shards(tmp_path)
     assert len(err.value.paths) == 2
 
@@ -154,8 +159,8 @@ def test_read_manifest_errors_name_the_file(tmp_path):
         read_manifest(tmp_path)
     make_dataset(tmp_path)
     data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, "schema_version": 2}))
-    with pytest.raises(ManifestError, match=f"{path}: schema_version 2, this mfcon reads version 1"):
+    path.write_text(json.dumps({**data, "schema_version": 1}))  # one eval split, no dev/test protocol
+    with pytest.raises(ManifestError, match=f"{path}: schema_version 1, this mfcon reads version 2"):
         read_manifest(tmp_path)
     path.write_text(json.dumps({**data, "speakerz": {}}))
     with pytest.raises(ManifestError, match=f"(?s){path}: invalid.*speakerz"):

@@ -10,21 +10,25 @@ import pyarrow.parquet as pq
 
 from mfcon.data.corpus.voxceleb import read_trials
 from mfcon.data.shards import (
+    EVAL_SPLITS,
     features_from_column,
     load_split,
     read_manifest,
     shard_paths,
+    trials_path,
 )
 from mfcon.scoring import EvalSet
 
 
-def read_eval_set(data_dir: str | Path) -> EvalSet:
-    """The eval split and its trial list, as stored beside the manifest."""
+def read_eval_set(data_dir: str | Path, split: str) -> EvalSet:
+    """The ``dev`` or ``test`` split and its trial list, as stored beside the manifest."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"no trial list for split {split!r}; evaluation splits are {EVAL_SPLITS}")
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    split = load_split(data_dir, "eval")
-    return EvalSet(utt_ids=list(split.utt_ids), features=list(split.features),
-                   trials=read_trials(data_dir / manifest.trials))
+    arrays = load_split(data_dir, split, manifest)
+    return EvalSet(utt_ids=list(arrays.utt_ids), features=list(arrays.features),
+                   trials=read_trials(trials_path(data_dir, split, manifest)))
 
 
 class LocalShardData:
@@ -52,6 +56,6 @@ class LocalShardData:
                 yield feats[j], int(labels[j])
 
     def eval_set(self) -> EvalSet | None:
-        if self._eval is None and "eval" in self.manifest.splits:
-            self._eval = read_eval_set(self.data_dir)
+        if self._eval is None:
+            self._eval = read_eval_set(self.data_dir, "dev")  # training only ever sees dev
         return self._eval

@@ -1,8 +1,15 @@
-"""Corpus (VoxCeleb layout) + trial list -> Parquet fbank shards + manifest, resumable.
+"""Corpus (VoxCeleb layout) + trial lists -> Parquet fbank shards + manifest, resumable.
 
-Splits: ``eval`` = the utterances the trial list names; ``train`` = every
-utterance of the speakers the trial list never mentions, so no evaluation
-speaker is seen in training. The train order is shuffled with ``seed`` before
+Splits, with disjoint speakers:
+
+* ``test``: the utterances the test trial list names (e.g. VoxCeleb1-O). Read
+  only by replication, promotion and final reports, never by a search, so a
+  verdict is not judged on the list its winner was picked on.
+* ``dev``: what a study optimises, what ASHA prunes on and what picks each
+  trial's best checkpoint. Either a given dev trial list, or ``dev_speakers``
+  training speakers held out (seeded) with a generated list
+  (:func:`mfcon.data.corpus.voxceleb.make_trials`).
+* ``train``: every utterance of the remaining speakers. The train order is shuffled with ``seed`` before
 it is cut into shards: every shard mixes speakers, which the speaker-balanced
 streaming batcher needs (it only sees a window of shards at a time).
 
@@ -37,20 +44,24 @@ from mfcon.data.corpus.voxceleb import (
     TrialPair,
     Utterance,
     list_utterances,
+    make_trials,
     read_trials,
     write_trials,
 )
 from mfcon.data.features import compute_fbank
 from mfcon.data.shards import (
+    EVAL_SPLITS,
     MANIFEST_NAME,
     SCHEMA_VERSION,
-    TRIALS_NAME,
+    SPLITS,
+    DevProtocol,
     Manifest,
     ManifestError,
     ShardEntry,
     SkippedAudio,
     SplitInfo,
     read_manifest,
+    trials_name,
     write_manifest,
     write_shard,
 )
@@ -58,7 +69,8 @@ from mfcon.files import atomic_write_text, file_sha256
 
 DONE_SUFFIX = ".done.json"
 PLAN_KEY = "mfcon.plan"
-_OWN_FILE = re.compile(r"^((train|eval)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials\.txt)(\.tmp-\d+)?$")
+_OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials-(dev|test)\.txt)"
+                       r"(\.tmp-\d+)?$")
 
 
 class PrepareError(RuntimeError):
@@ -123,30 +135,64 @@ def _init_worker() -> None:
 
 # ---------------------------------------------------------------- the plan
 
-def split_corpus(utterances: list[Utterance], trials: list[TrialPair], trials_path: str | Path
-                 ) -> tuple[list[Utterance], list[Utterance]]:
-    """(train, eval): eval = utterances named in ``trials`` (sorted); train = speakers never named."""
-    by_id = {u.utt_id: u for u in utterances}
+class SplitError(ValueError):
+    """The trial lists and the corpus do not give disjoint train/dev/test speakers; the message names the file."""
+
+
+def _named(trials: list[TrialPair], by_id: dict[str, Utterance], trials_path: str | Path) -> list[Utterance]:
     named = sorted({t.enroll for t in trials} | {t.test for t in trials})
     missing = [u for u in named if u not in by_id]
     if missing:
-        raise ValueError(f"{trials_path}: {len(missing)} utterances are not in the corpus listing, e.g. {missing[0]}")
-    eval_utts = [by_id[u] for u in named]
-    eval_speakers = {u.speaker for u in eval_utts}
-    train_utts = [u for u in utterances if u.speaker not in eval_speakers]
-    if not train_utts:
-        raise ValueError(f"{trials_path}: the trial list names every speaker of the corpus; no training speakers left")
-    return train_utts, eval_utts
+        raise SplitError(f"{trials_path}: {len(missing)} utterances are not in the corpus listing, e.g. {missing[0]}")
+    return [by_id[u] for u in named]
 
 
-def plan_shards(train: list[Utterance], eval_: list[Utterance], feature_cfg: FeatureConfig,
+def hold_out_dev(utterances: list[Utterance], exclude: set[str], n_speakers: int, trials_per_utt: int,
+                 seed: int) -> list[TrialPair]:
+    """A generated dev list over ``n_speakers`` seeded speakers (with >= 2 utterances) not in ``exclude``."""
+    by_speaker: dict[str, list[str]] = {}
+    for u in utterances:
+        if u.speaker not in exclude:
+            by_speaker.setdefault(u.speaker, []).append(u.utt_id)
+    eligible = sorted(s for s, utts in by_speaker.items() if len(utts) >= 2)
+    if n_speakers < 2 or n_speakers > len(eligible) - 2:
+        raise SplitError(f"dev_speakers={n_speakers}: need 2..{len(eligible) - 2} (the corpus has {len(eligible)} "
+                         "non-test speakers with >= 2 utterances, and training keeps at least 2)")
+    chosen = sorted(np.random.default_rng([seed, 7]).choice(eligible, n_speakers, replace=False).tolist())
+    return make_trials({s: sorted(by_speaker[s]) for s in chosen}, trials_per_utt, seed)
+
+
+def split_corpus(utterances: list[Utterance], lists: dict[str, tuple[list[TrialPair], str | Path]]
+                 ) -> dict[str, list[Utterance]]:
+    """{split: utterances}: dev/test = what their trial lists name, train = the speakers neither names.
+
+    ``lists`` maps ``dev`` and ``test`` to (trials, where they came from, for messages).
+    """
+    by_id = {u.utt_id: u for u in utterances}
+    splits = {name: _named(trials, by_id, source) for name, (trials, source) in lists.items()}
+    speakers = {name: {u.speaker for u in utts} for name, utts in splits.items()}
+    shared = speakers["dev"] & speakers["test"]
+    if shared:
+        raise SplitError(f"{lists['dev'][1]} and {lists['test'][1]} share {len(shared)} speakers, e.g. "
+                         f"{sorted(shared)[0]}: dev and test speakers must be disjoint")
+    held_out = speakers["dev"] | speakers["test"]
+    splits["train"] = [u for u in utterances if u.speaker not in held_out]
+    if len({u.speaker for u in splits["train"]}) < 2:
+        raise SplitError(f"{lists['test'][1]}: the dev and test lists leave fewer than 2 training speakers")
+    return splits
+
+
+def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig,
                 rows_per_shard: int, seed: int) -> tuple[dict[str, int], list[ShardTask]]:
     """Deterministic shard plan: (speaker -> index over train speakers, tasks in order)."""
+    train = splits["train"]
     speakers = {s: i for i, s in enumerate(sorted({u.speaker for u in train}))}
     order = np.random.default_rng(seed).permutation(len(train))
-    splits = {"train": [train[i] for i in order], "eval": sorted(eval_, key=lambda u: u.utt_id)}
+    ordered = {"train": [train[i] for i in order],
+               **{name: sorted(splits[name], key=lambda u: u.utt_id) for name in EVAL_SPLITS}}
     tasks = []
-    for split, utts in splits.items():
+    for split in SPLITS:
+        utts = ordered[split]
         for n, start in enumerate(range(0, len(utts), rows_per_shard)):
             rows = tuple((u.utt_id, u.speaker, speakers[u.speaker] if split == "train" else -1, str(u.path))
                          for u in utts[start:start + rows_per_shard])
@@ -315,26 +361,45 @@ def _run_ray(out: Path, tasks: list[ShardTask], bar: tqdm) -> list[dict[str, Any
 
 # ---------------------------------------------------------------- the entry point
 
-def prepare_dataset(corpus_root: str | Path, trials_path: str | Path, out_dir: str | Path,
+def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: str | Path, *,
+                    dev_trials: str | Path | None = None, dev_speakers: int | None = None, dev_trials_per_utt: int = 3,
                     feature_cfg: FeatureConfig = FeatureConfig(), rows_per_shard: int = 256, num_workers: int = 2,
                     seed: int = 0, progress: bool = True, overwrite: bool = False) -> Manifest:
-    """Prepare shards for ``corpus_root`` + ``trials_path`` in ``out_dir``; return the manifest.
+    """Prepare train/dev/test shards for ``corpus_root`` in ``out_dir``; return the manifest.
 
-    Resumable: shards finished by an earlier (possibly interrupted) run with the
-    same inputs are kept. ``num_workers=0`` builds in this process; the process
-    pool starts workers with forkserver/spawn, so a calling script needs the
-    ``if __name__ == "__main__":`` guard. Refuses an ``out_dir`` whose manifest
-    used another feature config unless ``overwrite`` (then every shard is rebuilt).
+    The dev set is ``dev_trials`` (a trial list over speakers disjoint from the
+    test list's) or ``dev_speakers`` training speakers held out with a generated
+    list; exactly one must be given. Resumable: shards finished by an earlier
+    (possibly interrupted) run with the same inputs are kept. ``num_workers=0``
+    builds in this process; the process pool starts workers with
+    forkserver/spawn, so a calling script needs the ``if __name__ == "__main__":``
+    guard. Refuses an ``out_dir`` whose manifest used another feature config
+    unless ``overwrite`` (then every shard is rebuilt).
 
-    >>> m = prepare_dataset("vox/wav", "vox/trials.txt", "data/vox", num_workers=2)  # doctest: +SKIP
+    >>> m = prepare_dataset("vox/wav", "vox/veri_test2.txt", "data/vox", dev_speakers=40)  # doctest: +SKIP
     >>> m.splits["train"].rows, len(m.speakers)  # doctest: +SKIP
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if (dev_trials is None) == (dev_speakers is None):
+        raise SplitError("give exactly one of dev_trials (a dev trial list) or dev_speakers (hold out N training "
+                         "speakers): a study selects on dev, and test stays unseen until the verdict")
     root, out = Path(corpus_root).resolve(), Path(out_dir)
-    trials = read_trials(trials_path, root=root)
-    train, eval_ = split_corpus(list_utterances(root), trials, trials_path)
-    speakers, tasks = plan_shards(train, eval_, feature_cfg, rows_per_shard, seed)
+    utterances = list_utterances(root)
+    test = read_trials(test_trials, root=root)
+    if dev_trials is not None:
+        dev, dev_source = read_trials(dev_trials, root=root), str(dev_trials)
+    else:
+        named = {u for t in test for u in (t.enroll, t.test)}
+        test_speakers = {u.speaker for u in utterances if u.utt_id in named}
+        dev = hold_out_dev(utterances, test_speakers, dev_speakers, dev_trials_per_utt, seed)
+        dev_source = f"dev_speakers={dev_speakers}"
+    splits = split_corpus(utterances, {"dev": (dev, dev_source), "test": (test, test_trials)})
+    protocol = (DevProtocol(source="file", speakers=len({u.speaker for u in splits["dev"]}), file=str(dev_trials))
+                if dev_trials is not None else
+                DevProtocol(source="held_out_speakers", speakers=dev_speakers, trials_per_utt=dev_trials_per_utt,
+                            seed=seed))
+    speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed)
     out.mkdir(parents=True, exist_ok=True)
     _adopt_manifest(out, feature_cfg, tasks, overwrite)
 
@@ -345,19 +410,20 @@ def prepare_dataset(corpus_root: str | Path, trials_path: str | Path, out_dir: s
         for record in _run_tasks(out, todo, num_workers, bar):
             records[record["entry"]["file"]] = record
 
-    manifest = _assemble(root, feature_cfg, speakers, tasks, records)
+    manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol)
     lost = _skipped_utt_ids(tasks, records)
-    write_trials(out / TRIALS_NAME, [t for t in trials if t.enroll not in lost and t.test not in lost])  # atomic
+    for split, trials in (("dev", dev), ("test", test)):  # atomic
+        write_trials(out / trials_name(split), [t for t in trials if t.enroll not in lost and t.test not in lost])
     write_manifest(out, manifest)
     _clean(out, manifest)
     return manifest
 
 
 def _assemble(root: Path, cfg: FeatureConfig, speakers: dict[str, int], tasks: list[ShardTask],
-              records: dict[str, dict[str, Any]]) -> Manifest:
+              records: dict[str, dict[str, Any]], protocol: DevProtocol) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     skipped: list[SkippedAudio] = []
-    for split in ("train", "eval"):
+    for split in SPLITS:
         entries, present = [], set()
         for task in (t for t in tasks if t.split == split):
             record = records[task.file]
@@ -367,7 +433,8 @@ def _assemble(root: Path, cfg: FeatureConfig, speakers: dict[str, int], tasks: l
             present |= {speaker for _, speaker, _, path in task.utterances if path not in lost}
         splits[split] = SplitInfo(shards=entries, rows=sum(e.rows for e in entries), num_speakers=len(present))
     return Manifest(schema_version=SCHEMA_VERSION, feature_config=cfg, speakers=speakers, splits=splits,
-                    trials=TRIALS_NAME, skipped=sorted(skipped, key=lambda s: s.path),
+                    trials={split: trials_name(split) for split in EVAL_SPLITS}, dev_protocol=protocol,
+                    skipped=sorted(skipped, key=lambda s: s.path),
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(root))
 
 
@@ -379,7 +446,7 @@ def _skipped_utt_ids(tasks: list[ShardTask], records: dict[str, dict[str, Any]])
 
 def _clean(out: Path, manifest: Manifest) -> None:
     """Remove sidecars, temp files and shards of older plans (only names this module writes)."""
-    keep = {MANIFEST_NAME, TRIALS_NAME} | {s.file for info in manifest.splits.values() for s in info.shards}
+    keep = {MANIFEST_NAME, *manifest.trials.values()} | {s.file for info in manifest.splits.values() for s in info.shards}
     for path in out.iterdir():
         if path.name not in keep and _OWN_FILE.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)

@@ -1,10 +1,15 @@
-"""Parquet feature shards + ``manifest.json`` (schema version 1).
+"""Parquet feature shards + ``manifest.json`` (schema version 2).
 
 Layout of a prepared data folder (see docs/ARCHITECTURE.md)::
 
     <data>/manifest.json            written last, atomically
-    <data>/trials.txt               normalised trial list (utt ids)
+    <data>/trials-dev.txt           normalised dev trial list (utt ids): what studies select on
+    <data>/trials-test.txt          normalised test trial list: read only by replication, promotion, reports
     <data>/<split>-NNNNN.parquet    utt_id, speaker, speaker_index, num_frames, features
+
+Splits ``train``, ``dev`` and ``test`` hold disjoint speakers. Version 2 added
+the dev/test protocol; a version-1 folder (one ``eval`` split) must be prepared
+again, since nothing in it says which speakers a search may look at.
 
 ``features`` is ``list<fixed_size_list<float32, F>>`` (frames x bins): the
 frames of one utterance are one contiguous float32 buffer, so readers get
@@ -31,10 +36,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mfcon.config import FeatureConfig, format_validation_error
 from mfcon.files import atomic_path, atomic_write_text, file_sha256
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-TRIALS_NAME = "trials.txt"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "dev", "test")
+EVAL_SPLITS = ("dev", "test")  # splits with a trial list; dev is what a search sees, test what verdicts use
+
+
+def trials_name(split: str) -> str:
+    return f"trials-{split}.txt"
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: the unit Ray Data reads and shuffles
 
 
@@ -71,12 +80,23 @@ class SkippedAudio(_Model):
     reason: str
 
 
+class DevProtocol(_Model):
+    """How the dev trial list was made: given as a file, or generated over held-out training speakers."""
+
+    source: Literal["file", "held_out_speakers"]
+    speakers: int  # number of dev speakers
+    file: str | None = None  # the list given, for source == "file"
+    trials_per_utt: int | None = None  # target trials per enrolment utterance, for generated lists
+    seed: int | None = None
+
+
 class Manifest(_Model):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     feature_config: FeatureConfig
     speakers: dict[str, int]  # train speaker -> class index
-    splits: dict[str, SplitInfo]
-    trials: str = TRIALS_NAME
+    splits: dict[str, SplitInfo]  # train, dev, test
+    trials: dict[str, str]  # dev|test -> normalised trial list beside the manifest
+    dev_protocol: DevProtocol
     skipped: list[SkippedAudio] = []
     created_at: str
     source: str  # corpus root the shards were computed from
@@ -194,8 +214,8 @@ def read_manifest(data_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path}: top level must be an object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ManifestError(f"{path}: schema_version {version!r}, this mfcon reads version {SCHEMA_VERSION}; "
-                            "prepare the data again")
+        raise ManifestError(f"{path}: schema_version {version!r}, this mfcon reads version {SCHEMA_VERSION} "
+                            "(separate dev and test trial lists); prepare the data again")
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
@@ -208,6 +228,15 @@ def manifest_hash(data_dir: str | Path) -> str:
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)")
     return file_sha256(path)
+
+
+def trials_path(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> Path:
+    """The normalised trial list of ``dev`` or ``test``."""
+    manifest = manifest or read_manifest(data_dir)
+    if split not in manifest.trials:
+        raise ValueError(f"{Path(data_dir) / MANIFEST_NAME}: no trial list for split {split!r} "
+                         f"(has {sorted(manifest.trials)})")
+    return Path(data_dir) / manifest.trials[split]
 
 
 def split_info(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitInfo:

@@ -24,8 +24,8 @@ class StudyRuntime:
 
     space: SearchSpace
     train_shards: tuple[str, ...]
-    eval_shards: tuple[str, ...]
-    trials: tuple[TrialPair, ...]
+    dev_shards: tuple[str, ...]  # what trials are scored on; the test split never reaches a search
+    dev_trials: tuple[TrialPair, ...]
     num_classes: int
     train_rows: int
     frame_shift_ms: float
@@ -45,7 +45,7 @@ def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
     res = runtime.space.resources
     trial_id = ray.tune.get_context().get_trial_id()
     gpu = use_gpu(res.use_gpu)
-    datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.eval_shards)}
+    datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.dev_shards)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -53,7 +53,7 @@ def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
             "num_classes": runtime.num_classes,
             "train_rows": runtime.train_rows,
             "frame_shift_ms": runtime.frame_shift_ms,
-            "trials": list(runtime.trials),
+            "trials": list(runtime.dev_trials),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
             "trial_started_at": time.time(),  # start-up overhead = first training step - this
         },

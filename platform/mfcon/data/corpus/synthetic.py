@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from mfcon.data.corpus.espeak import Espeak, Formant, VoiceVariant
-from mfcon.data.corpus.voxceleb import TrialPair, write_trials
+from mfcon.data.corpus.voxceleb import make_trials, write_trials
 from mfcon.files import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1  # bump when the synthesis changes: old corpora are then refused, not mixed
@@ -212,26 +212,6 @@ def synthesize_utterance(tts: Espeak, voice: SpeakerVoice, plan: _Plan, spec: Co
     snr_db = rng.uniform(25, 45)
     wav += rng.standard_normal(len(wav)) * np.sqrt((wav**2).mean()) * 10 ** (-snr_db / 20)
     return np.clip(wav, -1.0, 32767 / 32768)
-
-
-def make_trials(test_utts: dict[str, list[str]], per_utt: int, seed: int) -> list[TrialPair]:
-    """Each test utterance enrols up to ``per_utt`` target trials and as many non-targets (at least one)."""
-    rng = np.random.default_rng([seed, 4])
-    speakers = sorted(test_utts)
-    seen: set[frozenset[str]] = set()
-    trials: list[TrialPair] = []
-    for spk in speakers:
-        others = [u for s in speakers if s != spk for u in test_utts[s]]
-        for enroll in test_utts[spk]:
-            same = [u for u in test_utts[spk] if u != enroll and frozenset((enroll, u)) not in seen]
-            targets = [same[i] for i in rng.permutation(len(same))[:per_utt]]
-            candidates = [others[i] for i in rng.permutation(len(others))]
-            nontargets = [u for u in candidates if frozenset((enroll, u)) not in seen][: max(len(targets), 1)]
-            for label, tests in ((1, targets), (0, nontargets)):
-                for test in tests:
-                    seen.add(frozenset((enroll, test)))
-                    trials.append(TrialPair(label, enroll, test))
-    return trials
 
 
 def _write_info(layout: CorpusLayout, spec: CorpusSpec, voices: list[SpeakerVoice], plans: list[_Plan],

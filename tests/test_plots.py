@@ -18,6 +18,9 @@ import pytest
 from mfcon import plots
 from mfcon.metrics import det_curve, equal_error_rate
 from mfcon.report import ReportError, write_report
+from mfcon.study.optuna_rebuild import build_optuna_study, load_space
+from mfcon.study.plot_logging import log_study_plots, log_trial_plots
+from mfcon.tracking import StudyNotFound, load_study
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import DEMO_TRIALS, TrialSpec, gaussian_scores, write_study_store
 
@@ -41,7 +44,7 @@ def store(tmp_path_factory):
     write_study_store(workdir, "one-complete", ONE_COMPLETE)
     scores, labels = gaussian_scores(600, seed=1)
     best_run = main.trial_runs[main.best_trial().trial_id]
-    plots.log_trial_plots(MlflowClient(main.tracking_uri), best_run, scores, labels)
+    log_trial_plots(MlflowClient(main.tracking_uri), best_run, scores, labels)
     return main
 
 
@@ -103,8 +106,8 @@ def test_figures_leave_no_pyplot_state(store, client):
     scores, labels = gaussian_scores(100)
     plots.det_plot(scores, labels)
     plots.score_histogram(scores, labels)
-    record = plots.load_study(client, store.study)
-    figures = plots.study_figures(plots.build_optuna_study(record, plots.load_space(record)))
+    record = load_study(client, store.study)
+    figures = plots.study_figures(build_optuna_study(record, load_space(record)))
     assert all(plots.figure_png(f).startswith(PNG_MAGIC) for f in figures.values())
     _no_new_pyplot_state(figs, rc)
 
@@ -121,9 +124,9 @@ def test_study_rebuilt_from_child_runs(store, client):
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import TrialState
 
-    record = plots.load_study(client, store.study)
+    record = load_study(client, store.study)
     assert record.space_file == "demo.yaml" and record.space_yaml
-    study = plots.build_optuna_study(record, plots.load_space(record))
+    study = build_optuna_study(record, load_space(record))
     by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
     assert set(by_id) == {t.trial_id for t in store.trials}
     expected_state = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
@@ -141,8 +144,8 @@ def test_study_rebuilt_from_child_runs(store, client):
 
 
 def test_distributions_inferred_without_the_space(store, client):
-    record = plots.load_study(client, store.study)
-    study = plots.build_optuna_study(record, space=None)
+    record = load_study(client, store.study)
+    study = build_optuna_study(record, space=None)
     dists = study.trials[0].distributions
     assert set(dists) == set(DEMO_TRIALS[0].sampled)
     weights = [t.sampled["loss.mfcon_weight"] for t in DEMO_TRIALS]
@@ -155,7 +158,7 @@ def test_distributions_inferred_without_the_space(store, client):
 # ---------------------------------------------------------------- study plots on the parent run
 
 def test_log_study_plots_on_parent_run(store, client):
-    logged = plots.log_study_plots(store.tracking_uri, store.study)
+    logged = log_study_plots(store.tracking_uri, store.study)
     assert logged == {name: f"plots/{name}.png" for name in plots.STUDY_PLOTS}
     on_run = sorted(f.path for f in client.list_artifacts(store.parent_run_id, "plots"))
     assert on_run == sorted(logged.values())
@@ -166,16 +169,16 @@ def test_log_study_plots_on_parent_run(store, client):
 
 
 def test_importances_need_two_completed_trials(store, client):
-    record = plots.load_study(client, "one-complete")
-    figures = plots.study_figures(plots.build_optuna_study(record, plots.load_space(record)))
+    record = load_study(client, "one-complete")
+    figures = plots.study_figures(build_optuna_study(record, load_space(record)))
     texts = [t.get_text() for t in figures["param_importances"].axes[0].texts]
     assert any("needs >= 2 completed trials (have 1)" in t for t in texts)
     assert figures["slice"].axes and figures["optimization_history"].axes[0].collections  # real plots
 
 
 def test_unknown_study_names_the_store(client, store):
-    with pytest.raises(plots.StudyNotFound, match="no-such-study"):
-        plots.load_study(client, "no-such-study")
+    with pytest.raises(StudyNotFound, match="no-such-study"):
+        load_study(client, "no-such-study")
 
 
 # ---------------------------------------------------------------- report

@@ -20,19 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mfcon.files import atomic_write_bytes
-from mfcon.plots import (
+from mfcon.plots import TRIAL_PLOTS, figure_png, study_figures
+from mfcon.study.optuna_rebuild import build_optuna_study, load_space
+from mfcon.tracking import (
     PLOTS_DIR,
-    TRIAL_PLOTS,
     StudyNotFound,
     StudyRecord,
     TrialRecord,
-    build_optuna_study,
-    figure_png,
-    load_space,
     load_study,
-    study_figures,
+    no_artifact_progress_bars,
 )
-from mfcon.tracking import no_artifact_progress_bars
 
 FORMATS = ("html", "md")
 PLOT_TITLES = {"optimization_history": "Optimization history", "param_importances": "Parameter importances",

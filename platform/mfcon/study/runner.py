@@ -186,7 +186,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
 
 def _log_study_plots(uri: str, study: str) -> None:
     """Optuna history, importances and lambda/tau/block slices on the parent run."""
-    from mfcon.plots import log_study_plots
+    from mfcon.study.plot_logging import log_study_plots
 
     try:
         log_study_plots(uri, study)

@@ -1,4 +1,4 @@
-"""MLflow at the edge: tracking URI resolution, the study's parent run, a child run per trial.
+"""The writers: the study's parent run and a child run per trial.
 
 Trial runs are written by a Tune callback on the driver, not by workers: the
 driver sees every trial, including ones ASHA stopped or that crashed, so every
@@ -8,100 +8,28 @@ to the runs it already has instead of duplicating them.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
+from mfcon.tracking.store import (
+    ROLE_TAG,
+    SPACE_DIR,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    artifact_root_for,
+    code_version,
+    ensure_experiment,
+    find_runs,
+)
+
 TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "eer", "min_dcf", "min_dcf_005", "lr", "startup_seconds",
                  "train_seconds")
-
-
-@contextlib.contextmanager
-def no_artifact_progress_bars() -> Iterator[None]:
-    """MLflow draws a tqdm bar per artifact upload/download; studies, reports and the CLI do not want them."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be reached; raised before any training starts."""
-
-
-def default_tracking_uri(workdir: str | Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(explicit: str | None, workdir: str | Path) -> str:
-    """--tracking-uri, then MLFLOW_TRACKING_URI, then an embedded SQLite store in the workdir."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast: a server that does not answer, or a store that cannot be opened, stops the study here."""
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                if resp.status != 200:
-                    raise TrackingUnavailable(f"MLflow tracking server {uri} answered {resp.status} on /health")
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); "
-                                      "start it, or drop --tracking-uri to use the embedded SQLite store") from None
-        return
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:
-        raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be opened: {e}") from None
-
-
-def artifact_root_for(uri: str, workdir: str | Path) -> str | None:
-    """Embedded stores keep artifacts beside the database; servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    location = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
-
-
-def code_version() -> str:
-    """Git commit of the working tree when there is one, else the package version."""
-    from mfcon import __version__
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -113,11 +41,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return client.search_runs([experiment_id], filter_string=query, max_results=1000)
 
 
 class StudyTracker:
@@ -147,7 +70,7 @@ class StudyTracker:
         params = [Param(f"base.{k}", str(v)[:6000]) for k, v in flatten(base_params).items() if f"base.{k}" not in existing]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.parent_run_id, params=params[i : i + 100])
-        self.client.log_artifact(self.parent_run_id, str(space_file), artifact_path="search_space")
+        self.client.log_artifact(self.parent_run_id, str(space_file), artifact_path=SPACE_DIR)
 
     def log_best(self, trial_id: str, metrics: dict[str, float], metric: str, step: int) -> None:
         self.client.set_tag(self.parent_run_id, "best_trial", trial_id)

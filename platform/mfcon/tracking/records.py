@@ -1,0 +1,131 @@
+"""The readers: a study as it stands in MLflow, read back from the runs ``tracking.runs`` writes.
+
+Reads only the store, never Ray or the work dir, so the report and the Optuna
+rebuild work for a finished, interrupted or still-running study in any tracking
+store. The run layout is docs/ARCHITECTURE.md, "Study outputs".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mfcon.tracking.store import (
+    ROLE_TAG,
+    SPACE_DIR,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    find_runs,
+    no_artifact_progress_bars,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One child run of a study, as the report and the Optuna rebuild need it."""
+
+    trial_id: str
+    run_id: str
+    run_name: str
+    state: str  # completed | pruned | failed | running
+    params: dict[str, str]
+    eer: dict[int, float]  # epoch -> eer (percent)
+    min_dcf: dict[int, float]  # epoch -> min_dcf
+    epochs_run: int
+    start_time: int  # ms
+
+    @property
+    def best_epoch(self) -> int | None:
+        return min(self.eer, key=lambda e: (self.eer[e], e)) if self.eer else None
+
+    @property
+    def best_eer(self) -> float | None:
+        return self.eer[self.best_epoch] if self.eer else None
+
+    @property
+    def best_min_dcf(self) -> float | None:
+        """min_dcf at the epoch of the best eer (the epoch whose checkpoint the trial keeps)."""
+        return self.min_dcf.get(self.best_epoch) if self.eer else None
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    name: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str]
+    space_yaml: str | None
+    space_file: str | None
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    def ranked(self) -> list[TrialRecord]:
+        """Trials by best eer (those without one last), ties by trial id."""
+        return sorted(self.trials, key=lambda t: (t.best_eer is None, t.best_eer or 0.0, t.trial_id))
+
+    @property
+    def best(self) -> TrialRecord | None:
+        ranked = [t for t in self.ranked() if t.best_eer is not None and t.state != "failed"]
+        return ranked[0] if ranked else None
+
+    def states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials:
+            out[t.state] = out.get(t.state, 0) + 1
+        return out
+
+
+class StudyNotFound(ValueError):
+    """No MLflow experiment (or no study run) of that name in the tracking store."""
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {int(m.step): float(m.value) for m in client.get_metric_history(run_id, key) if math.isfinite(m.value)}
+
+
+def _trial_record(client, run) -> TrialRecord:
+    run_id = run.info.run_id
+    eer, dcf = _history(client, run_id, "eer"), _history(client, run_id, "min_dcf")
+    epochs = max([*eer, *_history(client, run_id, "train_loss"), 0])
+    return TrialRecord(trial_id=run.data.tags.get(TRIAL_TAG, run.info.run_name or run_id),
+                       run_id=run_id, run_name=run.info.run_name or "", state=run.data.tags.get(STATE_TAG, "running"),
+                       params=dict(run.data.params), eer=eer, min_dcf=dcf, epochs_run=epochs,
+                       start_time=int(run.info.start_time or 0))
+
+
+def _space_artifact(client, run_id: str) -> tuple[str | None, str | None]:
+    """(YAML text, file name) of the study's ``search_space/`` artifact, if it has one."""
+    try:
+        files = [f.path for f in client.list_artifacts(run_id, SPACE_DIR) if f.path.endswith((".yaml", ".yml"))]
+        if not files:
+            return None, None
+        with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+            local = client.download_artifacts(run_id, files[0], tmp)
+            return Path(local).read_text(), Path(files[0]).name
+    except Exception as e:  # an unreadable artifact store must not stop a report
+        logger.warning("cannot read %s/ of run %s: %s", SPACE_DIR, run_id, e)
+        return None, None
+
+
+def load_study(client, study_name: str) -> StudyRecord:
+    """The parent run and every trial run of a study, trials in start order."""
+    exp = client.get_experiment_by_name(study_name)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=50))
+        raise StudyNotFound(f"no study {study_name!r} in the tracking store; experiments there: {names}")
+    parents = find_runs(client, exp.experiment_id, **{STUDY_TAG: study_name, ROLE_TAG: "study"})
+    if not parents:
+        raise StudyNotFound(f"experiment {study_name!r} has no study run (tag {ROLE_TAG}=study): not an mfcon study")
+    parent = parents[0]
+    children = find_runs(client, exp.experiment_id, **{MLFLOW_PARENT_RUN_ID: parent.info.run_id})
+    trials = sorted((_trial_record(client, r) for r in children), key=lambda t: (t.start_time, t.trial_id))
+    space_yaml, space_file = _space_artifact(client, parent.info.run_id)
+    return StudyRecord(study_name, exp.experiment_id, parent.info.run_id, dict(parent.data.tags),
+                       space_yaml, space_file, trials)

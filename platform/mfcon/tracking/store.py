@@ -1,0 +1,105 @@
+"""The tracking store and its layout: URI resolution, fail-fast checks, experiments, run lookup.
+
+Tag names and artifact folders are defined here once, because both the writers
+(``tracking.runs``) and the readers (``tracking.records``) depend on them; the
+layout itself is described in docs/ARCHITECTURE.md, "Study outputs".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from mlflow.tracking import MlflowClient
+
+STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
+PLOTS_DIR = "plots"  # artifact folder on trial and study runs
+SPACE_DIR = "search_space"  # artifact folder of the study's search-space YAML on the parent run
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow draws a tqdm bar per artifact upload/download; studies, reports and the CLI do not want them."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; raised before any training starts."""
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(explicit: str | None, workdir: str | Path) -> str:
+    """--tracking-uri, then MLFLOW_TRACKING_URI, then an embedded SQLite store in the workdir."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast: a server that does not answer, or a store that cannot be opened, stops the study here."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingUnavailable(f"MLflow tracking server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); "
+                                      "start it, or drop --tracking-uri to use the embedded SQLite store") from None
+        return
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be opened: {e}") from None
+
+
+def artifact_root_for(uri: str, workdir: str | Path) -> str | None:
+    """Embedded stores keep artifacts beside the database; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def code_version() -> str:
+    """Git commit of the working tree when there is one, else the package version."""
+    from mfcon import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([experiment_id], filter_string=query, max_results=1000)

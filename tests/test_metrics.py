@@ -10,6 +10,7 @@ from mfcon.metrics import (
     BootstrapResult,
     _System,
     bootstrap_eer_difference,
+    bootstrap_seeded_eer_difference,
     cosine_scores,
     det_curve,
     equal_error_rate,
@@ -298,3 +299,30 @@ def test_cosine_scores_reject_bad_input():
         cosine_scores(np.ones((3, 4)), np.ones((2, 4)))
     with pytest.raises(ValueError, match="zero-norm"):
         cosine_scores(np.zeros((1, 4)), np.ones((1, 4)))
+
+
+def test_seeded_bootstrap_reduces_to_paired_with_one_seed():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 400)
+    groups = rng.integers(0, 20, 400)
+    a, b = labels + rng.normal(0, 1.0, 400), labels + rng.normal(0, 1.2, 400)
+    one = bootstrap_eer_difference(a, b, labels, groups, n_boot=300, seed=4)
+    seeded = bootstrap_seeded_eer_difference([a], [b], labels, groups, n_boot=300, seed=4)
+    assert seeded == one
+
+
+def test_seeded_bootstrap_estimate_is_the_difference_of_seed_means_and_widens_with_seed_spread():
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 2, 600)
+    groups = rng.integers(0, 30, 600)
+    noise = [rng.normal(0, 1.0, 600) for _ in range(6)]
+    tight_a = [labels + n for n in noise[:3]]
+    b = [labels + 1.05 * n for n in noise[3:]]
+    spread_a = [labels * k + n for k, n in zip((0.4, 1.0, 1.8), noise[:3])]  # seeds of very different quality
+    r = bootstrap_seeded_eer_difference(tight_a, b, labels, groups, n_boot=400, seed=0)
+    expected = np.mean([equal_error_rate(x, labels)[0] for x in tight_a]) - np.mean(
+        [equal_error_rate(x, labels)[0] for x in b])
+    assert r.estimate == pytest.approx(expected)
+    assert r.low <= r.estimate <= r.high
+    wide = bootstrap_seeded_eer_difference(spread_a, b, labels, groups, n_boot=400, seed=0)
+    assert (wide.high - wide.low) > 1.5 * (r.high - r.low)

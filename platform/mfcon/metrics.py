@@ -220,27 +220,80 @@ def bootstrap_eer_difference(
     b, _ = _check_trials(scores_b, labels)
     if a.size != b.size:
         raise ValueError(f"scores_a and scores_b differ in length ({a.size} vs {b.size})")
-    units = _unit_ids(groups, a.size)
+    diffs = _bootstrap_diffs([a], [b], lab, groups, n_boot, seed)
+    estimate = equal_error_rate(a, lab)[0] - equal_error_rate(b, lab)[0]
+    return _percentile_ci(diffs, float(estimate), confidence)
+
+
+def bootstrap_seeded_eer_difference(
+    scores_a, scores_b, labels, groups=None, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> BootstrapResult:
+    """Mean EER over A's training seeds minus mean over B's, with a CI that resamples speakers *and* seeds.
+
+    ``scores_a`` (S_a, N) and ``scores_b`` (S_b, N) hold one row of trial scores
+    per independently trained model (seed) of each configuration. A seed-to-seed
+    spread is part of the uncertainty of "configuration A beats B": each
+    resample draws the trial clusters once (shared by every model, so trial
+    difficulty cancels) and, independently for A and B, S seeds with
+    replacement. With one seed each it is the paired cluster bootstrap of
+    :func:`bootstrap_eer_difference`, draw for draw.
+
+    >>> r = bootstrap_seeded_eer_difference([[0.1, 0.4, 0.35, 0.8]], [[0.1, 0.3, 0.35, 0.8]], [0, 0, 1, 1], n_boot=50)
+    >>> r.estimate
+    0.5
+    """
+    _check_bootstrap_args(n_boot, confidence)
+    rows_a, rows_b = np.atleast_2d(np.asarray(scores_a, dtype=np.float64)), np.atleast_2d(
+        np.asarray(scores_b, dtype=np.float64))
+    if rows_a.ndim != 2 or rows_b.ndim != 2 or rows_a.shape[1] != rows_b.shape[1]:
+        raise ValueError(f"scores must be (seeds, trials) with the same trials, got {rows_a.shape} and {rows_b.shape}")
+    checked_a = [_check_trials(r, labels)[0] for r in rows_a]
+    checked_b = [_check_trials(r, labels)[0] for r in rows_b]
+    lab = _check_trials(rows_a[0], labels)[1]
+    diffs = _bootstrap_diffs(checked_a, checked_b, lab, groups, n_boot, seed)
+    estimate = (np.mean([equal_error_rate(x, lab)[0] for x in checked_a])
+                - np.mean([equal_error_rate(x, lab)[0] for x in checked_b]))
+    return _percentile_ci(diffs, float(estimate), confidence)
+
+
+def _bootstrap_diffs(rows_a: list[np.ndarray], rows_b: list[np.ndarray], lab: np.ndarray, groups, n_boot: int,
+                     seed: int) -> np.ndarray:
+    """(n_boot,) resampled mean-EER(A) - mean-EER(B); seeds are resampled only when there are several."""
+    units = _unit_ids(groups, lab.size)
     n_units = int(units.max()) + 1
     # resampled weight totals are at most U * (largest unit size): int32 when safe
     dtype = np.int32 if n_units * np.bincount(units).max() < 2**31 else np.int64
-    sys_a, sys_b = _System(a, lab, units), _System(b, lab, units)
+    systems_a = [_System(x, lab, units) for x in rows_a]
+    systems_b = [_System(x, lab, units) for x in rows_b]
     rng = np.random.default_rng(seed)
-    batch = max(1, _BATCH_ELEMENTS // a.size)
+    batch = max(1, _BATCH_ELEMENTS // (lab.size * max(1, (len(rows_a) + len(rows_b)) // 2)))
     diffs, draws = [], 0
     while sum(map(len, diffs)) < n_boot:
         if draws >= _MAX_DRAW_FACTOR * n_boot:
             raise ValueError("too few bootstrap resamples contain both targets and non-targets")
         counts = _draw_counts(rng, n_units, batch, dtype)
         draws += batch
-        eer_a, ok = sys_a.eers(counts)
-        eer_b, _ = sys_b.eers(counts)
-        diffs.append((eer_a - eer_b)[ok])
-    diffs = np.concatenate(diffs)[:n_boot]
+        results_a = [s.eers(counts) for s in systems_a]
+        ok = results_a[0][1]  # a resample lacks a class for every system alike
+        eers_a = np.stack([eer for eer, _ in results_a], axis=1)  # (batch, S_a)
+        eers_b = np.stack([s.eers(counts)[0] for s in systems_b], axis=1)  # (batch, S_b)
+        diffs.append((_seed_mean(eers_a, rng) - _seed_mean(eers_b, rng))[ok])
+    return np.concatenate(diffs)[:n_boot]
+
+
+def _seed_mean(eers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(batch, S) -> (batch,): mean over S seeds drawn with replacement (no draw for a single seed)."""
+    n = eers.shape[1]
+    if n == 1:
+        return eers[:, 0]
+    picks = rng.integers(0, n, size=eers.shape)
+    return np.take_along_axis(eers, picks, axis=1).mean(axis=1)
+
+
+def _percentile_ci(diffs: np.ndarray, estimate: float, confidence: float) -> BootstrapResult:
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(diffs, [tail, 1.0 - tail])
-    estimate = equal_error_rate(a, lab)[0] - equal_error_rate(b, lab)[0]
-    return BootstrapResult(float(estimate), float(low), float(high), float(confidence), int(n_boot))
+    return BootstrapResult(float(estimate), float(low), float(high), float(confidence), int(diffs.size))
 
 
 def cosine_scores(emb_a, emb_b) -> np.ndarray:

@@ -97,8 +97,8 @@ def study_params(space, sampled: dict[str, Any]) -> dict[str, Any]:
 
 
 def epoch_result(eer: float, epoch: int) -> dict[str, float]:
-    """What a trial reports to Tune each epoch (eer in percent, min_dcf absolute)."""
-    return {"epoch": epoch, "eer": eer, "min_dcf": min(1.0, eer / 40.0), "min_dcf_005": min(1.0, eer / 50.0),
+    """What a trial reports to Tune each epoch (dev eer in percent, dev min_dcf absolute)."""
+    return {"epoch": epoch, "dev_eer": eer, "dev_min_dcf": min(1.0, eer / 40.0), "dev_min_dcf_005": min(1.0, eer / 50.0),
             "train_loss": 8.0 / epoch, "margin_loss": 7.0 / epoch, "mfcon_loss": 1.0 / epoch, "lr": 0.002}
 
 
@@ -123,7 +123,7 @@ def write_study_store(workdir: Path, study: str = "ui-study", trials: tuple[Tria
             runs.log_epoch(trial.trial_id, result, t0 + 1000 * epoch)
             if eer < best:
                 best = eer
-                tracker.log_best(trial.trial_id, result, "eer", epoch)
+                tracker.log_best(trial.trial_id, eer, "dev_eer")
         runs.finish(trial.trial_id, trial.state)
     states: dict[str, int] = {}
     for trial in trials:

@@ -1,7 +1,7 @@
 """The MLflow UI shows a study's trials: a real ``mlflow server`` over a study's work dir, read by headless Chromium.
 
 What a person does after ``mfcon study``: open the study's experiment, filter to the
-trial runs, add the ``eer`` column. MLflow 3.17 nests child runs under the study run
+trial runs, add the ``dev_eer`` column. MLflow 3.17 nests child runs under the study run
 (collapsed) and shows no metric columns by default (its default columns are Dataset,
 Source, Models), so the test filters on ``tags.`mfcon.role` = 'trial'`` through the
 URL and picks columns in the "Columns" popover, as a user would. The runs table is an
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 SCREENSHOT = REPO / "test-artifacts" / "mlflow_ui.png"
 TRIAL_FILTER = "tags.`mfcon.role` = 'trial'"
 HIDE_COLUMNS = ("Dataset", "Source", "Models")  # MLflow's default attribute columns
-SHOW_COLUMNS = ("eer", "min_dcf", "mfcon.trial_state", "loss.mfcon_weight", "loss.mfcon_blocks")
+SHOW_COLUMNS = ("dev_eer", "dev_min_dcf", "mfcon.trial_state", "loss.mfcon_weight", "loss.mfcon_blocks")
 WAIT_S = 30
 
 
@@ -64,7 +64,7 @@ def chromium(tmp_path):
 
 
 def runs_url(server: str, experiment_id: str) -> str:
-    query = urllib.parse.urlencode({"searchFilter": TRIAL_FILTER, "orderByKey": "metrics.`eer`", "orderByAsc": "true"})
+    query = urllib.parse.urlencode({"searchFilter": TRIAL_FILTER, "orderByKey": "metrics.`dev_eer`", "orderByAsc": "true"})
     return f"{server}/#/experiments/{experiment_id}/runs?{query}"
 
 
@@ -133,14 +133,14 @@ def test_runs_table_lists_trials_with_eer(mlflow_server, study_store, chromium):
             pytest.fail(f"trial runs {sorted(names.values())} not listed at {driver.current_url} within {WAIT_S}s")
         close_assistant(driver)
         toggle_columns(driver, HIDE_COLUMNS + SHOW_COLUMNS)
-        eer_header = "div[role=columnheader][col-id='metrics.`eer`']"
+        eer_header = "div[role=columnheader][col-id='metrics.`dev_eer`']"
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, eer_header))
-        assert driver.find_element(By.CSS_SELECTOR, eer_header).text.strip() == "eer"
+        assert driver.find_element(By.CSS_SELECTOR, eer_header).text.strip() == "dev_eer"
         for spec in study_store.trials:
             link = driver.find_element(By.XPATH, f"//a[normalize-space(.)='{names[spec.trial_id]}']")
             row = link.find_element(By.XPATH, "./ancestor::div[@role='row'][1]").get_attribute("row-index")
             # the runs table shows a metric's latest value: the eer of the trial's last epoch
-            assert float(cell_text(driver, row, "metrics.`eer`")) == pytest.approx(spec.eers[-1])
+            assert float(cell_text(driver, row, "metrics.`dev_eer`")) == pytest.approx(spec.eers[-1])
             assert cell_text(driver, row, "tags.`mfcon.trial_state`") == spec.state
         study_row = driver.find_elements(By.XPATH, "//a[normalize-space(.)='study-ui-study']")
         assert not study_row, "the trial filter should hide the study's parent run"

@@ -66,18 +66,18 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
     assert len({c.data.tags["mfcon.trial_id"] for c in children}) == 8
     for child in children:
         state = child.data.tags["mfcon.trial_state"]
-        history = client.get_metric_history(child.info.run_id, "eer")
+        history = client.get_metric_history(child.info.run_id, "dev_eer")
         steps = sorted(m.step for m in history)
         assert steps == list(range(1, len(steps) + 1)) and steps, steps  # one eer per epoch, stepped by epoch
         assert (len(steps) == 2) == (state == "completed")
         assert "loss.mfcon_weight" in child.data.params and "loss.mfcon_blocks" in child.data.params
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
-    best_eer = {c.data.tags["mfcon.trial_id"]: min(m.value for m in client.get_metric_history(c.info.run_id, "eer"))
+    best_eer = {c.data.tags["mfcon.trial_id"]: min(m.value for m in client.get_metric_history(c.info.run_id, "dev_eer"))
                 for c in children}
     assert best_eer[summary.best_trial] == pytest.approx(min(best_eer.values()))  # ties are possible
     assert summary.best_metric == pytest.approx(min(best_eer.values()))
     assert best_eer[parent[0].data.tags["best_trial"]] == pytest.approx(summary.best_metric)
-    assert parent[0].data.metrics["best_eer"] == pytest.approx(summary.best_metric)
+    assert parent[0].data.metrics["best_dev_eer"] == pytest.approx(summary.best_metric)
     assert parent[0].data.tags["mfcon.data_manifest_sha256"]
     # Nothing left holding CPUs once the study is over.
     import ray
@@ -160,7 +160,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
             done = [c for c in children if c.data.tags.get("mfcon.trial_state") in ("completed", "pruned")]
             if done:
                 client = MlflowClient(uri)
-                finished_before = {c.data.tags["mfcon.trial_id"]: client.get_metric_history(c.info.run_id, "eer")
+                finished_before = {c.data.tags["mfcon.trial_id"]: client.get_metric_history(c.info.run_id, "dev_eer")
                                    for c in done}
                 break
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
@@ -183,5 +183,5 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
     assert len(parent) == 1 and len(children) == 2 and len(set(trial_ids)) == 2  # no duplicate child runs
     for trial_id, history in finished_before.items():
         run = next(c for c in children if c.data.tags["mfcon.trial_id"] == trial_id)
-        after = client.get_metric_history(run.info.run_id, "eer")
+        after = client.get_metric_history(run.info.run_id, "dev_eer")
         assert [(m.step, m.value, m.timestamp) for m in after] == [(m.step, m.value, m.timestamp) for m in history]

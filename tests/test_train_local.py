@@ -31,14 +31,14 @@ def trained(demo_corpus_data, tmp_path_factory):
 
 def test_eer_falls_well_below_chance(trained, demo_corpus_data):
     out, history = trained
-    eers = [h["eer"] for h in history]
+    eers = [h["dev_eer"] for h in history]
     assert len(eers) == TINY.epochs
     assert eers[-1] < 35.0, eers  # chance is 50%
     assert min(eers[1:]) < eers[0], eers
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # An untrained model of the same shape is near chance on the same trials.
     untrained = build_model(TINY.model_config_resolved())
-    assert evaluate(untrained, read_eval_set(demo_corpus_data)).eer * 100 > eers[-1]
+    assert evaluate(untrained, read_eval_set(demo_corpus_data, "dev")).eer * 100 > eers[-1]
 
 
 def test_checkpoints_load_weights_only_and_reproduce_the_eer(trained, demo_corpus_data):
@@ -46,8 +46,8 @@ def test_checkpoints_load_weights_only_and_reproduce_the_eer(trained, demo_corpu
     best = load_checkpoint(out / "best.pt")  # torch.load(weights_only=True)
     model = build_model(TINY.model_config_resolved())
     model.load_state_dict(best["model"])
-    eer = evaluate(model, read_eval_set(demo_corpus_data)).eer * 100
-    assert eer == pytest.approx(min(h["eer"] for h in history), abs=1e-6)
+    eer = evaluate(model, read_eval_set(demo_corpus_data, "dev")).eer * 100
+    assert eer == pytest.approx(min(h["dev_eer"] for h in history), abs=1e-6)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1.0, 2.0, 3.0, 4.0]
 
@@ -73,7 +73,7 @@ def test_resume_continues_exactly_where_it_stopped(small_data, tmp_path):
     resumed = train_local(cfg, small_data, tmp_path / "split", echo=False)
     assert len(resumed) == 3  # history carried over, only epoch 3 trained
     assert [json.loads(x)["epoch"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    for key in ("train_loss", "eer"):
+    for key in ("train_loss", "dev_eer"):
         assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-5, abs=1e-6)
 
 

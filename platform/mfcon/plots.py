@@ -31,7 +31,7 @@ from mfcon.metrics import det_curve, equal_error_rate
 
 TRIAL_PLOTS = ("det", "score_histogram")
 STUDY_PLOTS = ("optimization_history", "param_importances", "slice")
-METRIC_LABEL = "eer (%)"  # the study's objective, as its axes (and the rebuilt study's metric name) say it
+METRIC_LABEL = "dev eer (%)"  # the study's objective, as its axes (and the rebuilt study's metric name) say it
 SLICE_KEYS = ("loss.mfcon_weight", "loss.mfcon_temperature")  # lambda, tau; block selection added per study
 BLOCKS_KEY = "loss.mfcon_blocks"
 DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95, 0.99)

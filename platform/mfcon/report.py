@@ -1,4 +1,4 @@
-"""A study's summary in one file: inputs, every trial ranked by eer, the best trial, plots.
+"""A study's summary in one file: inputs, every trial ranked by dev eer, the best trial, plots.
 
 Read back from MLflow only (docs/ARCHITECTURE.md, "Study outputs"), so it works for a
 finished, interrupted or still-running study and for any tracking store. HTML embeds
@@ -127,7 +127,7 @@ def fmt_dcf(value: float | None) -> str:
 
 def trial_rows(record: StudyRecord) -> tuple[list[str], list[list[str]]]:
     params = display_params(record)
-    header = ["rank", "trial", "state", *params, "best eer (%)", "min_dcf @ best", "epochs run"]
+    header = ["rank", "trial", "state", *params, "best dev eer (%)", "dev min_dcf @ best", "epochs run"]
     rows = []
     for rank, t in enumerate(record.ranked(), start=1):
         rows.append([str(rank), t.trial_id, t.state, *(fmt_value(t.params.get(k)) for k in params),
@@ -148,14 +148,14 @@ def info_rows(data: ReportData) -> list[tuple[str, str]]:
 
 def best_rows(best: TrialRecord) -> list[tuple[str, str]]:
     rows = [("trial", best.trial_id), ("run", f"{best.run_name} ({best.run_id})"), ("state", best.state),
-            ("best eer (%)", fmt_eer(best.best_eer)), ("min_dcf at that epoch", fmt_dcf(best.best_min_dcf)),
+            ("best dev eer (%)", fmt_eer(best.best_eer)), ("min_dcf at that epoch", fmt_dcf(best.best_min_dcf)),
             ("best epoch / epochs run", f"{best.best_epoch} / {best.epochs_run}")]
     return rows + [(k, fmt_value(v)) for k, v in sorted(best.params.items())]
 
 
 def baseline_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
     ours = data.record.best.best_eer if data.record.best else None
-    header = ["study", "trials", "best trial", "best eer (%)", "min_dcf @ best", f"{data.record.name} minus it (eer)"]
+    header = ["study", "trials", "best trial", "best dev eer (%)", "dev min_dcf @ best", f"{data.record.name} minus it (dev eer)"]
     rows = []
     for b in [data.record, *data.baselines]:
         best = b.best
@@ -193,11 +193,11 @@ def render_html(data: ReportData) -> str:
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Study {html.escape(r.name)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>Study {html.escape(r.name)}</h1>",
              "<h2>Study</h2>", _html_pairs(info_rows(data)), "<h2>Best trial</h2>",
-             _html_pairs(best_rows(best)) if best else "<p>No trial has an eer yet.</p>"]
+             _html_pairs(best_rows(best)) if best else "<p>No trial has a dev eer yet.</p>"]
     if data.baselines:
         parts += ["<h2>Baseline comparison</h2>", _html_table(*baseline_rows(data))]
     header, rows = trial_rows(r)
-    parts += ["<h2>Trials (by best eer)</h2>", _html_table(header, rows, 1, best.trial_id if best else None)]
+    parts += ["<h2>Trials (by best dev eer)</h2>", _html_table(header, rows, 1, best.trial_id if best else None)]
     parts.append("<h2>Plots</h2>")
     for name, png in data.plots.items():
         title = html.escape(PLOT_TITLES.get(name, name))
@@ -226,13 +226,13 @@ def render_markdown(data: ReportData, images: dict[str, str]) -> str:
     """``images`` maps plot name -> PNG file name beside the Markdown file."""
     r, best = data.record, data.record.best
     parts = [f"# Study {r.name}", "## Study", _md_table(["", ""], [list(p) for p in info_rows(data)]), "## Best trial",
-             _md_table(["", ""], [list(p) for p in best_rows(best)]) if best else "No trial has an eer yet."]
+             _md_table(["", ""], [list(p) for p in best_rows(best)]) if best else "No trial has a dev eer yet."]
     if data.baselines:
         parts += ["## Baseline comparison", _md_table(*baseline_rows(data))]
     header, rows = trial_rows(r)
     if best:
         rows = [[f"**{c}**" for c in row] if row[1] == best.trial_id else row for row in rows]
-    parts += ["## Trials (by best eer)", _md_table(header, rows), "## Plots"]
+    parts += ["## Trials (by best dev eer)", _md_table(header, rows), "## Plots"]
     parts += [f"### {PLOT_TITLES.get(name, name)}\n\n![{name}]({file})" for name, file in images.items()]
     if r.space_yaml:
         parts += [f"## Search space ({r.space_file})", f"```yaml\n{r.space_yaml.rstrip()}\n```"]

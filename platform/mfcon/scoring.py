@@ -34,10 +34,12 @@ class EvalResult:
     scores: np.ndarray
     labels: np.ndarray
 
-    def metrics(self) -> dict[str, float]:
-        """Names logged everywhere: eer in percent (WeSpeaker convention), minDCF absolute."""
-        return {"eer": 100.0 * self.eer, "min_dcf": self.min_dcf_01, "min_dcf_005": self.min_dcf_05,
-                "eer_threshold": self.eer_threshold}
+    def metrics(self, split: str) -> dict[str, float]:
+        """Names logged everywhere, prefixed by the trial list's split (``dev_eer``, ``test_eer``) so a search's
+        numbers are never mistaken for held-out ones: eer in percent (WeSpeaker convention), minDCF absolute."""
+        values = {"eer": 100.0 * self.eer, "min_dcf": self.min_dcf_01, "min_dcf_005": self.min_dcf_05,
+                  "eer_threshold": self.eer_threshold}
+        return {f"{split}_{name}": value for name, value in values.items()}
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ class MLflowStudyCallback(Callback):
         self.max_epochs = space.base_config().epochs
         self._runs: TrialRuns | None = None
         self._best: dict[str, tuple[float, str | None, int]] = {}
-        self._study_best = math.inf
+        self._study_best: float | None = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -64,11 +64,14 @@ class MLflowStudyCallback(Callback):
         value = result.get(self.space.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             best = self._best.get(trial.trial_id)
-            if best is None or value < best[0]:
+            if best is None or self._better(value, best[0]):
                 self._best[trial.trial_id] = (value, result.get("checkpoint_path"), int(result.get("epoch", 0)))
-            if value < self._study_best:
+            if self._study_best is None or self._better(value, self._study_best):
                 self._study_best = value
-                self.runs.tracker.log_best(trial.trial_id, result, self.space.metric, int(result.get("epoch", 0)))
+                self.runs.tracker.log_best(trial.trial_id, value, self.space.metric)
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.space.mode == "min" else value > than
 
     def _finish(self, trial, state: str) -> None:
         best = self._best.get(trial.trial_id)

@@ -16,14 +16,15 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mfcon.data.corpus.voxceleb import read_trials
-from mfcon.data.shards import manifest_hash, read_manifest, shard_paths, verify_shards
+from mfcon.data.shards import manifest_hash, read_manifest, shard_paths, trials_path, verify_shards
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial
 from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
 
-TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "eer": "EER %", "min_dcf": "minDCF", "best_eer": "best EER"}
+TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "dev_eer": "dev EER %", "dev_min_dcf": "dev minDCF",
+                 "best_dev_eer": "best dev EER"}
 
 
 class StudyError(RuntimeError):
@@ -77,8 +78,8 @@ def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> St
     return StudyRuntime(
         space=space,
         train_shards=tuple(shard_paths(data_dir, "train")),
-        eval_shards=tuple(shard_paths(data_dir, "eval")),
-        trials=tuple(read_trials(data_dir / manifest.trials)),
+        dev_shards=tuple(shard_paths(data_dir, "dev", manifest)),
+        dev_trials=tuple(read_trials(trials_path(data_dir, "dev", manifest))),
         num_classes=len(manifest.speakers),
         train_rows=manifest.splits["train"].rows,
         frame_shift_ms=manifest.feature_config.frame_shift_ms,
@@ -178,6 +179,9 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         tracker.finish("KILLED")
         raise
     summary = summarize(grid, space, uri, paths["experiment"])
+    if summary.best_trial is not None and summary.best_metric is not None:
+        # The callback's running best restarts after a resume; the end state is the best over every trial.
+        tracker.log_best(summary.best_trial, summary.best_metric, space.metric)
     tracker.client.log_dict(tracker.parent_run_id, json.loads(summary.to_json()), "study_summary.json")
     _log_study_plots(uri, space.name)
     tracker.finish("FINISHED")
@@ -221,7 +225,8 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: Path) -> Study
     try:
         best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
         df = best.metrics_dataframe
-        best_value = float(df[space.metric].min()) if df is not None and space.metric in df else None
+        if df is not None and space.metric in df:
+            best_value = float(df[space.metric].min() if space.mode == "min" else df[space.metric].max())
         best_trial, best_params = best.metrics.get("trial_id"), dict(best.config or {})
     except (RuntimeError, KeyError, AttributeError):
         pass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mfcon.config import (
     NAMED_BLOCK_SETS,
@@ -116,12 +116,18 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    metric: Literal["eer", "min_dcf"] = "eer"
-    mode: Literal["min"] = "min"
+    metric: Literal["dev_eer", "dev_min_dcf", "dev_min_dcf_005"] = "dev_eer"  # always a dev metric: see below
+    mode: Literal["min", "max"] = "min"
     base: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Param] = Field(default_factory=dict)
     budget: Budget = Budget()
     resources: Resources = Resources()
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _dev_metric(cls, value: Any) -> Any:
+        """A search only ever sees the dev list: ``eer``/``min_dcf`` (older spaces) mean their dev values."""
+        return f"dev_{value}" if value in ("eer", "min_dcf", "min_dcf_005") else value
 
     def base_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.base)

@@ -92,7 +92,7 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 
 def _trial_record(client, run) -> TrialRecord:
     run_id = run.info.run_id
-    eer, dcf = _history(client, run_id, "eer"), _history(client, run_id, "min_dcf")
+    eer, dcf = _history(client, run_id, "dev_eer"), _history(client, run_id, "dev_min_dcf")
     epochs = max([*eer, *_history(client, run_id, "train_loss"), 0])
     return TrialRecord(trial_id=run.data.tags.get(TRIAL_TAG, run.info.run_name or run_id),
                        run_id=run_id, run_name=run.info.run_name or "", state=run.data.tags.get(STATE_TAG, "running"),

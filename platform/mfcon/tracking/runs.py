@@ -9,6 +9,7 @@ to the runs it already has instead of duplicating them.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,12 @@ from mfcon.tracking.store import (
     find_runs,
 )
 
-TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "eer", "min_dcf", "min_dcf_005", "lr", "startup_seconds",
-                 "train_seconds")
+TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "dev_eer", "dev_min_dcf", "dev_min_dcf_005", "lr",
+                 "startup_seconds", "train_seconds")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,9 +77,18 @@ class StudyTracker:
             self.client.log_batch(self.parent_run_id, params=params[i : i + 100])
         self.client.log_artifact(self.parent_run_id, str(space_file), artifact_path=SPACE_DIR)
 
-    def log_best(self, trial_id: str, metrics: dict[str, float], metric: str, step: int) -> None:
-        self.client.set_tag(self.parent_run_id, "best_trial", trial_id)
-        self.client.log_metric(self.parent_run_id, f"best_{metric}", metrics[metric], step=step)
+    def log_best(self, trial_id: str, value: float, metric: str) -> None:
+        """Record a new study best: tags ``best_trial``/``best_<metric>`` and the metric ``best_<metric>``.
+
+        MLflow shows a metric's value at its highest step, so each new best is
+        logged one step after the last one, whatever epoch it was found at: an
+        improvement found at epoch 1 after an earlier best at epoch 4 must not
+        hide behind it.
+        """
+        key = f"best_{metric}"
+        step = max((m.step for m in self.client.get_metric_history(self.parent_run_id, key)), default=-1) + 1
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(key, float(value), _now_ms(), step)],
+                              tags=[RunTag("best_trial", trial_id), RunTag(key, repr(float(value)))])
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)

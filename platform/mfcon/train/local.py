@@ -32,7 +32,7 @@ class LocalRunHooks:
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if state is not None:
             save_checkpoint(state, self.out_dir / LAST_FILE)
-            if "eer" in metrics and metrics["eer"] <= metrics["best_eer"]:
+            if "dev_eer" in metrics and metrics["dev_eer"] <= metrics["best_dev_eer"]:
                 save_checkpoint(state, self.out_dir / BEST_FILE)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -42,8 +42,8 @@ class LocalRunHooks:
 
 def format_epoch(m: dict[str, float]) -> str:
     text = f"epoch {int(m['epoch']):3d}  loss {m['train_loss']:.4f}  (margin {m['margin_loss']:.4f}, mfcon {m['mfcon_loss']:.4f})"
-    if "eer" in m:
-        text += f"  EER {m['eer']:.2f}%  minDCF {m['min_dcf']:.3f}"
+    if "dev_eer" in m:
+        text += f"  dev EER {m['dev_eer']:.2f}%  minDCF {m['dev_min_dcf']:.3f}"
     return text + f"  {m['train_seconds']:.1f}s"
 
 

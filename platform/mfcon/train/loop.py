@@ -175,13 +175,15 @@ def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainD
 
 def evaluate_epoch(cfg: TrainConfig, model: nn.Module, data: TrainData, epoch: int,
                    ctx: WorkerContext) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Rank 0, every ``eval_every`` epochs and the last: (eer/min_dcf metrics, eval scores for the checkpoint)."""
+    """Rank 0, every ``eval_every`` epochs and the last: (dev_eer/dev_min_dcf..., dev scores for the checkpoint).
+
+    Training only ever scores the dev list: the test list is for verdicts (replication, promotion)."""
     eval_set = data.eval_set() if ctx.rank == 0 else None
     if eval_set is None or not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
         return {}, {}
     result = evaluate(model, eval_set, ctx.device, cfg.data.eval_max_seconds and
                       int(cfg.data.eval_max_seconds * 1000 / data.frame_shift_ms))
-    return result.metrics(), {"eval_scores": torch.from_numpy(result.scores.astype(np.float32)),
+    return result.metrics("dev"), {"eval_scores": torch.from_numpy(result.scores.astype(np.float32)),
                               "eval_labels": torch.from_numpy(result.labels)}
 
 
@@ -198,8 +200,8 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
         eval_metrics, eval_scores = evaluate_epoch(cfg, module.model, data, epoch, ctx)
         if eval_scores:
             metrics.update(eval_metrics)
-            best_eer = min(best_eer, metrics["eer"])
-        metrics["best_eer"] = best_eer
+            best_eer = min(best_eer, metrics["dev_eer"])
+        metrics["best_dev_eer"] = best_eer
         history.append(metrics)
         state = None
         if ctx.rank == 0:

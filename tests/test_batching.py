@@ -72,3 +72,129 @@ def test_random_crop_is_a_window_and_short_utterances_tile():
 def test_k_below_two_is_refused():
     with pytest.raises(ValueError, match="positive"):
         SpeakerBalancedBatcher(4, 1, 40, steps=1, seed=0)
+
+
+# --- speakers with fewer than K utterances, and crops that are real different views ---
+
+def uneven_rows(counts: dict[int, int], seed: int = 0, frames=(60, 160), dim: int = 8):
+    """Rows for speakers with the given utterance counts, shuffled; column 0 holds the utterance id."""
+    rng = np.random.default_rng(seed)
+    items, utt = [], 0
+    for spk, n in counts.items():
+        for _ in range(n):
+            feats = rng.standard_normal((int(rng.integers(*frames)), dim)).astype(np.float32)
+            feats[:, 0] = utt
+            items.append((feats, spk))
+            utt += 1
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def is_shift_of(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when b equals a circularly shifted along time by any amount (0 included: equal)."""
+    return any(np.array_equal(np.roll(a, s, axis=0), b) for s in range(a.shape[0]))
+
+
+def assert_p_by_k_distinct(batch, p: int, k: int) -> None:
+    labels = batch.labels.tolist()
+    counts = Counter(labels)
+    assert len(counts) == p and set(counts.values()) == {k}
+    feats = batch.feats.numpy()
+    for spk in counts:
+        crops = [feats[i] for i, s in enumerate(labels) if s == spk]
+        for i in range(k):
+            for j in range(i + 1, k):
+                assert not is_shift_of(crops[i], crops[j]), f"speaker {spk}: crops {i} and {j} are copies"
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_speakers_with_1_2_3_utterances_all_appear_with_distinct_crops(k):
+    counts = {s: 1 + s % 3 for s in range(12)} | {s: 8 for s in range(12, 16)}  # 1, 2, 3 and 8 utterances
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=k, crop_frames=40, steps=20, seed=0)
+    batches = list(batcher.batches(uneven_rows(counts)))
+    assert len(batches) == 20
+    for b in batches:
+        assert b.feats.shape == (4 * k, 40, 8)
+        assert_p_by_k_distinct(b, 4, k)
+    appeared = {s for b in batches for s in b.labels.tolist()}
+    assert appeared == set(counts)  # none dropped
+
+
+def test_with_the_training_loops_step_count_no_speaker_is_dropped():
+    """steps = rows // (P K), as the loop computes it: leftovers not yet in a batch go first."""
+    counts = {s: 1 + s % 3 for s in range(12)}  # 24 rows
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=2, crop_frames=40, steps=3, seed=0)
+    batches = list(batcher.batches(uneven_rows(counts)))
+    assert len(batches) == 3
+    for b in batches:
+        assert_p_by_k_distinct(b, 4, 2)
+    assert {s for b in batches for s in b.labels.tolist()} == set(counts)
+
+
+def test_single_utterance_speaker_gets_k_different_crops_of_it():
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=2, utts_per_speaker=3, crop_frames=40, steps=1, seed=0)
+    (b,) = batcher.batches(uneven_rows({0: 1, 1: 1}))
+    assert_p_by_k_distinct(b, 2, 3)
+    for spk in (0, 1):
+        crops = b.feats.numpy()[b.labels.numpy() == spk]
+        assert len({float(c[0, 0]) for c in crops}) == 1  # one utterance, three views of it
+
+
+def test_a_speaker_with_k_utterances_uses_k_different_utterances_in_every_phase():
+    """Mid-stream, leftovers (one pending row + a used one) and top-ups: 3 utterances, K = 2."""
+    counts = {s: 3 for s in range(6)}
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=3, utts_per_speaker=2, crop_frames=40, steps=8, seed=0)
+    for b in batcher.batches(uneven_rows(counts)):
+        feats, labels = b.feats.numpy(), b.labels.numpy()
+        for spk in set(labels.tolist()):
+            assert len({float(c[0, 0]) for c in feats[labels == spk]}) == 2
+
+
+def test_top_up_batches_are_p_distinct_speakers_with_fresh_crops():
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=3, crop_frames=40, steps=15, seed=3)
+    batches = list(batcher.batches(uneven_rows({s: 1 + s % 3 for s in range(5)})))  # 10 rows, short stream
+    assert len(batches) == 15
+    for b in batches:
+        assert_p_by_k_distinct(b, 4, 3)
+
+
+def test_crops_skip_an_utterance_with_no_new_offset_and_a_lone_short_one_repeats():
+    """A tiled utterance has one crop; the cycle takes the others from a longer utterance. A speaker
+    whose only utterance is shorter than the crop honestly gets K identical (tiled) crops."""
+    rng = np.random.default_rng(0)
+    short, long = (rng.standard_normal((n, 8)).astype(np.float32) for n in (10, 100))
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=2, utts_per_speaker=3, crop_frames=40, steps=1, seed=0)
+    crops = batcher._crops([short, long])
+    assert np.array_equal(crops[0][:10], short)
+    for c in crops[1:]:  # windows of the long utterance
+        assert any(np.array_equal(c, long[s:s + 40]) for s in range(61))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not is_shift_of(crops[i], crops[j])
+    lone = batcher._crops([short])
+    assert all(np.array_equal(c, lone[0]) for c in lone)
+
+
+def test_same_stream_and_seed_give_the_same_batches_with_top_ups():
+    def run(seed):
+        b = SpeakerBalancedBatcher(4, 3, 40, steps=12, seed=seed)
+        return [(x.labels.numpy(), x.feats.numpy()) for x in b.batches(uneven_rows({s: 1 + s % 3 for s in range(9)}))]
+
+    a, b = run(5), run(5)
+    assert all(np.array_equal(la, lb) and np.array_equal(fa, fb) for (la, fa), (lb, fb) in zip(a, b))
+    assert not all(np.array_equal(fa, fc) for (_, fa), (_, fc) in zip(a, run(6)))
+
+
+def test_fewer_than_p_speakers_is_a_clear_error():
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=2, crop_frames=40, steps=2, seed=0)
+    with pytest.raises(ValueError, match=r"3 distinct speakers.*speakers_per_batch=4"):
+        list(batcher.batches(uneven_rows({0: 5, 1: 5, 2: 5})))
+
+
+def test_memory_stays_bounded_on_a_speaker_sorted_stream():
+    """A speaker keeps at most 2 K pending rows and the reservoir a bounded set; batches stay valid."""
+    items = [it for s in range(6) for it in uneven_rows({s: 30}, seed=s)]  # not shuffled across speakers
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=3, utts_per_speaker=2, crop_frames=40, steps=6, seed=0)
+    batches = list(batcher.batches(items))
+    assert len(batches) == 6
+    for b in batches:
+        assert_p_by_k_distinct(b, 3, 2)

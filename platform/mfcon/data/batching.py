@@ -1,19 +1,38 @@
 """Speaker-balanced P x K batches of random crops, built from a row stream.
 
 SupCon needs positives in every batch: with plain shuffled batches over
-hundreds of speakers most anchors have none (PAPER.md). Rows arrive as a
-stream (local shards or a Ray Data shard), so the batcher keeps a queue per
-speaker and emits a batch whenever P speakers have K pending rows.
+hundreds of speakers most anchors have none (MFCon, arXiv 2410.05037, trains
+on P speakers x K crops). Rows arrive as a stream (local shards or a Ray Data
+shard), so the batcher queues each speaker's utterances and cuts crops from
+them when the speaker goes into a batch.
+
+Every batch holds exactly P distinct speakers with K crops each, and no crop is
+a copy or a circular shift of another crop of its speaker: crops of one
+utterance use different random offsets. A speaker with fewer than K
+utterances is never dropped: its K crops cycle through its utterances (one
+utterance gives K views of it, as the MFCon authors' training set does). A
+crop repeats only when the speaker has fewer distinct (utterance, offset)
+pairs than K: its only utterance is shorter than the crop (tiled: one offset)
+or barely longer.
+
+When a speaker is ready: as soon as it has K pending utterances, since K
+different utterances are the best positives. A speaker with fewer waits for
+the end of the stream, since in a shuffled stream more of its rows may still
+come; then leftovers not yet in a batch go first, and a leftover's crops also
+use its last used rows, so it gets different utterances where it has them.
+Waiting holds at most K - 1 rows per speaker; a ready speaker keeps at most 2K.
 
 Every data-parallel worker must run the same number of steps per epoch or DDP
-deadlocks, so the batcher always yields exactly ``steps`` batches: after the
-stream ends it finishes with leftovers, then with a bounded reservoir of
-recent crops.
+deadlocks, so the batcher yields exactly ``steps`` batches: after the stream
+ends it empties the leftovers, then tops up with P distinct speakers from a
+bounded reservoir of the last K used rows of recently used speakers, each
+with fresh random crops. Everything random comes from ``seed``: the same
+stream and seed give the same batches.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -28,14 +47,23 @@ class CropBatch:
     labels: torch.Tensor  # (B,) int64
 
 
-def random_crop(feats: np.ndarray, crop_frames: int, rng: np.random.Generator) -> np.ndarray:
-    """(T, F) -> (crop_frames, F); shorter utterances are tiled, as WeSpeaker does."""
+def num_offsets(num_frames: int, crop_frames: int) -> int:
+    """How many different crops an utterance of ``num_frames`` frames gives (1 when tiled)."""
+    return max(1, num_frames - crop_frames + 1)
+
+
+def crop_at(feats: np.ndarray, start: int, crop_frames: int) -> np.ndarray:
+    """(T, F) -> (crop_frames, F) from ``start``; shorter utterances are tiled, as WeSpeaker does."""
     num = feats.shape[0]
     if num >= crop_frames:
-        start = int(rng.integers(0, num - crop_frames + 1))
-        return np.asarray(feats[start : start + crop_frames], dtype=np.float32)
+        return np.array(feats[start : start + crop_frames], dtype=np.float32)
     reps = -(-crop_frames // num)
     return np.tile(np.asarray(feats, dtype=np.float32), (reps, 1))[:crop_frames]
+
+
+def random_crop(feats: np.ndarray, crop_frames: int, rng: np.random.Generator) -> np.ndarray:
+    start = int(rng.integers(0, num_offsets(feats.shape[0], crop_frames)))
+    return crop_at(feats, start, crop_frames)
 
 
 def stack_crops(crops: list[np.ndarray], labels: list[int]) -> CropBatch:
@@ -48,71 +76,120 @@ def stack_crops(crops: list[np.ndarray], labels: list[int]) -> CropBatch:
 
 
 class SpeakerBalancedBatcher:
-    """Turn a stream of ``(features (T, F), speaker_index)`` rows into P x K crop batches."""
+    """Turn a stream of ``(features (T, F), speaker_index)`` rows into P x K crop batches.
+
+    ``reservoir_rows`` bounds the rows kept for end-of-epoch top-ups (default
+    8 P K: the last K rows of each of the 8 P most recently used speakers).
+    """
 
     def __init__(self, speakers_per_batch: int, utts_per_speaker: int, crop_frames: int,
                  steps: int, seed: int, reservoir_rows: int | None = None):
         if utts_per_speaker < 2:
             raise ValueError("utts_per_speaker must be >= 2 so every anchor has a positive")
+        if speakers_per_batch < 1 or crop_frames < 1 or steps < 0:
+            raise ValueError("speakers_per_batch and crop_frames must be >= 1, steps >= 0")
         self.p, self.k, self.crop_frames, self.steps = speakers_per_batch, utts_per_speaker, crop_frames, steps
         self.rng = np.random.default_rng(seed)
-        self.reservoir: deque[tuple[np.ndarray, int]] = deque(maxlen=reservoir_rows or 8 * self.p * self.k)
-
-    def _emit(self, chosen: dict[int, list[np.ndarray]]) -> CropBatch:
-        crops, labels = [], []
-        for spk, rows in chosen.items():
-            for crop in rows:
-                crops.append(crop)
-                labels.append(spk)
-        return stack_crops(crops, labels)
-
-    def _take(self, queues: dict[int, deque], speakers: list[int]) -> dict[int, list[np.ndarray]]:
-        return {s: [queues[s].popleft() for _ in range(self.k)] for s in speakers}
+        rows = reservoir_rows or 8 * self.p * self.k
+        self.reservoir_speakers = max(2 * self.p, rows // self.k)
+        self.max_pending = 2 * self.k
 
     def batches(self, rows: Iterable[tuple[np.ndarray, int]]) -> Iterator[CropBatch]:
-        queues: dict[int, deque] = defaultdict(deque)
+        pending: dict[int, deque[np.ndarray]] = defaultdict(deque)  # unused rows per speaker
+        recent: OrderedDict[int, deque[np.ndarray]] = OrderedDict()  # used rows, LRU over speakers
+        seen: set[int] = set()
+        used: set[int] = set()  # speakers already in a batch this epoch
         ready: set[int] = set()
         emitted = 0
+
+        def retire(spk: int, row: np.ndarray) -> None:
+            """Keep a used row for top-ups; the reservoir holds a bounded number of speakers."""
+            recent.setdefault(spk, deque(maxlen=self.k)).append(row)
+            recent.move_to_end(spk)
+            while len(recent) > self.reservoir_speakers:
+                recent.popitem(last=False)
+
+        def take(spk: int) -> list[np.ndarray]:
+            """Up to K of the speaker's pending rows, made up to K from its used rows where it has any."""
+            queue = pending.get(spk)
+            if not queue:
+                return list(recent[spk])
+            out = [queue.popleft() for _ in range(min(self.k, len(queue)))]
+            if not queue:
+                del pending[spk]
+            old = list(recent.get(spk, ()))[len(out) - self.k:] if len(out) < self.k else []
+            for row in out:
+                retire(spk, row)
+            used.add(spk)
+            return out + old
+
+        def emit(speakers: list[int]) -> CropBatch:
+            crops, labels = [], []
+            for spk in speakers:
+                crops.extend(self._crops(take(spk)))
+                labels.extend([spk] * self.k)
+            return stack_crops(crops, labels)
+
+        if self.steps == 0:
+            return
         for feats, spk in rows:
-            crop = random_crop(feats, self.crop_frames, self.rng)
             spk = int(spk)
-            queues[spk].append(crop)
-            self.reservoir.append((crop, spk))
-            if len(queues[spk]) >= self.k:
+            seen.add(spk)
+            queue = pending[spk]
+            queue.append(np.array(feats, dtype=np.float32))  # a copy: never pin the source's buffers
+            if len(queue) > self.max_pending:
+                retire(spk, queue.popleft())
+            if len(queue) >= self.k:
                 ready.add(spk)
-            if len(ready) >= self.p:
-                speakers = [int(s) for s in self.rng.choice(sorted(ready), self.p, replace=False)]
-                chosen = self._take(queues, speakers)
-                ready = {s for s in ready if len(queues[s]) >= self.k}
-                yield self._emit(chosen)
+            while len(ready) >= self.p:
+                speakers = sorted(ready)[: self.p]
+                yield emit(speakers)
                 emitted += 1
                 if emitted == self.steps:
                     return
+                ready = {s for s in ready if len(pending.get(s, ())) >= self.k}
+
+        if not seen:
+            raise ValueError("the training stream yielded no rows: is this worker's data shard empty?")
+        if len(seen) < self.p:
+            raise ValueError(f"the training stream had {len(seen)} distinct speakers, fewer than "
+                             f"speakers_per_batch={self.p}: a batch needs {self.p} distinct speakers")
         while emitted < self.steps:
-            yield self._emit(self._fill_batch(queues))
+            yield emit(self._end_speakers(pending, recent, used))
             emitted += 1
 
-    def _fill_batch(self, queues: dict[int, deque]) -> dict[int, list[np.ndarray]]:
-        """After the stream: leftovers first, then reservoir crops; a speaker seen once gets
-        a second random crop of the same rows (the MFCon authors' two-view positives)."""
-        pool: dict[int, list[np.ndarray]] = defaultdict(list)
-        for spk, queue in queues.items():
-            pool[spk].extend(queue)
-            queue.clear()
-        for crop, spk in self.reservoir:
-            pool[spk].append(crop)
-        if not pool:
-            raise ValueError("the training stream yielded no rows: is this worker's data shard empty?")
-        order = sorted(pool, key=lambda s: -len(pool[s]))
-        speakers = [int(s) for s in self.rng.permutation(order[: max(self.p, 1) * 2])[: self.p]]
-        chosen = {}
-        for spk in speakers:
-            rows = pool[spk]
-            idx = self.rng.choice(len(rows), self.k, replace=len(rows) < self.k)
-            chosen[spk] = [_reroll(rows[i], self.rng) for i in idx]
+    def _end_speakers(self, pending: dict[int, deque], recent: OrderedDict[int, deque],
+                      used: set[int]) -> list[int]:
+        """After the stream: leftovers (speakers not yet in a batch first), then reservoir speakers."""
+        leftovers = [int(s) for s in self.rng.permutation(sorted(pending))]
+        leftovers.sort(key=lambda s: s in used)  # stable: unused speakers first, random within
+        chosen = leftovers[: self.p]
+        others = sorted(set(recent) - set(chosen))
+        need = self.p - len(chosen)  # others suffice: the reservoir keeps >= 2 P speakers, or all seen
+        if need:
+            chosen += [int(s) for s in self.rng.choice(others, need, replace=False)]
         return chosen
 
+    def _crops(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        """K crops cycling through ``rows``, each at a random offset not yet used for its row.
 
-def _reroll(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A circular shift gives a different view of a crop that is reused."""
-    return np.roll(crop, int(rng.integers(0, crop.shape[0])), axis=0)
+        A row runs out of offsets only when it is tiled (one offset) or barely longer than the
+        crop; the cycle then skips it, and a crop repeats only when every row has run out
+        (so a speaker whose only utterance is shorter than the crop gets K identical crops).
+        """
+        sizes = [num_offsets(r.shape[0], self.crop_frames) for r in rows]
+        taken: list[list[int]] = [[] for _ in rows]
+        crops, n, i = [], len(rows), 0
+        for _ in range(self.k):
+            order = [(i + d) % n for d in range(n)]
+            j = next((x for x in order if len(taken[x]) < sizes[x]), order[0])
+            i = j + 1
+            if len(taken[j]) == sizes[j]:
+                start = int(self.rng.integers(sizes[j]))  # nothing new left anywhere
+            else:  # uniform over the offsets this row has not used yet
+                start = int(self.rng.integers(sizes[j] - len(taken[j])))
+                for t in sorted(taken[j]):
+                    start += start >= t
+                taken[j].append(start)
+            crops.append(crop_at(rows[j], start, self.crop_frames))
+        return crops

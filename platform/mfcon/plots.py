@@ -211,3 +211,27 @@ def slice_plot(study, params: list[str] | None = None) -> Figure:
 def study_figures(study) -> dict[str, Figure]:
     return {"optimization_history": optimization_history(study), "param_importances": param_importances(study),
             "slice": slice_plot(study)}
+
+
+def replication_plot(verdicts, baseline: str = "baseline") -> Figure:
+    """Test EER of every replica (dots, one per seed) and each configuration's mean, with the CI of its
+    difference to the baseline drawn around the baseline mean shifted by the estimate (gid ``"delta"``)."""
+    fig = _new_figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    labels = list(verdicts)
+    base_mean = verdicts[baseline].eer_mean if baseline in verdicts else None
+    for x, label in enumerate(labels):
+        v = verdicts[label]
+        ax.plot([x] * len(v.test_eer), v.test_eer, "o", color="0.55", ms=5, gid="seeds")
+        ax.plot([x - 0.2, x + 0.2], [v.eer_mean] * 2, color="C0", lw=2.5, gid="mean")
+        if v.delta is not None and base_mean is not None:
+            ax.errorbar([x + 0.28], [base_mean + v.delta.estimate],
+                        yerr=[[v.delta.estimate - v.delta.low], [v.delta.high - v.delta.estimate]],
+                        fmt="s", color="C3", capsize=4, ms=4, gid="delta")
+    if base_mean is not None:
+        ax.axhline(base_mean, color="0.7", ls="--", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("test EER (%)")
+    ax.set_title("Replication: test EER per seed, mean (blue), baseline + difference CI (red)", fontsize="medium")
+    ax.grid(True, axis="y", color="0.92")
+    return fig

@@ -7,7 +7,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -37,8 +37,12 @@ class MLflowStudyCallback(Callback):
     MLflow client is made on first use, so ``Tuner.restore`` re-attaches.
     """
 
-    def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace, feature_config: dict[str, Any]):
+    def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace, feature_config: dict[str, Any],
+                 role: str = "study", params_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        """``role`` "replication" writes replica runs under the replication run; ``params_of`` (picklable) maps
+        a trial's Tune config to the params logged on its run (default: sampled values + resolved overrides)."""
         self.tracking_uri, self.workdir, self.space = tracking_uri, workdir, space
+        self.role, self.params_of = role, params_of
         self.feature_config = feature_config
         self.max_epochs = space.base_config().epochs
         self._runs: TrialRuns | None = None
@@ -53,11 +57,12 @@ class MLflowStudyCallback(Callback):
     @property
     def runs(self) -> TrialRuns:
         if self._runs is None:
-            self._runs = TrialRuns(StudyTracker(self.tracking_uri, self.space.name, self.workdir))
+            self._runs = TrialRuns(StudyTracker(self.tracking_uri, self.space.name, self.workdir, role=self.role))
         return self._runs
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.runs.start(trial.trial_id, trial_params(self.space, trial.config))
+        params = self.params_of(trial.config) if self.params_of else trial_params(self.space, trial.config)
+        self.runs.start(trial.trial_id, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.runs.log_epoch(trial.trial_id, result, int(time.time() * 1000))
@@ -66,7 +71,7 @@ class MLflowStudyCallback(Callback):
             best = self._best.get(trial.trial_id)
             if best is None or self._better(value, best[0]):
                 self._best[trial.trial_id] = (value, result.get("checkpoint_path"), int(result.get("epoch", 0)))
-            if self._study_best is None or self._better(value, self._study_best):
+            if self.role == "study" and (self._study_best is None or self._better(value, self._study_best)):
                 self._study_best = value
                 self.runs.tracker.log_best(trial.trial_id, value, self.space.metric)
 

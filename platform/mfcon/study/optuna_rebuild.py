@@ -30,7 +30,7 @@ def _derived_keys(keys) -> set[str]:
     return {k for k in keys if any(o.startswith(k + ".b") and o[len(k) + 2:].isdigit() for o in keys)}
 
 
-def _parse(value: str, dist) -> Any:
+def parse_param(value: str, dist) -> Any:
     """MLflow param string -> value of ``dist``; ValueError if it does not belong to it."""
     import optuna.distributions as od
 
@@ -78,7 +78,7 @@ def study_distributions(record: StudyRecord, space=None) -> dict[str, Any]:
         dist = declared.get(key)
         try:
             for value in logged[key] if dist is not None else ():
-                _parse(value, dist)
+                parse_param(value, dist)
         except ValueError:
             dist = None  # the space changed since these trials ran
         dists[key] = dist if dist is not None else infer_distribution(logged[key])
@@ -117,7 +117,7 @@ def build_optuna_study(record: StudyRecord, space=None, metric_name: str = METRI
             state = states.get(t.state, TrialState.RUNNING)
             if state == TrialState.COMPLETE and t.best_eer is None:
                 state = TrialState.FAIL  # finished without ever being evaluated
-            params = {k: _parse(t.params[k], d) for k, d in dists.items() if k in t.params}
+            params = {k: parse_param(t.params[k], d) for k, d in dists.items() if k in t.params}
             study.add_trial(create_trial(
                 state=state, value=t.best_eer if state == TrialState.COMPLETE else None, params=params,
                 distributions={k: dists[k] for k in params}, intermediate_values=dict(t.eer),

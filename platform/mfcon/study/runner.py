@@ -16,7 +16,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mfcon.data.corpus.voxceleb import read_trials
-from mfcon.data.shards import manifest_hash, read_manifest, shard_paths, trials_path, verify_shards
+from mfcon.data.shards import (
+    manifest_hash,
+    read_manifest,
+    shard_paths,
+    trials_path,
+    verify_shards,
+)
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
@@ -148,6 +154,8 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     if study_name and study_name != space.name:
         space = space.model_copy(update={"name": study_name})
     paths = study_paths(workdir, space.name)
+    if resume and tracking_uri is None and (paths["root"] / "study.json").exists():
+        tracking_uri = read_study_info(workdir, space.name).get("tracking_uri")  # the store its trials are in
     uri = resolve_tracking_uri(tracking_uri, workdir)
     check_tracking_uri(uri)  # before any training starts
     verify_shards(data_dir)
@@ -198,13 +206,18 @@ def _log_study_plots(uri: str, study: str) -> None:
         print(f"warning: study plots not logged: {e}", file=sys.stderr)
 
 
+def read_study_info(workdir: Path, study_name: str) -> dict[str, str]:
+    """What a study remembers (``study.json``): its space file, data folder and tracking URI."""
+    saved = study_paths(workdir, study_name)["root"] / "study.json"
+    if not saved.exists():
+        raise StudyError(f"no study named {study_name!r} under {workdir} (no {saved})")
+    return json.loads(saved.read_text())
+
+
 def _resolve_inputs(space_path, data_dir, workdir: Path, study_name, resume) -> tuple[Path, Path]:
     """``--resume --name X`` needs nothing else: the study remembers its space and data."""
     if resume and study_name and (space_path is None or data_dir is None):
-        saved = study_paths(workdir, study_name)["root"] / "study.json"
-        if not saved.exists():
-            raise StudyError(f"no study named {study_name!r} under {workdir} to resume")
-        info = json.loads(saved.read_text())
+        info = read_study_info(workdir, study_name)
         space_path, data_dir = space_path or info["space"], data_dir or info["data"]
     if space_path is None or data_dir is None:
         raise StudyError("--space and --data are required (or --resume --name NAME)")

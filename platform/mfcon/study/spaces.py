@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mfcon.config import (
     NAMED_BLOCK_SETS,

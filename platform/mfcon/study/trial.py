@@ -12,6 +12,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.data.ray_source import read_shards
 from mfcon.study.spaces import SearchSpace, trial_config
@@ -40,8 +41,12 @@ def use_gpu(choice: Any) -> bool:
 
 
 def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
-    """Tune function trainable: build and fit this trial's TorchTrainer."""
-    cfg = trial_config(runtime.space, config)
+    """Tune function trainable of a search: the sampled parameters applied to the space's base config."""
+    fit_trainer(trial_config(runtime.space, config), runtime)
+
+
+def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
+    """Build and fit this Tune trial's TorchTrainer (Train V2: the trial function owns the trainer)."""
     res = runtime.space.resources
     trial_id = ray.tune.get_context().get_trial_id()
     gpu = use_gpu(res.use_gpu)

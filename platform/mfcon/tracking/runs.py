@@ -33,6 +33,9 @@ TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "dev_eer", "dev_min_
                  "startup_seconds", "train_seconds")
 
 
+CHILD_ROLES = {"study": "trial", "replication": "replica"}  # parent run role -> its child runs' role
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -51,20 +54,23 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class StudyTracker:
     """The study's parent run: search space, code version, data hash, best trial so far."""
 
-    def __init__(self, tracking_uri: str, study: str, workdir: str | Path):
-        self.uri, self.study = tracking_uri, study
+    def __init__(self, tracking_uri: str, study: str, workdir: str | Path, role: str = "study"):
+        """``role`` "study" (the search) or "replication" (its top configurations retrained with several seeds):
+        one parent run of each role per study experiment; their children are ``trial`` or ``replica`` runs."""
+        self.uri, self.study, self.role = tracking_uri, study, role
+        self.child_role = CHILD_ROLES[role]
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(self.client, study, artifact_root_for(tracking_uri, workdir))
         self.parent_run_id = self._parent_run()
 
     def _parent_run(self) -> str:
-        existing = find_runs(self.client, self.experiment_id, **{STUDY_TAG: self.study, ROLE_TAG: "study"})
+        existing = find_runs(self.client, self.experiment_id, **{STUDY_TAG: self.study, ROLE_TAG: self.role})
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"study-{self.study}",
-                                     tags={STUDY_TAG: self.study, ROLE_TAG: "study"})
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.role}-{self.study}",
+                                     tags={STUDY_TAG: self.study, ROLE_TAG: self.role})
         return run.info.run_id
 
     def log_study_inputs(self, space_file: Path, base_params: dict[str, Any], data_hash: str) -> None:
@@ -112,9 +118,9 @@ class TrialRuns:
         if trial_id in self.run_ids:
             self.client.update_run(self.run_ids[trial_id], status="RUNNING")
             return self.run_ids[trial_id]
-        run = self.client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial_id}", tags={
+        run = self.client.create_run(self.tracker.experiment_id, run_name=f"{self.tracker.child_role}-{trial_id}", tags={
             MLFLOW_PARENT_RUN_ID: self.tracker.parent_run_id, STUDY_TAG: self.tracker.study,
-            ROLE_TAG: "trial", TRIAL_TAG: trial_id, STATE_TAG: "running"})
+            ROLE_TAG: self.tracker.child_role, TRIAL_TAG: trial_id, STATE_TAG: "running"})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.run_ids[trial_id] = run.info.run_id
         self.logged_epochs[trial_id] = 0

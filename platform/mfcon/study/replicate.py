@@ -1,0 +1,307 @@
+"""`mfcon replicate`: a finished study's top configurations and the lambda=0 baseline, at equal compute.
+
+A study's best trial is the best of many on the dev list, trained once: its
+margin over a single baseline run is partly luck of selection and of the seed.
+Replication answers the user's question honestly: the top-K configurations (by
+dev metric) and the baseline with otherwise identical settings (MFCon weight 0)
+are each retrained with S seeds for the same epochs, as one Ray Tune grid of Ray
+Train trials, and every model is scored on the held-out **test** list, which no
+search has seen. The verdict (:mod:`mfcon.verdicts`) is the difference of seed
+means with a CI over enrollment speakers and seeds.
+
+MLflow: a ``replication`` parent run in the study's experiment, a ``replica``
+child run per (configuration, seed) with its per-epoch dev metrics, its best
+checkpoint and model, and its ``test_*`` metrics; the parent holds
+``replication.json`` (the table), per-configuration metrics and the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from mfcon.config import TrainConfig, apply_overrides
+from mfcon.data.local import read_eval_set
+from mfcon.metrics import BootstrapResult
+from mfcon.models.mfa_conformer import build_model
+from mfcon.plots import replication_plot
+from mfcon.scoring import EvalSet, evaluate
+from mfcon.study.callbacks import MLflowStudyCallback
+from mfcon.study.optuna_rebuild import parse_param
+from mfcon.study.plot_logging import log_figures
+from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
+from mfcon.study.runner import (
+    DRIVER_MEMORY_BYTES,
+    StudyError,
+    build_runtime,
+    init_ray,
+    read_study_info,
+    study_paths,
+)
+from mfcon.study.spaces import (
+    SearchSpace,
+    load_search_space,
+    optuna_distributions,
+    trial_config,
+)
+from mfcon.study.trial import StudyRuntime, fit_trainer
+from mfcon.tracking import (
+    STATE_TAG,
+    StudyTracker,
+    check_tracking_uri,
+    find_runs,
+    load_study,
+    no_artifact_progress_bars,
+    resolve_tracking_uri,
+)
+from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
+from mfcon.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
+
+BASELINE = "baseline"
+REPLICATION_FILE = "replication.json"
+REPLICA_KEYS = ("replica.index", "replica.label", "replica.seed")
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One training run of the grid: a configuration (labelled) with one seed."""
+
+    label: str
+    seed: int
+    config: dict[str, Any]  # TrainConfig as JSON
+    params: dict[str, Any]  # logged on its MLflow run
+
+
+class ReplicaParams:
+    """Picklable ``params_of`` for the MLflow callback: a grid point -> the params of its replica."""
+
+    def __init__(self, replicas: tuple[Replica, ...]):
+        self.replicas = replicas
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        return self.replicas[int(config["replica"])].params
+
+
+def run_replica(config: dict[str, Any], runtime: StudyRuntime, replicas: tuple[Replica, ...]) -> None:
+    """Tune function trainable: one replica, trained exactly as a study trial is."""
+    fit_trainer(TrainConfig.model_validate(replicas[int(config["replica"])].config), runtime)
+
+
+def top_configurations(space: SearchSpace, tracking_uri: str, top_k: int) -> list[tuple[str, TrainConfig, dict]]:
+    """(label, config, sampled params) of the study's ``top_k`` finished trials by dev metric, best first."""
+    record = load_study(MlflowClient(tracking_uri), space.name)
+    finished = [t for t in record.ranked() if t.state in ("completed", "pruned") and t.best_eer is not None]
+    if not finished:
+        raise StudyError(f"study {space.name!r} has no finished trial with a dev EER to replicate")
+    dists = optuna_distributions(space) if space.params else {}
+    out = []
+    for rank, trial in enumerate(finished[:top_k], start=1):
+        sampled = {key: parse_param(trial.params[key], dist) for key, dist in dists.items()}
+        out.append((f"top{rank}", trial_config(space, sampled), {**sampled, "source_trial": trial.trial_id}))
+    return out
+
+
+def plan_replicas(space: SearchSpace, tops: list[tuple[str, TrainConfig, dict]], seeds: int) -> tuple[Replica, ...]:
+    """Baseline (the best configuration with MFCon weight 0) and each top configuration, times ``seeds``."""
+    baseline = apply_overrides(tops[0][1], {"loss.mfcon_weight": 0.0}, f"replication of {space.name}")
+    configs = [(BASELINE, baseline, {"loss.mfcon_weight": 0.0})]
+    configs += [(label, cfg, params) for label, cfg, params in tops if cfg.selected_blocks()]
+    replicas = []
+    for label, cfg, params in configs:
+        for seed in range(seeds):
+            config = apply_overrides(cfg, {"seed": seed}).model_dump(mode="json")
+            replicas.append(Replica(label, seed, config, {**params, "replica.index": len(replicas),
+                                                          "replica.label": label, "replica.seed": seed}))
+    return tuple(replicas)
+
+
+@dataclass
+class ReplicationResult:
+    study: str
+    run_id: str  # the replication parent run
+    verdicts: dict[str, ConfigVerdict]
+    best: str | None  # the MFCon configuration with the best mean dev EER (chosen on dev, never on test)
+    replica_runs: dict[str, list[tuple[int, str]]]  # label -> [(seed, run id)]
+    n_trials: int
+    n_speakers: int
+    epochs: int
+
+    def verdict(self) -> str:
+        if self.best is None:
+            return "no MFCon configuration among the top trials (they all had weight 0 or no blocks)"
+        return verdict_line(self.verdicts[self.best], BASELINE)
+
+    def summary(self) -> str:
+        return (f"replication of {self.study}: {len(next(iter(self.replica_runs.values())))} seeds x "
+                f"{len(self.replica_runs)} configurations, {self.epochs} epochs each, scored on the test list "
+                f"({self.n_trials} trials, {self.n_speakers} enrollment speakers)\n"
+                f"{format_table(self.verdicts)}\n{self.verdict()}")
+
+
+def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, seeds: int = 3,
+                    tracking_uri: str | None = None, address: str | None = None, n_boot: int = 1000,
+                    confidence: float = 0.95) -> ReplicationResult:
+    """Retrain and score; re-running continues an interrupted replication (finished replicas are kept)."""
+    if top_k < 1 or seeds < 2:
+        raise StudyError(f"replication needs top_k >= 1 and seeds >= 2 (got {top_k}, {seeds}): "
+                         "one seed cannot show seed-to-seed spread")
+    workdir = Path(workdir).resolve()
+    info = read_study_info(workdir, study)
+    uri = resolve_tracking_uri(tracking_uri or info.get("tracking_uri"), workdir)
+    check_tracking_uri(uri)
+    space = load_search_space(info["space"]).model_copy(update={"name": study})
+    data_dir = Path(info["data"])
+    replicas = plan_replicas(space, top_configurations(space, uri, top_k), seeds)
+    root = study_paths(workdir, study)["root"] / "replication"
+    tracker = StudyTracker(uri, study, workdir, role="replication")
+    init_ray(address)
+    remove_orphaned_placement_groups()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    runtime = build_runtime(space, data_dir, root / "train")
+    grid = _tuner(space, runtime, replicas, root, uri, workdir).fit()
+    failed = [r for r in grid if r.error is not None]
+    if failed:
+        print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
+    result = score_replicas(tracker, replicas, data_dir, n_boot, confidence)
+    tracker.finish("FINISHED")
+    return result
+
+
+def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, ...], root: Path, uri: str,
+           workdir: Path) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_replica, runtime=runtime, replicas=replicas),
+                                    {"CPU": space.resources.driver_cpus, "memory": DRIVER_MEMORY_BYTES})
+    experiment = root / "tune" / f"{space.name}-replication"
+    if experiment.exists() and tune.Tuner.can_restore(str(experiment)):
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space={"replica": tune.grid_search(list(range(len(replicas))))},
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode,
+                                    max_concurrent_trials=space.budget.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=experiment.name, storage_path=str(experiment.parent),
+            callbacks=[PlacementGroupReaper(),
+                       MLflowStudyCallback(uri, str(workdir), space, runtime.feature_config, role="replication",
+                                           params_of=ReplicaParams(replicas))],
+            progress_reporter=tune.CLIReporter(metric_columns={"epoch": "epoch", "dev_eer": "dev EER %"},
+                                               parameter_columns={"replica": "replica"}, max_report_frequency=30),
+            failure_config=tune.FailureConfig(max_failures=space.resources.max_failures)))
+
+
+def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_dir: Path, n_boot: int,
+                   confidence: float) -> ReplicationResult:
+    """Every finished replica's best checkpoint on the test list; verdicts logged on the replication run."""
+    client, test = tracker.client, read_eval_set(data_dir, "test")
+    runs = find_runs(client, tracker.experiment_id, **{"mlflow.parentRunId": tracker.parent_run_id})
+    by_index = {int(r.data.params["replica.index"]): r for r in runs if "replica.index" in r.data.params}
+    scores: dict[str, list[np.ndarray]] = {}
+    dev: dict[str, list[float]] = {}
+    replica_runs: dict[str, list[tuple[int, str]]] = {}
+    for index, replica in enumerate(replicas):
+        run = by_index.get(index)
+        if run is None or run.data.tags.get(STATE_TAG) != "completed":
+            continue
+        result = _score_on_test(client, run.info.run_id, test)
+        if result is None:
+            continue
+        scores.setdefault(replica.label, []).append(result)
+        history = client.get_metric_history(run.info.run_id, "dev_eer")
+        dev.setdefault(replica.label, []).append(min((m.value for m in history), default=math.nan))
+        replica_runs.setdefault(replica.label, []).append((replica.seed, run.info.run_id))
+    if BASELINE not in scores or len(scores) < 2:
+        raise StudyError(f"too few finished replicas to compare (have {sorted(scores)}); see the replica runs' "
+                         "states in MLflow and re-run to continue")
+    labels = np.array([t.label for t in test.trials])
+    groups = np.array([t.enroll.split("/")[0] for t in test.trials])
+    verdicts = replicate_verdicts(scores, labels, groups, BASELINE, n_boot, confidence)
+    for label, v in verdicts.items():
+        verdicts[label] = ConfigVerdict(v.label, v.test_eer, v.test_min_dcf, v.delta,
+                                        {k: str(val) for k, val in _config_params(replicas, label).items()})
+    mfcon = [label for label in verdicts if label != BASELINE]
+    best = min(mfcon, key=lambda label: np.nanmean(dev[label])) if mfcon else None
+    out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
+                            len(set(groups)), int(replicas[0].config["epochs"]))
+    _log_replication(client, out)
+    return out
+
+
+def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarray | None:
+    """The replica's exported best-dev-epoch weights scored on the test list; ``test_*`` metrics on its run."""
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+        try:
+            state = load_checkpoint(client.download_artifacts(run_id, EXPORTED_ARTIFACT, tmp))
+        except Exception:  # noqa: BLE001 - a replica stopped before its first checkpoint has none
+            return None
+    from mfcon.config import ModelConfig
+
+    model = build_model(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(model.to(device), test, device)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(state["epoch"]))
+                                      for k, v in result.metrics("test").items()])
+    return result.scores
+
+
+def _config_params(replicas: tuple[Replica, ...], label: str) -> dict[str, Any]:
+    params = next(r.params for r in replicas if r.label == label)
+    return {k: v for k, v in params.items() if k not in REPLICA_KEYS}
+
+
+def _interval(d: BootstrapResult | None) -> dict[str, float] | None:
+    return None if d is None else {"estimate": d.estimate, "low": d.low, "high": d.high, "confidence": d.confidence,
+                                   "n_boot": d.n_boot}
+
+
+def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
+    table = {"study": r.study, "best": r.best, "verdict": r.verdict(), "n_trials": r.n_trials,
+             "n_speakers": r.n_speakers, "epochs": r.epochs,
+             "configs": {label: {"params": v.params, "seeds": [s for s, _ in r.replica_runs[label]],
+                                 "runs": [run for _, run in r.replica_runs[label]], "test_eer": list(v.test_eer),
+                                 "test_min_dcf": list(v.test_min_dcf), "delta_eer": _interval(v.delta)}
+                         for label, v in r.verdicts.items()}}
+    client.log_dict(r.run_id, table, REPLICATION_FILE)
+    now = int(time.time() * 1000)
+    metrics = []
+    for label, v in r.verdicts.items():
+        metrics += [Metric(f"test_eer_mean.{label}", v.eer_mean, now, 0), Metric(f"test_eer_sd.{label}", v.eer_std, now, 0),
+                    Metric(f"test_min_dcf_mean.{label}", v.min_dcf_mean, now, 0)]
+        if v.delta is not None:
+            metrics += [Metric(f"delta_test_eer.{label}", v.delta.estimate, now, 0),
+                        Metric(f"delta_test_eer_low.{label}", v.delta.low, now, 0),
+                        Metric(f"delta_test_eer_high.{label}", v.delta.high, now, 0)]
+    client.log_batch(r.run_id, metrics=metrics)
+    client.set_tag(r.run_id, "mfcon.verdict", r.verdict())
+    client.set_tag(r.run_id, "mfcon.replication_best", r.best or "")
+    log_figures(client, r.run_id, {"replication": replication_plot(r.verdicts, BASELINE)})
+
+
+def read_replication(client: MlflowClient, study: str) -> dict[str, Any] | None:
+    """The latest ``replication.json`` of a study (for promotion and reports), or None."""
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    parents = [r for r in find_runs(client, exp.experiment_id, **{"mfcon.role": "replication"})
+               if r.info.status == "FINISHED"]
+    if not parents:
+        return None
+    run = max(parents, key=lambda r: r.info.end_time or 0)
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+        try:
+            path = client.download_artifacts(run.info.run_id, REPLICATION_FILE, tmp)
+        except Exception:  # noqa: BLE001 - a replication that never scored has no table
+            return None
+        return {**json.loads(Path(path).read_text()), "run_id": run.info.run_id}

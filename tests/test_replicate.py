@@ -1,0 +1,74 @@
+"""`mfcon replicate` end to end on 2 CPUs: a tiny study, then its best configuration and the baseline,
+each retrained with 2 seeds as one Ray Tune grid, scored on the held-out test list and tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mfcon.data.local import read_eval_set
+from mfcon.study.replicate import BASELINE, read_replication, replicate_study
+from mfcon.study.runner import run_study
+from mfcon.tracking import default_tracking_uri
+from mlflow.tracking import MlflowClient
+from test_study import write_space
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def replicated(ray_local_2cpu, small_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("replicate")
+    space = write_space(workdir, "rep", epochs=2, samples=2, concurrent=2)
+    run_study(space, small_data, workdir=workdir)
+    result = replicate_study("rep", workdir=workdir, top_k=1, seeds=2, n_boot=200)
+    return workdir, result
+
+
+def test_replicas_are_tracked_with_test_metrics(replicated, small_data):
+    workdir, result = replicated
+    client = MlflowClient(default_tracking_uri(workdir))
+    exp = client.get_experiment_by_name("rep")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("mfcon.role") == "replication"]
+    replicas = [r for r in runs if r.data.tags.get("mfcon.role") == "replica"]
+    assert len(parents) == 1 and parents[0].info.run_id == result.run_id and parents[0].info.status == "FINISHED"
+    assert len(replicas) == 4
+    assert {(r.data.params["replica.label"], r.data.params["replica.seed"]) for r in replicas} == {
+        (BASELINE, "0"), (BASELINE, "1"), ("top1", "0"), ("top1", "1")}
+    for run in replicas:
+        assert run.data.tags["mlflow.parentRunId"] == result.run_id
+        assert run.data.tags["mfcon.trial_state"] == "completed"
+        assert run.data.metrics["test_eer"] >= 0 and "dev_eer" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "dev_eer")) == 2  # equal epochs
+        if run.data.params["replica.label"] == BASELINE:
+            assert float(run.data.params["loss.mfcon_weight"]) == 0.0
+    by_label = {}
+    for run in replicas:
+        by_label.setdefault(run.data.params["replica.label"], []).append(run.data.metrics["test_eer"])
+    top = result.verdicts["top1"]
+    assert sorted(top.test_eer) == pytest.approx(sorted(by_label["top1"]))
+    assert top.delta.estimate == pytest.approx(np.mean(by_label["top1"]) - np.mean(by_label[BASELINE]))
+    assert top.delta.low <= top.delta.estimate <= top.delta.high
+    test = read_eval_set(small_data, "test")
+    assert result.n_trials == len(test.trials)
+
+
+def test_replication_table_verdict_and_plot_are_logged(replicated):
+    workdir, result = replicated
+    client = MlflowClient(default_tracking_uri(workdir))
+    table = read_replication(client, "rep")
+    assert table["run_id"] == result.run_id and table["best"] == "top1"
+    assert set(table["configs"]) == {BASELINE, "top1"}
+    assert table["configs"][BASELINE]["delta_eer"] is None
+    assert table["configs"]["top1"]["delta_eer"]["estimate"] == pytest.approx(result.verdicts["top1"].delta.estimate)
+    assert table["verdict"] == result.verdict()
+    assert result.verdict().startswith("top1 vs baseline: ") and "over speakers and seeds" in result.verdict()
+    significance = result.verdict().rsplit("-> ", 1)[1]
+    assert significance in ("significantly better", "significantly worse", "not significant")
+    delta = result.verdicts["top1"].delta
+    assert (significance == "not significant") == (delta.low <= 0 <= delta.high)
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/replication.png"]
+    assert "baseline" in result.summary() and "test list" in result.summary()

@@ -19,9 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "platform"))  # run from a checkout without `pip install` (e.g. ray job submit)
 
+from mfcon.cli.study import print_summary  # noqa: E402
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus  # noqa: E402
 from mfcon.data.prepare import prepare_dataset  # noqa: E402
-from mfcon.study.report import print_summary  # noqa: E402
 from mfcon.study.runner import StudySummary, run_study, study_paths  # noqa: E402
 
 

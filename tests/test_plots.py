@@ -218,7 +218,7 @@ def test_markdown_report_writes_pngs_beside_it(store, tmp_path):
 
 
 def test_report_cli(store, tmp_path, capsys, monkeypatch):
-    from mfcon.cli_report import add_commands
+    from mfcon.cli.study import add_commands
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     parser = argparse.ArgumentParser(prog="mfcon")

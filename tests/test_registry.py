@@ -10,7 +10,6 @@ completed one without a checkpoint that must be skipped).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,20 +23,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from mfcon import cli_registry, registry
+from mfcon import registry
+from mfcon.cli import build_parser
 from mfcon.config import ModelConfig, TrainConfig, apply_overrides
 from mfcon.data.audio import load_audio
 from mfcon.data.local import read_eval_set
 from mfcon.data.shards import manifest_hash, read_manifest
 from mfcon.models.mfa_conformer import build_model
-from mfcon.registry import (
-    RegistryError,
-    finished_trials,
-    promote,
-    rollback,
-    verify,
-    verify_pairs,
-)
+from mfcon.registry import RegistryError, finished_trials, promote, rollback
 from mfcon.scoring import extract_embeddings, score_trials
 from mfcon.serving import (
     MODEL_URI_TAG,
@@ -46,6 +39,8 @@ from mfcon.serving import (
     load_embedder,
     log_speaker_model,
     use_tracking_uri,
+    verify,
+    verify_pairs,
 )
 from mfcon.tracking import (
     StudyTracker,
@@ -53,7 +48,8 @@ from mfcon.tracking import (
     TrialRuns,
     default_tracking_uri,
 )
-from mfcon.train.local import load_checkpoint, train_local
+from mfcon.train.checkpoint import load_checkpoint
+from mfcon.train.local import train_local
 from mlflow.tracking import MlflowClient
 
 MICRO = {"d_model": 32, "num_blocks": 2, "num_heads": 2, "ffn_dim": 64, "embed_dim": 32, "conv_kernel": 5}
@@ -339,15 +335,11 @@ def test_clear_errors(store, tmp_path):
 
 
 def _cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mfcon")
-    cli_registry.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 
 def test_cli_promote_verify_embed(store, small_corpus, capsys, tmp_path):
-    assert (cli_registry.DEFAULT_MODEL, cli_registry.DEFAULT_MODEL_URI, cli_registry.SELECTION_METRICS) == \
-        (registry.DEFAULT_MODEL, registry.DEFAULT_MODEL_URI, registry.SELECTION_METRICS)
     store_args = ["--workdir", str(store.workdir)]  # the default URI: <workdir>/mlflow.db
     _cli(["promote", "--study", "main", "--data", str(store.data), "--model-name", "cli-model", "--n-boot", "200",
           *store_args])

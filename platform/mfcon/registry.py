@@ -1,4 +1,4 @@
-"""Promote a study's best trial to the model registry, roll back, and verify recordings with the champion.
+"""Promote a study's best trial to the model registry, and roll back.
 
 Aliases only (stages are deprecated in MLflow 3): ``champion`` is the model in
 use, ``previous`` the champion it replaced. :func:`promote` registers a new
@@ -8,12 +8,13 @@ the upper bound of the paired cluster-bootstrap CI of EER(challenger) -
 EER(champion) is below 0 (:func:`mfcon.metrics.bootstrap_eer_difference`,
 resampling enrollment speakers), or when forced (tag ``forced=true``).
 
-Scoring contract (shared with :func:`verify`): embeddings from the registered
-pyfunc, cosine after subtracting the mean embedding of the promotion's eval
-set, as :func:`mfcon.scoring.score_trials`. That mean is stored on the version
-(tag ``score_mean``, JSON floats, exact float32 round trip) together with the
-EER threshold of those scores (``eer_threshold``), so a single pair is scored
-exactly as the trial list was.
+Scoring contract (shared with :func:`mfcon.serving.verify`): embeddings from
+the registered pyfunc, cosine after subtracting the mean embedding of the
+promotion's eval set, as :func:`mfcon.scoring.score_trials`. That mean is
+stored on the version (tag ``score_mean``, JSON floats, exact float32 round
+trip) together with the EER threshold of those scores (``eer_threshold``), so
+a single pair is scored exactly as the trial list was. Using a model (verify,
+embed, loading by alias) belongs to :mod:`mfcon.serving`.
 
 Rollback: ``champion`` <- ``previous``; the rolled-back version is tagged
 ``rolled_back=true``; ``previous`` <- the version the restored champion had
@@ -24,28 +25,32 @@ rolled-back version.
 Example::
 
     result = promote("demo", "sqlite:////abs/runs/mlflow.db", data_dir="data/synth")
-    verify("a.wav", "b.wav", tracking_uri="sqlite:////abs/runs/mlflow.db").accepted
+    rollback("sqlite:////abs/runs/mlflow.db")
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mfcon.data.audio import load_audio
 from mfcon.data.local import read_eval_set
 from mfcon.data.shards import manifest_hash, read_manifest
 from mfcon.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
+from mfcon.names import (
+    CHAMPION,
+    DEFAULT_MODEL,
+    PREVIOUS,
+    SELECTION_METRICS,
+    RegistryError,
+)
 from mfcon.scoring import EvalSet
 from mfcon.serving import (
     MODEL_URI_TAG,
@@ -54,33 +59,26 @@ from mfcon.serving import (
     embedder_of,
     load_embedder,
     log_speaker_model,
+    open_registry,
     use_tracking_uri,
 )
 from mfcon.tracking import (
     ROLE_TAG,
     STATE_TAG,
     TRIAL_TAG,
-    TrackingUnavailable,
-    check_tracking_uri,
     code_version,
     find_runs,
     no_artifact_progress_bars,
 )
+from mfcon.train.checkpoint import EXPORTED_ARTIFACT
 
-CHAMPION, PREVIOUS = "champion", "previous"
-DEFAULT_MODEL = "mfcon-speaker"
-DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL}@{CHAMPION}"
 FINISHED_STATES = ("completed", "pruned")
-SELECTION_METRICS = ("eer", "min_dcf", "min_dcf_005")  # all lower-is-better
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-
-
-class RegistryError(ValueError):
-    """A study, trial, model version or alias cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
-class Trial:
+class StudyTrial:
+    """A finished tuning trial of a study (its MLflow child run), a candidate for promotion."""
+
     run_id: str
     trial_id: str
     value: float  # best value of the selection metric over the run's epochs
@@ -105,7 +103,7 @@ class PromotionResult:
     model_name: str
     version: str
     study: str
-    trial: Trial
+    trial: StudyTrial
     metric: str
     challenger: Scored
     champion: Scored | None
@@ -127,38 +125,7 @@ class RollbackResult:
     previous: str | None
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    score: float
-    threshold: float
-    accepted: bool
-    model_uri: str = ""  # the version that scored, pinned (models:/name/N)
-
-
-@dataclass
-class ServedModel:
-    """A loaded embedder plus the scoring recipe stored on its registered version."""
-
-    embedder: SpeakerEmbedder
-    model_uri: str  # pinned: models:/name/<version> when it came from the registry
-    version: str | None
-    threshold: float | None
-    mean: np.ndarray | None
-
-
-# ---------------------------------------------------------------- store access
-
-def open_registry(tracking_uri: str) -> MlflowClient:
-    """A client for tracking + registry at ``tracking_uri``, after checking the store exists and answers."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise TrackingUnavailable(f"MLflow store {tracking_uri} does not exist; run a study first, "
-                                  "or point --workdir/--tracking-uri at the one it used")
-    if not tracking_uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "http:", "https:", "databricks")):
-        raise TrackingUnavailable(f"{tracking_uri}: the model registry needs a database-backed store "
-                                  "(e.g. sqlite:////abs/runs/mlflow.db) or a tracking server")
-    check_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
-
+# ---------------------------------------------------------------- aliases
 
 def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
     """Alias -> version of registered model ``name``; None when it does not exist."""
@@ -166,31 +133,9 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
     return {k: str(v) for k, v in found[0].aliases.items()} if found else None
 
 
-def pin_model_uri(model_uri: str, tracking_uri: str | None) -> tuple[str, str | None, dict[str, str]]:
-    """``models:/name@alias`` or ``models:/name/N`` -> (``models:/name/N``, N, version tags); others unchanged."""
-    match = _REGISTRY_URI.match(model_uri)
-    if not match:
-        return model_uri, None, {}
-    client = open_registry(tracking_uri) if tracking_uri else MlflowClient()
-    name, alias, version = match["name"], match["alias"], match["version"]
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
-        raise RegistryError(f"{model_uri}: no such registered model version in {client.tracking_uri} "
-                            "(promote a study first: mfcon promote --study NAME --data DIR)") from None
-    return f"models:/{name}/{mv.version}", str(mv.version), dict(mv.tags)
-
-
-def load_served_model(model_uri: str = DEFAULT_MODEL_URI, tracking_uri: str | None = None) -> ServedModel:
-    pinned, version, tags = pin_model_uri(model_uri, tracking_uri)
-    threshold = float(tags["eer_threshold"]) if "eer_threshold" in tags else None
-    mean = np.asarray(json.loads(tags["score_mean"]), dtype=np.float32) if "score_mean" in tags else None
-    return ServedModel(embedder_of(load_embedder(pinned, tracking_uri)), pinned, version, threshold, mean)
-
-
 # ---------------------------------------------------------------- choosing the challenger
 
-def finished_trials(client: MlflowClient, study: str, metric: str = "eer") -> tuple[str, list[Trial]]:
+def finished_trials(client: MlflowClient, study: str, metric: str = "eer") -> tuple[str, list[StudyTrial]]:
     """(experiment id, completed/pruned trials with a finite ``metric``, best first)."""
     if metric not in SELECTION_METRICS:
         raise RegistryError(f"unknown selection metric {metric!r}; use one of {SELECTION_METRICS}")
@@ -205,7 +150,7 @@ def finished_trials(client: MlflowClient, study: str, metric: str = "eer") -> tu
             continue
         values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
         if values:
-            trials.append((min(values), run.info.start_time or 0, Trial(
+            trials.append((min(values), run.info.start_time or 0, StudyTrial(
                 run.info.run_id, run.data.tags.get(TRIAL_TAG, run.info.run_id), min(values),
                 dict(run.data.params), dict(run.data.tags))))
     if not trials:
@@ -215,7 +160,7 @@ def finished_trials(client: MlflowClient, study: str, metric: str = "eer") -> tu
     return exp.experiment_id, [t for _, _, t in sorted(trials, key=lambda x: x[:2])]
 
 
-def challenger_model_uri(client: MlflowClient, trial: Trial, data_dir: Path, notes: list[str]) -> str:
+def challenger_model_uri(client: MlflowClient, trial: StudyTrial, data_dir: Path, notes: list[str]) -> str:
     """The pyfunc model logged for the trial's run; logs one from ``checkpoint/best.pt`` when there is none."""
     if trial.tags.get(MODEL_URI_TAG):
         return trial.tags[MODEL_URI_TAG]
@@ -225,7 +170,7 @@ def challenger_model_uri(client: MlflowClient, trial: Trial, data_dir: Path, not
             return f"models:/{output.model_id}"
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
-            ckpt = client.download_artifacts(trial.run_id, "checkpoint/best.pt", tmp)
+            ckpt = client.download_artifacts(trial.run_id, EXPORTED_ARTIFACT, tmp)
         except (MlflowException, OSError):
             raise RegistryError(f"trial {trial.trial_id} (run {trial.run_id}) has neither a logged model nor a "
                                 "checkpoint/best.pt artifact") from None
@@ -307,8 +252,8 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
                            promoted, force, reason, len(eval_set.trials), len(set(groups)), notes)
 
 
-def _first_with_model(client: MlflowClient, study: str, trials: list[Trial], data_dir: Path,
-                      notes: list[str]) -> tuple[Trial, str]:
+def _first_with_model(client: MlflowClient, study: str, trials: list[StudyTrial], data_dir: Path,
+                      notes: list[str]) -> tuple[StudyTrial, str]:
     """The best trial that has a model or a checkpoint (a trial stopped before its first report has neither)."""
     for trial in trials:
         try:
@@ -387,34 +332,3 @@ def rollback(tracking_uri: str, model_name: str = DEFAULT_MODEL) -> RollbackResu
     else:
         client.delete_registered_model_alias(model_name, PREVIOUS)
     return RollbackResult(model_name, previous, champion, older if usable else None)
-
-
-# ---------------------------------------------------------------- using the champion
-
-def verify_pairs(pairs: Sequence[tuple[str | Path, str | Path]], model_uri: str = DEFAULT_MODEL_URI,
-                 threshold: float | None = None, tracking_uri: str | None = None) -> list[VerifyResult]:
-    """Score many (enroll, test) recordings with one model load; each distinct file is embedded once."""
-    served = load_served_model(model_uri, tracking_uri)
-    threshold = served.threshold if threshold is None else float(threshold)
-    if threshold is None:
-        raise RegistryError(f"{model_uri} carries no eer_threshold tag (not a promoted version); pass a threshold")
-    files = sorted({str(p) for pair in pairs for p in pair})
-    sr = served.embedder.feature_config.sample_rate
-    emb = served.embedder.embed_waveforms([load_audio(f, target_sr=sr) for f in files], files)
-    index = {f: i for i, f in enumerate(files)}
-    a = emb[[index[str(x)] for x, _ in pairs]]
-    b = emb[[index[str(y)] for _, y in pairs]]
-    scores = centered_cosine(a, b, served.mean)
-    return [VerifyResult(float(s), threshold, bool(s >= threshold), served.model_uri) for s in scores]
-
-
-def verify(a_wav: str | Path, b_wav: str | Path, model_uri: str = DEFAULT_MODEL_URI, threshold: float | None = None,
-           tracking_uri: str | None = None) -> VerifyResult:
-    """Same speaker? Cosine of the two recordings' embeddings (minus the stored mean) >= threshold.
-
-    The default threshold is the version's ``eer_threshold`` tag: the EER
-    operating point of the trial list it was promoted on. A model URI outside
-    the registry (``runs:/``, ``models:/m-...``) has no stored mean or
-    threshold: it scores plain cosine and needs ``threshold``.
-    """
-    return verify_pairs([(a_wav, b_wav)], model_uri, threshold, tracking_uri)[0]

@@ -1,17 +1,13 @@
-"""A trained checkpoint as an MLflow pyfunc speaker embedder, and batch embedding of audio files.
+"""A trained checkpoint as an MLflow pyfunc speaker embedder: log it, load it.
 
 The model is logged "from code" (MLflow 3's recommended form): a three-line
-entry file that imports :class:`SpeakerEmbedder` is stored with it instead of a
-cloudpickle, so loading runs no pickled code and needs ``mfcon`` installed
-(``pip install -e .``). Its artifacts are the weights-only checkpoint
-(``checkpoint/best.pt`` of a trial run) and the :class:`FeatureConfig` the model
-was trained with, so serving computes exactly the training features
+entry file that imports :class:`SpeakerEmbedder` (``from mfcon.serving import
+SpeakerEmbedder``) is stored with it instead of a cloudpickle, so loading runs
+no pickled code and needs ``mfcon`` installed (``pip install -e .``). Its
+artifacts are the weights-only checkpoint (``checkpoint/best.pt`` of a trial
+run, see :mod:`mfcon.train.checkpoint`) and the :class:`FeatureConfig` the
+model was trained with, so serving computes exactly the training features
 (:func:`mfcon.data.features.compute_fbank`).
-
-Embeddings are L2-normalised model outputs. Scores are cosine similarities
-after subtracting a mean embedding (:func:`centered_cosine`), as
-:func:`mfcon.scoring.score_trials` scores a trial list; the registry stores that
-mean with each registered version (see :mod:`mfcon.registry`).
 
 Example::
 
@@ -33,8 +29,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -42,13 +36,11 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 from mfcon.config import FeatureConfig, ModelConfig
-from mfcon.data.audio import load_audio
-from mfcon.data.corpus.voxceleb import AUDIO_EXTENSIONS
 from mfcon.data.features import compute_fbank
-from mfcon.files import atomic_path
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import extract_embeddings
 from mfcon.tracking import no_artifact_progress_bars
+from mfcon.train.checkpoint import load_checkpoint
 
 MODEL_URI_TAG = "mfcon.model_uri"  # run tag: the pyfunc model logged for this run
 INPUT_COLUMNS = ("waveform", "fbank")
@@ -100,7 +92,7 @@ class SpeakerEmbedder(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        state = torch.load(context.artifacts["checkpoint"], map_location="cpu", weights_only=True)
+        state = load_checkpoint(context.artifacts["checkpoint"])
         self.feature_config = FeatureConfig(**json.loads(Path(context.artifacts["feature_config"]).read_text()))
         self.model_config = ModelConfig(**state["model_config"])
         device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,7 +193,7 @@ def log_speaker_model(client: MlflowClient | None, run_id: str, checkpoint_file:
     uri = tracking_uri or (client.tracking_uri if client is not None else mlflow.get_tracking_uri())
     client = MlflowClient(uri)
     before = client.get_run(run_id).info
-    state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint_file)
     embed_dim = ModelConfig(**state["model_config"]).embed_dim
     fcfg = feature_config if isinstance(feature_config, FeatureConfig) else FeatureConfig(**feature_config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,67 +230,3 @@ def embedder_of(model: mlflow.pyfunc.PyFuncModel) -> SpeakerEmbedder:
         raise ValueError(f"model {model.metadata.model_uuid} is not an mfcon speaker embedder "
                          f"({type(inner).__name__})")
     return inner
-
-
-def centered_cosine(emb_a: np.ndarray, emb_b: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
-    """Row-paired cosine after subtracting ``mean``: the same float32 arithmetic as ``score_trials``."""
-    a, b = (np.asarray(e, dtype=np.float32) for e in (emb_a, emb_b))
-    if mean is not None:
-        a, b = a - mean, b - mean
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(min=1e-12)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(min=1e-12)
-    return (a * b).sum(axis=1)
-
-
-def list_audio_inputs(inputs: str | Path) -> list[tuple[str, Path]]:
-    """A folder (every wav/flac below it, utt id = relative posix path) or a list file (one path per line,
-    relative ones against the list's folder; the line is the utt id) -> sorted (utt_id, path)."""
-    inputs = Path(inputs)
-    if inputs.is_dir():
-        files = [p for p in inputs.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()]
-        items = sorted((p.relative_to(inputs).as_posix(), p) for p in files)
-    elif inputs.is_file():
-        items, first = [], {}
-        for n, line in enumerate(inputs.read_text().splitlines(), 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            if text in first:
-                raise ValueError(f"{inputs}:{n}: {text} is listed twice (first on line {first[text]})")
-            first[text] = n
-            items.append((text, Path(text) if Path(text).is_absolute() else inputs.parent / text))
-    else:
-        raise ValueError(f"{inputs}: no such folder or list file")
-    if not items:
-        raise ValueError(f"{inputs}: no {'/'.join(AUDIO_EXTENSIONS)} files to embed")
-    return items
-
-
-def embed(inputs: str | Path, out_parquet: str | Path, model_uri: str = "models:/mfcon-speaker@champion",
-          tracking_uri: str | None = None, chunk: int = 64, progress: bool = False) -> int:
-    """Embed every file of ``inputs`` into ``out_parquet`` (utt_id: string, embedding: list<float32>).
-
-    Written atomically (``<out>.tmp-<pid>`` then ``os.replace``); the model URI is
-    kept in the Parquet metadata. Embeddings are the model's L2-normalised
-    outputs (no mean subtracted). Returns the number of rows.
-    """
-    from tqdm.auto import tqdm
-
-    items = list_audio_inputs(inputs)
-    model = embedder_of(load_embedder(model_uri, tracking_uri))
-    out = Path(out_parquet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("utt_id", pa.string()), ("embedding", pa.list_(pa.float32()))],
-                       metadata={"mfcon.model_uri": model_uri,
-                                 "mfcon.embedding_dim": str(model.model_config.embed_dim)})
-    with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(items), unit="utt", disable=not progress) as bar:
-            for start in range(0, len(items), chunk):
-                part = items[start : start + chunk]
-                wavs = [load_audio(path, target_sr=model.feature_config.sample_rate) for _, path in part]
-                emb = model.embed_waveforms(wavs, [str(p) for _, p in part])  # (n, E)
-                writer.write_table(pa.table({"utt_id": [u for u, _ in part],
-                                             "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))},
-                                            schema=schema))
-                bar.update(len(part))
-    return len(items)

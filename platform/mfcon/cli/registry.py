@@ -1,0 +1,69 @@
+"""``mfcon promote``: register a study's best trial, make it champion when significantly better, or roll back."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING
+
+from mfcon.cli.common import add_store_options, tracking_uri
+from mfcon.names import DEFAULT_MODEL, SELECTION_METRICS
+
+if TYPE_CHECKING:
+    from mfcon.registry import PromotionResult, Scored
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("promote", help="register a study's best trial; it becomes champion if significantly better")
+    p.add_argument("--study", help="study name (its MLflow experiment)")
+    p.add_argument("--data", help="prepared data folder: its eval trials rescore challenger and champion")
+    add_store_options(p)
+    p.add_argument("--model-name", default=DEFAULT_MODEL)
+    p.add_argument("--metric", default="eer", choices=SELECTION_METRICS, help="picks the best trial")
+    p.add_argument("--force", action="store_true", help="make it champion even if not significantly better")
+    p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.set_defaults(func=_promote)
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from mfcon.registry import RegistryError, promote, rollback
+
+    if args.rollback:
+        r = rollback(tracking_uri(args), args.model_name)
+        prev = f"v{r.previous}" if r.previous else "none"
+        print(f"{r.model_name}: champion v{r.champion} (was v{r.rolled_back}, tagged rolled_back); previous: {prev}")
+        return
+    if not args.study or not args.data:
+        raise RegistryError("promote needs --study NAME and --data DIR (or --rollback)")
+    result = promote(args.study, tracking_uri(args), model_name=args.model_name, metric=args.metric,
+                     data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed)
+    print(format_promotion(result))
+
+
+def _ci(low: float, high: float) -> str:
+    return "" if math.isnan(low) else f"[{low:6.2f}, {high:6.2f}]"
+
+
+def _row(label: str, version: str, s: Scored) -> str:
+    return f"  {label:<11} {version:<8} {s.eer:7.2f}  {_ci(*s.eer_ci)}  {s.threshold:+.4f}"
+
+
+def format_promotion(r: PromotionResult) -> str:
+    """Champion vs challenger EER table with the CIs and the decision."""
+    conf = f"{r.delta.confidence if r.delta else 0.95:.0%}"
+    lines = [f"study {r.study}: best trial {r.trial.trial_id} (run {r.trial.run_id[:12]}), "
+             f"{r.metric} {r.trial.value:.4g} in training",
+             f"rescored on {r.n_trials} trials, {r.n_groups} enrollment speakers (cluster bootstrap)", "",
+             f"  {'':<11} {'version':<8} {'EER %':>7}  {conf + ' CI':<16}  threshold"]
+    if r.champion is not None:
+        lines.append(_row("champion", f"v{r.champion_version}", r.champion))
+    lines.append(_row("challenger", f"v{r.version}", r.challenger))
+    if r.delta is not None:
+        lines.append(f"  {'difference':<11} {'':<8} {r.delta.estimate:+7.2f}  {_ci(r.delta.low, r.delta.high)}")
+    verdict = (f"PROMOTED: {r.model_name}@champion -> v{r.version}" if r.promoted
+               else f"not promoted: {r.model_name}@champion stays v{r.champion_version}")
+    lines += ["", f"{verdict} ({r.reason})"]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""``mfcon study | report``: run a hyperparameter study, summarise one; the terminal summary printer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mfcon.cli.common import add_store_options, tracking_uri
+
+if TYPE_CHECKING:
+    from mfcon.study.runner import StudySummary
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="hyperparameter study: Ray Tune + Optuna + ASHA, tracked in MLflow")
+    p.add_argument("--space", help="search_spaces/*.yaml")
+    p.add_argument("--data", help="folder made by `mfcon prepare`")
+    p.add_argument("--name", help="study name (default: the space's name)")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
+    add_store_options(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.set_defaults(func=_study)
+
+    p = sub.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
+    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    add_store_options(p)
+    p.add_argument("--out", help="output folder (default: <workdir>/<study>/report)")
+    p.add_argument("--format", choices=("html", "md"), default="html")
+    p.set_defaults(func=_report)
+
+
+def _study(args: argparse.Namespace) -> None:
+    from mfcon.study.runner import run_study
+
+    summary = run_study(args.space, args.data, workdir=args.workdir, num_samples=args.num_samples,
+                        address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,
+                        study_name=args.name)
+    print_summary(summary)
+
+
+def print_summary(summary: StudySummary) -> None:
+    """A finished study for the terminal: trial states, the best trial and its parameters, where MLflow is."""
+    states = ", ".join(f"{n} {state}" for state, n in sorted(summary.states.items()))
+    print(f"\nstudy {summary.study}: {summary.num_trials} trials ({states})")
+    if summary.best_trial is not None and summary.best_metric is not None:
+        print(f"best trial {summary.best_trial}: {summary.metric} {summary.best_metric:.3f}"
+              + ("%" if summary.metric == "eer" else ""))
+        for key, value in sorted(summary.best_params.items()):
+            print(f"  {key} = {value}")
+    uri = summary.tracking_uri
+    if uri.startswith("sqlite:"):
+        print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"\ntrials are in MLflow at {uri}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mfcon.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.workdir) / args.study / "report"
+    path = write_report(tracking_uri(args), args.study, out, fmt=args.format)
+    print(f"report for study {args.study}: {path.resolve()}")

@@ -35,7 +35,8 @@ def bench_prepare(speakers: int, utts: int, repeats: int) -> dict:
                 out = Path(tmp) / f"shards{workers}"
                 shutil.rmtree(out, ignore_errors=True)
                 started = time.perf_counter()
-                prepare_dataset(layout.root, layout.trials, out, rows_per_shard=32, num_workers=workers, progress=False)
+                prepare_dataset(layout.root, layout.trials, out, dev_speakers=2, rows_per_shard=32, num_workers=workers,
+                                progress=False)
                 rates[workers].append(n / (time.perf_counter() - started))
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     return {"utterances": n, "utt_per_s_1_worker": round(one, 1), "utt_per_s_2_workers": round(two, 1),

@@ -1,7 +1,8 @@
 """Corpus -> shards as a pipeline file (``mfcon prepare``); on a cluster, feature extraction runs as Ray tasks:
 
     ray job submit --working-dir . -- python pipelines/prepare.py \\
-        --corpus /shared/voxceleb1/wav --trials /shared/voxceleb1/veri_test2.txt --out /shared/vox1-shards --ray auto
+        --corpus /shared/voxceleb1/wav --test-trials /shared/voxceleb1/veri_test2.txt --dev-speakers 40 \\
+        --out /shared/vox1-shards --ray auto
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True)
-    p.add_argument("--trials", required=True)
+    p.add_argument("--test-trials", "--trials", dest="test_trials", required=True)
+    dev = p.add_mutually_exclusive_group(required=True)
+    dev.add_argument("--dev-trials")
+    dev.add_argument("--dev-speakers", type=int)
     p.add_argument("--out", required=True)
     p.add_argument("--rows-per-shard", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
@@ -28,7 +32,8 @@ def main() -> int:
         ray.init(address=args.ray)
     from mfcon.cli import main as cli_main
 
-    return cli_main(["prepare", "--corpus", args.corpus, "--trials", args.trials, "--out", args.out,
+    dev = ["--dev-trials", args.dev_trials] if args.dev_trials else ["--dev-speakers", str(args.dev_speakers)]
+    return cli_main(["prepare", "--corpus", args.corpus, "--test-trials", args.test_trials, *dev, "--out", args.out,
                      "--rows-per-shard", str(args.rows_per_shard), "--workers", str(args.workers)])
 
 

@@ -137,7 +137,7 @@ def test_paper_parameter_count():
     model = mfa_conformer_paper()
     n = count_parameters(model)
     print(f"\nMFA-Conformer paper config (1/2 subsampling, no classifier): {n:,} parameters")
-    # PAPER.md: ~19.8M in the authors' code, whose SpeechBrain ASP sees [x, mean, std] (+0.39M).
+    # MFA-Conformer (Zhang et al. 2022, arXiv 2203.15249): ~19.8M in the authors' code, whose SpeechBrain ASP sees [x, mean, std] (+0.39M).
     assert 18_500_000 < n < 21_000_000
     assert n == count_parameters(build_model(ModelConfig()))
 

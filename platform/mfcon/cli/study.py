@@ -23,6 +23,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p.set_defaults(func=_study)
 
+    p = sub.add_parser("replicate", help="equal compute: a study's top configurations and the lambda=0 baseline, "
+                                         "retrained with several seeds, scored on the held-out test list")
+    p.add_argument("--study", required=True, help="a finished study (its name under --workdir)")
+    p.add_argument("--top-k", type=int, default=1, help="how many of the study's best configurations (by dev)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per configuration")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
+    add_store_options(p)
+    p.set_defaults(func=_replicate)
+
     p = sub.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
     p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
     add_store_options(p)
@@ -40,13 +50,21 @@ def _study(args: argparse.Namespace) -> None:
     print_summary(summary)
 
 
+def _replicate(args: argparse.Namespace) -> None:
+    from mfcon.study.replicate import replicate_study
+
+    result = replicate_study(args.study, workdir=args.workdir, top_k=args.top_k, seeds=args.seeds,
+                             tracking_uri=args.tracking_uri, address=args.address, n_boot=args.n_boot)
+    print("\n" + result.summary())
+
+
 def print_summary(summary: StudySummary) -> None:
     """A finished study for the terminal: trial states, the best trial and its parameters, where MLflow is."""
     states = ", ".join(f"{n} {state}" for state, n in sorted(summary.states.items()))
     print(f"\nstudy {summary.study}: {summary.num_trials} trials ({states})")
     if summary.best_trial is not None and summary.best_metric is not None:
         print(f"best trial {summary.best_trial}: {summary.metric} {summary.best_metric:.3f}"
-              + ("%" if summary.metric == "eer" else ""))
+              + ("%" if summary.metric.endswith("eer") else ""))
         for key, value in sorted(summary.best_params.items()):
             print(f"  {key} = {value}")
     uri = summary.tracking_uri

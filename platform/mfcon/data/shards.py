@@ -14,7 +14,7 @@ again, since nothing in it says which speakers a search may look at.
 ``features`` is ``list<fixed_size_list<float32, F>>`` (frames x bins): the
 frames of one utterance are one contiguous float32 buffer, so readers get
 (T, F) numpy views without copying (``features_from_column``), and Ray Data
-crops them zero-copy (RAY_NOTES.md, Ray Data).
+crops them zero-copy.
 
 Every file is written as ``name.tmp-<pid>`` and ``os.replace``-d to its final
 name, so a final name never holds a half-written file.

@@ -81,6 +81,10 @@ def init_ray(address: str | None) -> None:
 
 def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> StudyRuntime:
     manifest = read_manifest(data_dir)
+    per_batch = space.base_config().data.speakers_per_batch
+    if per_batch > len(manifest.speakers):
+        raise StudyError(f"{space.name}: base.data.speakers_per_batch = {per_batch}, but {data_dir} has only "
+                         f"{len(manifest.speakers)} training speakers; lower it or prepare more speakers")
     return StudyRuntime(
         space=space,
         train_shards=tuple(shard_paths(data_dir, "train")),
@@ -159,6 +163,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     uri = resolve_tracking_uri(tracking_uri, workdir)
     check_tracking_uri(uri)  # before any training starts
     verify_shards(data_dir)
+    runtime = build_runtime(space, data_dir, paths["train"])  # input errors surface before anything is written
     can_restore = paths["experiment"].exists() and tune.Tuner.can_restore(str(paths["experiment"]))
     if can_restore and not resume:
         raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "
@@ -175,7 +180,6 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     remove_orphaned_placement_groups()
     # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    runtime = build_runtime(space, data_dir, paths["train"])
     if can_restore:
         tuner = tune.Tuner.restore(str(paths["experiment"]), trainable=make_trainable(space, runtime),
                                    resume_unfinished=True, resume_errored=True)

@@ -3,9 +3,6 @@ each retrained with 2 seeds as one Ray Tune grid, scored on the held-out test li
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 from mfcon.data.local import read_eval_set

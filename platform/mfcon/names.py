@@ -10,7 +10,8 @@ from __future__ import annotations
 DEFAULT_MODEL = "mfcon-speaker"  # the registered model `mfcon promote` writes and serving reads
 CHAMPION, PREVIOUS = "champion", "previous"  # registry aliases: the model in use, the one it replaced
 DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL}@{CHAMPION}"
-SELECTION_METRICS = ("eer", "min_dcf", "min_dcf_005")  # all lower-is-better
+# Per-epoch dev-list metrics that pick a study's best trial (lower is better); the first is the default.
+SELECTION_METRICS = ("dev_eer", "dev_min_dcf", "dev_min_dcf_005")
 
 
 class RegistryError(ValueError):

@@ -1,4 +1,4 @@
-"""``mfcon promote``: register a study's best trial, make it champion when significantly better, or roll back."""
+"""``mfcon promote``: register a study's challenger; champion when significantly better on test; roll back."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ if TYPE_CHECKING:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("promote", help="register a study's best trial; it becomes champion if significantly better")
+    p = sub.add_parser("promote", help="register a study's challenger (its replication's best configuration, else its "
+                       "best trial by a dev metric); it becomes champion if significantly better on the test list")
     p.add_argument("--study", help="study name (its MLflow experiment)")
-    p.add_argument("--data", help="prepared data folder: its eval trials rescore challenger and champion")
+    p.add_argument("--data", help="prepared data folder: its test trials score challenger and champion")
     add_store_options(p)
     p.add_argument("--model-name", default=DEFAULT_MODEL)
-    p.add_argument("--metric", default="eer", choices=SELECTION_METRICS, help="picks the best trial")
+    p.add_argument("--metric", default=SELECTION_METRICS[0], choices=SELECTION_METRICS,
+                   help="dev metric that picks the best trial (or the replica to register)")
     p.add_argument("--force", action="store_true", help="make it champion even if not significantly better")
     p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -51,17 +53,22 @@ def _row(label: str, version: str, s: Scored) -> str:
 
 
 def format_promotion(r: PromotionResult) -> str:
-    """Champion vs challenger EER table with the CIs and the decision."""
+    """The evidence, champion vs challenger EER table on the test list with the CIs, and the decision."""
     conf = f"{r.delta.confidence if r.delta else 0.95:.0%}"
-    lines = [f"study {r.study}: best trial {r.trial.trial_id} (run {r.trial.run_id[:12]}), "
-             f"{r.metric} {r.trial.value:.4g} in training",
-             f"rescored on {r.n_trials} trials, {r.n_groups} enrollment speakers (cluster bootstrap)", "",
+    lines = [f"study {r.study}: evidence {r.evidence}: {r.evidence_detail}",
+             f"registered run {r.trial.run_id[:12]} ({r.trial.trial_id}), {r.metric} {r.trial.value:.4g} on dev",
+             f"scored on the test list: {r.n_trials} trials, {r.n_groups} enrollment speakers (cluster bootstrap)", "",
              f"  {'':<11} {'version':<8} {'EER %':>7}  {conf + ' CI':<16}  threshold"]
     if r.champion is not None:
         lines.append(_row("champion", f"v{r.champion_version}", r.champion))
     lines.append(_row("challenger", f"v{r.version}", r.challenger))
+    if len(r.seed_eers) > 1:
+        eers = ", ".join(f"{e:.2f}" for e in r.seed_eers)
+        lines.append(f"  {'seeds':<11} {'':<8} {sum(r.seed_eers) / len(r.seed_eers):7.2f}  mean of {eers}")
     if r.delta is not None:
-        lines.append(f"  {'difference':<11} {'':<8} {r.delta.estimate:+7.2f}  {_ci(r.delta.low, r.delta.high)}")
+        what = "seed mean - champion" if len(r.seed_eers) > 1 else "challenger - champion"
+        lines.append(f"  {'difference':<11} {'':<8} {r.delta.estimate:+7.2f}  {_ci(r.delta.low, r.delta.high)}  "
+                     f"({what})")
     verdict = (f"PROMOTED: {r.model_name}@champion -> v{r.version}" if r.promoted
                else f"not promoted: {r.model_name}@champion stays v{r.champion_version}")
     lines += ["", f"{verdict} ({r.reason})"]

@@ -1,0 +1,252 @@
+"""What ``mfcon promote`` judges: the challenger model(s), scored on the held-out test list.
+
+The challenger is chosen on the dev list and judged on the test list, which no
+selection has seen (see :mod:`mfcon.promotion_gate` for why). Two kinds of
+evidence, recorded on the registered version (tag ``evidence``):
+
+* ``replication``: the study has a replication (:mod:`mfcon.study.replicate`)
+  with a best MFCon configuration (``best``, chosen by mean dev EER, never by
+  test). Every seed model of that configuration is scored on the test list and
+  all of them are compared with the champion
+  (:func:`mfcon.metrics.bootstrap_seeded_eer_difference`: mean EER over the
+  seeds minus the champion's, resampling enrollment speakers and seeds). The
+  version registered is the seed whose run has the lowest dev selection metric
+  (dev picks the model).
+* ``study_trial``: no usable replication. The study's best finished trial by
+  the dev selection metric, re-scored on the test list, compared with the
+  champion by the paired cluster bootstrap
+  (:func:`mfcon.metrics.bootstrap_eer_difference`).
+
+Scores are :func:`mfcon.serving.centered_cosine` of the registered pyfunc's
+embeddings (the scoring contract shared with :func:`mfcon.serving.verify`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mfcon.data.shards import read_manifest
+from mfcon.metrics import (
+    BootstrapResult,
+    bootstrap_eer_difference,
+    bootstrap_seeded_eer_difference,
+    equal_error_rate,
+)
+from mfcon.names import SELECTION_METRICS, RegistryError
+from mfcon.scoring import EvalSet
+from mfcon.serving import (
+    MODEL_URI_TAG,
+    SpeakerEmbedder,
+    centered_cosine,
+    embedder_of,
+    load_embedder,
+    log_speaker_model,
+)
+from mfcon.tracking import ROLE_TAG, STATE_TAG, TRIAL_TAG, find_runs, no_artifact_progress_bars
+from mfcon.train.checkpoint import EXPORTED_ARTIFACT
+
+FINISHED_STATES = ("completed", "pruned")
+REPLICATION, STUDY_TRIAL = "replication", "study_trial"  # values of the version tag ``evidence``
+
+
+@dataclass(frozen=True)
+class StudyTrial:
+    """A finished run of a study (a tuning trial, or a replica), a candidate for promotion."""
+
+    run_id: str
+    trial_id: str
+    value: float  # best value of the dev selection metric over the run's epochs
+    params: dict[str, str]
+    tags: dict[str, str]
+
+
+@dataclass
+class Scored:
+    """One model's scores on the test trial list; ``eer`` in percent."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    eer: float
+    threshold: float
+    mean: np.ndarray  # (E,) float32: subtracted before cosine
+    eer_ci: tuple[float, float] = (math.nan, math.nan)
+
+
+@dataclass
+class Evidence:
+    """The registered model and every challenger model the gate compares with the champion."""
+
+    kind: str  # REPLICATION or STUDY_TRIAL
+    detail: str  # one sentence: what was judged on which list
+    trial: StudyTrial  # the run whose model is registered
+    model_uri: str
+    challenger: Scored  # the registered model on the test list
+    models: list[Scored]  # every challenger model gated (the replication's seeds, or the one trial)
+    replication_run_id: str | None = None
+    config: str | None = None  # the replication's configuration label
+
+    def delta(self, champion: Scored, groups: np.ndarray, n_boot: int, confidence: float,
+              seed: int) -> BootstrapResult:
+        """EER(challenger) - EER(champion) on the test list, percent points (seed mean for a replication)."""
+        labels = self.challenger.labels
+        if self.kind == REPLICATION:
+            rows = np.stack([m.scores for m in self.models])  # (S, N)
+            r = bootstrap_seeded_eer_difference(rows, champion.scores[None, :], labels, groups, n_boot, confidence,
+                                                seed)
+        else:
+            r = bootstrap_eer_difference(self.challenger.scores, champion.scores, labels, groups, n_boot,
+                                         confidence, seed)
+        return BootstrapResult(100 * r.estimate, 100 * r.low, 100 * r.high, r.confidence, r.n_boot)
+
+
+# ---------------------------------------------------------------- study trials
+
+def _min_metric(client: MlflowClient, run_id: str, metric: str) -> float | None:
+    values = [m.value for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
+    return min(values) if values else None
+
+
+def finished_trials(client: MlflowClient, study: str, metric: str = SELECTION_METRICS[0]
+                    ) -> tuple[str, list[StudyTrial]]:
+    """(experiment id, completed/pruned trials with a finite ``metric``, best first).
+
+    Trials are the child runs tagged ``mfcon.role=trial`` (a replication's
+    ``replica`` runs are not study trials).
+    """
+    if metric not in SELECTION_METRICS:
+        raise RegistryError(f"unknown selection metric {metric!r}; use one of {SELECTION_METRICS}")
+    exp = client.get_experiment_by_name(study)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise RegistryError(f"unknown study {study!r} in {client.tracking_uri}; studies there: {known or 'none'}")
+    runs = find_runs(client, exp.experiment_id, **{ROLE_TAG: "trial"})
+    trials = []
+    for run in runs:
+        if run.data.tags.get(STATE_TAG) not in FINISHED_STATES:
+            continue
+        value = _min_metric(client, run.info.run_id, metric)
+        if value is not None:
+            trials.append((value, run.info.start_time or 0, StudyTrial(
+                run.info.run_id, run.data.tags.get(TRIAL_TAG, run.info.run_id), value,
+                dict(run.data.params), dict(run.data.tags))))
+    if not trials:
+        states = dict(sorted(Counter(r.data.tags.get(STATE_TAG, "unknown") for r in runs).items()))
+        raise RegistryError(f"study {study!r} has no finished trials (completed or pruned) with metric {metric!r}; "
+                            f"trial states: {states or 'no trials'}")
+    return exp.experiment_id, [t for _, _, t in sorted(trials, key=lambda x: x[:2])]
+
+
+def challenger_model_uri(client: MlflowClient, trial: StudyTrial, data_dir: Path, notes: list[str]) -> str:
+    """The pyfunc model logged for the trial's run; logs one from ``checkpoint/best.pt`` when there is none."""
+    if trial.tags.get(MODEL_URI_TAG):
+        return trial.tags[MODEL_URI_TAG]
+    run = client.get_run(trial.run_id)
+    for output in (run.outputs.model_outputs if run.outputs else []):
+        if client.get_logged_model(output.model_id).name == "model":
+            return f"models:/{output.model_id}"
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+        try:
+            ckpt = client.download_artifacts(trial.run_id, EXPORTED_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise RegistryError(f"trial {trial.trial_id} (run {trial.run_id}) has neither a logged model nor a "
+                                "checkpoint/best.pt artifact") from None
+        uri = log_speaker_model(client, trial.run_id, ckpt, read_manifest(data_dir).feature_config)
+    notes.append(f"logged the checkpoint of {trial.trial_id} as pyfunc model {uri}")
+    return uri
+
+
+# ---------------------------------------------------------------- scoring
+
+def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path) -> Scored:
+    """Embed the eval split, score every trial with ``centered_cosine`` (== score_trials), EER + threshold."""
+    data_cfg = read_manifest(data_dir).feature_config
+    if model.feature_config != data_cfg:
+        raise RegistryError(f"{data_dir}: features were prepared with {data_cfg}, the model expects "
+                            f"{model.feature_config}; prepare the data with the model's feature config")
+    emb = model.embed_features(eval_set.features)  # (N, E)
+    mean = emb.mean(axis=0)
+    index = {u: i for i, u in enumerate(eval_set.utt_ids)}
+    a = emb[[index[t.enroll] for t in eval_set.trials]]
+    b = emb[[index[t.test] for t in eval_set.trials]]
+    scores = centered_cosine(a, b, mean)
+    labels = np.array([t.label for t in eval_set.trials], dtype=np.int64)
+    eer, threshold = equal_error_rate(scores, labels)
+    return Scored(scores, labels, 100.0 * eer, threshold, mean)
+
+
+def score_model(model_uri: str, tracking_uri: str, eval_set: EvalSet, data_dir: Path) -> Scored:
+    return score_embedder(embedder_of(load_embedder(model_uri, tracking_uri)), eval_set, data_dir)
+
+
+def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float]:
+    """Cluster-bootstrap CI of one system's EER (%): paired against a perfect scorer (EER 0 on every resample)."""
+    r = bootstrap_eer_difference(s.scores, s.labels.astype(np.float64), s.labels, groups, n_boot, confidence, seed)
+    return 100 * r.low, 100 * r.high
+
+
+# ---------------------------------------------------------------- the evidence
+
+def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], metric: str, eval_set: EvalSet,
+                    data_dir: Path, tracking_uri: str, notes: list[str]) -> Evidence:
+    """The study's replication when it has a usable one, else its best trial; models scored on ``eval_set``."""
+    from mfcon.study.replicate import read_replication  # imports Ray: only when promoting
+
+    table = read_replication(client, study)
+    if table is not None:
+        if table.get("best") is None:
+            notes.append(f"replication {table['run_id']} has no MFCon configuration to promote: "
+                         "judged the best study trial instead")
+        else:
+            return replication_evidence(client, table, metric, eval_set, data_dir, tracking_uri, notes)
+    trial, uri = _first_with_model(client, study, trials, data_dir, notes)
+    scored = score_model(uri, tracking_uri, eval_set, data_dir)
+    detail = f"best trial {trial.trial_id} by {metric}, re-scored on the test list of {len(eval_set.trials)} trials"
+    return Evidence(STUDY_TRIAL, detail, trial, uri, scored, [scored])
+
+
+def _first_with_model(client: MlflowClient, study: str, trials: list[StudyTrial], data_dir: Path,
+                      notes: list[str]) -> tuple[StudyTrial, str]:
+    """The best trial that has a model or a checkpoint (a trial stopped before its first report has neither)."""
+    for trial in trials:
+        try:
+            return trial, challenger_model_uri(client, trial, data_dir, notes)
+        except RegistryError as e:
+            notes.append(f"skipped: {e}")
+    raise RegistryError(f"no finished trial of study {study!r} has a logged model or checkpoint/best.pt")
+
+
+def replication_evidence(client: MlflowClient, table: dict[str, Any], metric: str, eval_set: EvalSet,
+                         data_dir: Path, tracking_uri: str, notes: list[str]) -> Evidence:
+    """Every seed model of the replication's best configuration; registers the seed with the lowest ``metric``."""
+    label, run_id = table["best"], table["run_id"]
+    config = table.get("configs", {}).get(label) or {}
+    runs, seeds = list(config.get("runs") or []), list(config.get("seeds") or [])
+    if not runs:
+        raise RegistryError(f"replication {run_id} names configuration {label!r} as best but lists no replica runs")
+    replicas, models = [], []
+    for replica_run in runs:
+        try:
+            run = client.get_run(replica_run)
+        except MlflowException:
+            raise RegistryError(f"replica run {replica_run} of replication {run_id} is missing") from None
+        value = _min_metric(client, replica_run, metric)
+        replica = StudyTrial(replica_run, run.data.tags.get(TRIAL_TAG, replica_run),
+                             math.inf if value is None else value, dict(run.data.params), dict(run.data.tags))
+        uri = challenger_model_uri(client, replica, data_dir, notes)
+        replicas.append((replica, uri))
+        models.append(score_model(uri, tracking_uri, eval_set, data_dir))
+    pick = min(range(len(replicas)), key=lambda i: (replicas[i][0].value, i))
+    trial, uri = replicas[pick]
+    seed = seeds[pick] if pick < len(seeds) else trial.params.get("replica.seed", "?")
+    detail = (f"replication {run_id}: config {label}, {len(models)} seeds, test list of {len(eval_set.trials)} "
+              f"trials; registered seed {seed}, the lowest {metric} ({trial.value:.4g})")
+    return Evidence(REPLICATION, detail, trial, uri, models[pick], models, run_id, label)

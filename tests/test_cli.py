@@ -40,7 +40,9 @@ def test_every_command_is_there_with_its_shared_options():
 
 def test_defaults_come_from_the_shared_names():
     args = build_parser().parse_args(["promote"])
-    assert (args.model_name, args.metric, args.workdir, args.tracking_uri) == (names.DEFAULT_MODEL, "eer", "runs", None)
+    assert (args.model_name, args.metric, args.workdir, args.tracking_uri) == (
+        names.DEFAULT_MODEL, names.SELECTION_METRICS[0], "runs", None)
+    assert names.SELECTION_METRICS[0] == "dev_eer"
     assert build_parser().parse_args(["verify", "a.wav", "b.wav"]).model == names.DEFAULT_MODEL_URI
     assert build_parser().parse_args(["embed", "x", "--out", "y"]).model == "models:/mfcon-speaker@champion"
     assert registry.SELECTION_METRICS is names.SELECTION_METRICS and registry.RegistryError is names.RegistryError

@@ -312,7 +312,8 @@ def test_promotion_without_replication_judges_the_best_dev_trial_on_the_test_lis
     # The scores are the registered model's on the TEST list, exactly as score_trials gives them.
     expected = score_trials(test.utt_ids, extract_embeddings(_model(checkpoints["good"].file), test.features),
                             test.trials)[0]
-    np.testing.assert_allclose(r.challenger.scores, expected, atol=1e-5)
+    served_on_cuda = torch.cuda.is_available()  # promote embeds with the pyfunc, on cuda where present (TF32)
+    np.testing.assert_allclose(r.challenger.scores, expected, atol=5e-3 if served_on_cuda else 1e-5)
     tags = _tags(store, "2")
     assert {k: tags[k] for k in ("evidence", "evidence_detail", "eval_split", "n_trials", "n_speakers")} == {
         "evidence": "study_trial", "evidence_detail": r.evidence_detail, "eval_split": "test",

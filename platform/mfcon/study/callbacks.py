@@ -46,7 +46,7 @@ class MLflowStudyCallback(Callback):
         self.feature_config = feature_config
         self.max_epochs = space.base_config().epochs
         self._runs: TrialRuns | None = None
-        self._best: dict[str, tuple[float, str | None, int]] = {}
+        self._checkpoints: dict[str, list[tuple[float, int, str]]] = {}  # trial -> (metric, epoch, checkpoint dir)
         self._study_best: float | None = None
 
     def __getstate__(self):
@@ -68,9 +68,9 @@ class MLflowStudyCallback(Callback):
         self.runs.log_epoch(trial.trial_id, result, int(time.time() * 1000))
         value = result.get(self.space.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            best = self._best.get(trial.trial_id)
-            if best is None or self._better(value, best[0]):
-                self._best[trial.trial_id] = (value, result.get("checkpoint_path"), int(result.get("epoch", 0)))
+            if result.get("checkpoint_path"):
+                self._checkpoints.setdefault(trial.trial_id, []).append(
+                    (float(value), int(result.get("epoch", 0)), str(result["checkpoint_path"])))
             if self.role == "study" and (self._study_best is None or self._better(value, self._study_best)):
                 self._study_best = value
                 self.runs.tracker.log_best(trial.trial_id, value, self.space.metric)
@@ -78,13 +78,24 @@ class MLflowStudyCallback(Callback):
     def _better(self, value: float, than: float) -> bool:
         return value < than if self.space.mode == "min" else value > than
 
+    def best_checkpoint(self, trial_id: str) -> str | None:
+        """The best-scoring epoch whose checkpoint Ray Train still keeps; on ties the later epoch.
+
+        Train keeps the top ``num_to_keep`` checkpoints by the metric, and which of
+        several tied ones it drops is its own choice, so the choice here is made
+        among the checkpoints that exist, not the first one seen.
+        """
+        sign = 1.0 if self.space.mode == "min" else -1.0
+        ranked = sorted(self._checkpoints.get(trial_id, []), key=lambda c: (sign * c[0], -c[1]))
+        return next((path for _, _, path in ranked if Path(path, RAY_CHECKPOINT_FILE).exists()), None)
+
     def _finish(self, trial, state: str) -> None:
-        best = self._best.get(trial.trial_id)
+        best = self.best_checkpoint(trial.trial_id)
         with tempfile.TemporaryDirectory() as tmp:
             weights, ckpt = None, {}
-            if best and best[1] and Path(best[1], RAY_CHECKPOINT_FILE).exists():
+            if best is not None:
                 weights = str(Path(tmp) / EXPORTED_FILE)
-                ckpt = export_weights(best[1], Path(weights))
+                ckpt = export_weights(best, Path(weights))
             self.runs.finish(trial.trial_id, state, weights)
             run_id = self.runs.run_ids.get(trial.trial_id)
             if run_id and "eval_scores" in ckpt:

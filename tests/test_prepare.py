@@ -239,7 +239,8 @@ def test_ray_tasks_match_process_pool(corpus, pooled, ray_local_2cpu, tmp_path):
 def test_held_out_dev_speakers_are_seeded_and_disjoint(corpus, tmp_path):
     a = prepare(corpus, tmp_path / "a", dev_trials=None, dev_speakers=2, seed=5)
     b = prepare(corpus, tmp_path / "b", dev_trials=None, dev_speakers=2, seed=5)
-    assert b.dev_protocol == a.dev_protocol and b.speakers == a.speakers    assert a.dev_protocol.model_dump() == {"source": "held_out_speakers", "speakers": 2, "file": None,
+    assert b.dev_protocol == a.dev_protocol and b.speakers == a.speakers
+    assert a.dev_protocol.model_dump() == {"source": "held_out_speakers", "speakers": 2, "file": None,
                                            "trials_per_utt": 3, "seed": 5}
     dev_trials = read_trials(tmp_path / "a" / "trials-dev.txt")
     assert dev_trials == read_trials(tmp_path / "b" / "trials-dev.txt")  # same seed, same list

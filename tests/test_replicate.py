@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mfcon.data.local import read_eval_set
-from mfcon.study.replicate import BASELINE, read_replication, replicate_study
+from mfcon.study.replicate import BASELINE, replicate_study
 from mfcon.study.runner import run_study
-from mfcon.tracking import default_tracking_uri
+from mfcon.tracking import default_tracking_uri, read_replication
 from mlflow.tracking import MlflowClient
 from test_study import write_space
 

@@ -51,7 +51,7 @@ from mfcon.serving import (
     load_embedder,
     log_speaker_model,
 )
-from mfcon.tracking import ROLE_TAG, STATE_TAG, TRIAL_TAG, find_runs, no_artifact_progress_bars
+from mfcon.tracking import ROLE_TAG, STATE_TAG, TRIAL_TAG, find_runs, no_artifact_progress_bars, read_replication
 from mfcon.train.checkpoint import EXPORTED_ARTIFACT
 
 FINISHED_STATES = ("completed", "pruned")
@@ -198,7 +198,6 @@ def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, 
 def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], metric: str, eval_set: EvalSet,
                     data_dir: Path, tracking_uri: str, notes: list[str]) -> Evidence:
     """The study's replication when it has a usable one, else its best trial; models scored on ``eval_set``."""
-    from mfcon.study.replicate import read_replication  # imports Ray: only when promoting
 
     table = read_replication(client, study)
     if table is not None:

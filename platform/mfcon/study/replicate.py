@@ -17,7 +17,6 @@ checkpoint and model, and its ``test_*`` metrics; the parent holds
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -58,6 +57,7 @@ from mfcon.study.spaces import (
 )
 from mfcon.study.trial import StudyRuntime, fit_trainer
 from mfcon.tracking import (
+    REPLICATION_FILE,
     STATE_TAG,
     StudyTracker,
     check_tracking_uri,
@@ -70,7 +70,6 @@ from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
 from mfcon.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
 
 BASELINE = "baseline"
-REPLICATION_FILE = "replication.json"
 REPLICA_KEYS = ("replica.index", "replica.label", "replica.seed")
 
 
@@ -287,21 +286,3 @@ def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
     client.set_tag(r.run_id, "mfcon.verdict", r.verdict())
     client.set_tag(r.run_id, "mfcon.replication_best", r.best or "")
     log_figures(client, r.run_id, {"replication": replication_plot(r.verdicts, BASELINE)})
-
-
-def read_replication(client: MlflowClient, study: str) -> dict[str, Any] | None:
-    """The latest ``replication.json`` of a study (for promotion and reports), or None."""
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        return None
-    parents = [r for r in find_runs(client, exp.experiment_id, **{"mfcon.role": "replication"})
-               if r.info.status == "FINISHED"]
-    if not parents:
-        return None
-    run = max(parents, key=lambda r: r.info.end_time or 0)
-    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
-        try:
-            path = client.download_artifacts(run.info.run_id, REPLICATION_FILE, tmp)
-        except Exception:  # noqa: BLE001 - a replication that never scored has no table
-            return None
-        return {**json.loads(Path(path).read_text()), "run_id": run.info.run_id}

@@ -4,10 +4,11 @@ Writers and readers live side by side so the run layout (tags, artifact folders)
 is defined once; see docs/ARCHITECTURE.md, "Study outputs".
 """
 
-from mfcon.tracking.records import StudyNotFound, StudyRecord, TrialRecord, load_study
+from mfcon.tracking.records import StudyNotFound, StudyRecord, TrialRecord, load_study, read_replication
 from mfcon.tracking.runs import TRIAL_METRICS, StudyTracker, TrialRuns, flatten
 from mfcon.tracking.store import (
     PLOTS_DIR,
+    REPLICATION_FILE,
     ROLE_TAG,
     SPACE_DIR,
     STATE_TAG,
@@ -25,8 +26,8 @@ from mfcon.tracking.store import (
 )
 
 __all__ = [
-    "PLOTS_DIR", "ROLE_TAG", "SPACE_DIR", "STATE_TAG", "STUDY_TAG", "TRIAL_METRICS", "TRIAL_TAG",
+    "PLOTS_DIR", "REPLICATION_FILE", "ROLE_TAG", "SPACE_DIR", "STATE_TAG", "STUDY_TAG", "TRIAL_METRICS", "TRIAL_TAG",
     "StudyNotFound", "StudyRecord", "StudyTracker", "TrackingUnavailable", "TrialRecord", "TrialRuns",
     "artifact_root_for", "check_tracking_uri", "code_version", "default_tracking_uri", "ensure_experiment",
-    "find_runs", "flatten", "load_study", "no_artifact_progress_bars", "resolve_tracking_uri",
+    "find_runs", "flatten", "load_study", "read_replication", "no_artifact_progress_bars", "resolve_tracking_uri",
 ]

@@ -7,15 +7,18 @@ store. The run layout is docs/ARCHITECTURE.md, "Study outputs".
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mfcon.tracking.store import (
+    REPLICATION_FILE,
     ROLE_TAG,
     SPACE_DIR,
     STATE_TAG,
@@ -129,3 +132,21 @@ def load_study(client, study_name: str) -> StudyRecord:
     space_yaml, space_file = _space_artifact(client, parent.info.run_id)
     return StudyRecord(study_name, exp.experiment_id, parent.info.run_id, dict(parent.data.tags),
                        space_yaml, space_file, trials)
+
+
+def read_replication(client, study: str) -> dict[str, Any] | None:
+    """The latest ``replication.json`` of a study (for promotion and reports), or None."""
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    parents = [r for r in find_runs(client, exp.experiment_id, **{ROLE_TAG: "replication"})
+               if r.info.status == "FINISHED"]
+    if not parents:
+        return None
+    run = max(parents, key=lambda r: r.info.end_time or 0)
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+        try:
+            path = client.download_artifacts(run.info.run_id, REPLICATION_FILE, tmp)
+        except Exception:  # noqa: BLE001 - a replication that never scored has no table
+            return None
+        return {**json.loads(Path(path).read_text()), "run_id": run.info.run_id}

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
 PLOTS_DIR = "plots"  # artifact folder on trial and study runs
+REPLICATION_FILE = "replication.json"  # the replication run's table
 SPACE_DIR = "search_space"  # artifact folder of the study's search-space YAML on the parent run
 
 

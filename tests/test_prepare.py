@@ -17,7 +17,8 @@ from mfcon.config import FeatureConfig
 from mfcon.data.audio import load_audio
 from mfcon.data.corpus.voxceleb import list_utterances, read_trials
 from mfcon.data.features import compute_fbank
-from mfcon.data.prepare import PrepareError, plan_shards, prepare_dataset, split_corpus
+from mfcon.data.plan import plan_shards, split_corpus
+from mfcon.data.prepare import PrepareError, prepare_dataset
 from mfcon.data.shards import (
     ManifestError,
     file_sha256,
@@ -260,7 +261,7 @@ def test_held_out_dev_speakers_are_seeded_and_disjoint(corpus, tmp_path):
     ({"dev_trials": None, "dev_speakers": 3}, "dev_speakers=3: need 2..2"),
 ])
 def test_dev_set_must_be_given_once_and_fit(corpus, tmp_path, kwargs, message):
-    from mfcon.data.prepare import SplitError
+    from mfcon.data.plan import SplitError
 
     with pytest.raises(SplitError, match=message):
         prepare(corpus, tmp_path / "data", **kwargs)
@@ -268,7 +269,7 @@ def test_dev_set_must_be_given_once_and_fit(corpus, tmp_path, kwargs, message):
 
 
 def test_dev_list_sharing_test_speakers_is_refused(corpus, tmp_path):
-    from mfcon.data.prepare import SplitError
+    from mfcon.data.plan import SplitError
 
     overlapping = pair_list(tmp_path / "dev.txt", ("id00003", "id00004"))
     with pytest.raises(SplitError, match=f"{overlapping} and {corpus[1]} share 1 speakers, e.g. id00004"):

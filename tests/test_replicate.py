@@ -69,3 +69,17 @@ def test_replication_table_verdict_and_plot_are_logged(replicated):
     assert (significance == "not significant") == (delta.low <= 0 <= delta.high)
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/replication.png"]
     assert "baseline" in result.summary() and "test list" in result.summary()
+
+
+def test_report_shows_the_replication_table_and_plot(replicated, tmp_path):
+    from mfcon.report import write_report
+
+    workdir, result = replicated
+    page = write_report(default_tracking_uri(workdir), "rep", tmp_path, fmt="html").read_text()
+    assert "Replication: equal compute, held-out test list" in page
+    assert result.verdict().replace(">", "&gt;") in page
+    assert 'id="replication"' in page
+    top = result.verdicts["top1"]
+    assert f"{top.delta.estimate:+.2f} [{top.delta.low:+.2f}, {top.delta.high:+.2f}]" in page
+    md = write_report(default_tracking_uri(workdir), "rep", tmp_path / "md", fmt="md").read_text()
+    assert "## Replication: equal compute, held-out test list" in md and (tmp_path / "md" / "rep-replication.png").exists()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from mfcon.files import atomic_write_bytes
 from mfcon.plots import TRIAL_PLOTS, figure_png, study_figures
 from mfcon.study.optuna_rebuild import build_optuna_study, load_space
@@ -29,12 +31,14 @@ from mfcon.tracking import (
     TrialRecord,
     load_study,
     no_artifact_progress_bars,
+    read_replication,
 )
 
 FORMATS = ("html", "md")
 PLOT_TITLES = {"optimization_history": "Optimization history", "param_importances": "Parameter importances",
                "slice": "Slices: MFCon weight (lambda), temperature (tau), block selection",
-               "det": "Best trial: DET curve", "score_histogram": "Best trial: score distributions"}
+               "det": "Best trial: DET curve", "score_histogram": "Best trial: score distributions",
+               "replication": "Replication: test EER per seed, mean, difference to the baseline"}
 
 
 class ReportError(ValueError):
@@ -48,6 +52,7 @@ class ReportData:
     plots: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
     baselines: list[StudyRecord] = field(default_factory=list)
     generated: str = ""
+    replication: dict | None = None  # the latest replication.json (mfcon replicate), if any
 
 
 def atomic_write(path: Path, data: bytes | str) -> Path:
@@ -70,15 +75,17 @@ def find_baselines(client, study_name: str) -> list[StudyRecord]:
 
 def _best_trial_plots(client, record: StudyRecord) -> dict[str, bytes]:
     """The DET curve and score histogram the study logged on its best trial, where it did."""
-    best = record.best
-    if best is None:
-        return {}
-    names = {Path(f.path).name for f in client.list_artifacts(best.run_id, PLOTS_DIR)}
+    return {} if record.best is None else _run_plots(client, record.best.run_id, TRIAL_PLOTS)
+
+
+def _run_plots(client, run_id: str, wanted) -> dict[str, bytes]:
+    """PNG bytes of the run's ``plots/<name>.png`` for each wanted name it has."""
+    names = {Path(f.path).name for f in client.list_artifacts(run_id, PLOTS_DIR)}
     out = {}
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
-        for name in TRIAL_PLOTS:
+        for name in wanted:
             if f"{name}.png" in names:
-                out[name] = Path(client.download_artifacts(best.run_id, f"{PLOTS_DIR}/{name}.png", tmp)).read_bytes()
+                out[name] = Path(client.download_artifacts(run_id, f"{PLOTS_DIR}/{name}.png", tmp)).read_bytes()
     return out
 
 
@@ -95,8 +102,25 @@ def collect(tracking_uri: str, study_name: str) -> ReportData:
     study = build_optuna_study(record, load_space(record))
     plots = {name: figure_png(fig) for name, fig in study_figures(study).items()}
     plots.update(_best_trial_plots(client, record))
+    replication = read_replication(client, study_name)
+    if replication is not None:
+        plots.update(_run_plots(client, replication["run_id"], ("replication",)))
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return ReportData(record, tracking_uri, plots, find_baselines(client, study_name), generated)
+    return ReportData(record, tracking_uri, plots, find_baselines(client, study_name), generated, replication)
+
+
+def replication_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    """Per configuration: seeds, test EER and minDCF mean +- sd, difference to the baseline with its CI."""
+    header = ["config", "seeds", "test eer (%) mean +- sd", "test min_dcf mean +- sd", "eer minus baseline (95% CI)"]
+    rows = []
+    for label, c in table["configs"].items():
+        eer, dcf = np.asarray(c["test_eer"]), np.asarray(c["test_min_dcf"])
+        sd = (lambda x: float(np.std(x, ddof=1)) if x.size > 1 else 0.0)
+        d = c["delta_eer"]
+        delta = "baseline" if d is None else f"{d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        rows.append([label, str(len(c["seeds"])), f"{eer.mean():.2f} +- {sd(eer):.2f}",
+                     f"{dcf.mean():.4f} +- {sd(dcf):.4f}", delta])
+    return header, rows
 
 
 # ---------------------------------------------------------------- table content (shared by both formats)
@@ -194,6 +218,10 @@ def render_html(data: ReportData) -> str:
              f"<style>{_CSS}</style></head><body>", f"<h1>Study {html.escape(r.name)}</h1>",
              "<h2>Study</h2>", _html_pairs(info_rows(data)), "<h2>Best trial</h2>",
              _html_pairs(best_rows(best)) if best else "<p>No trial has a dev eer yet.</p>"]
+    if data.replication:
+        parts += ["<h2>Replication: equal compute, held-out test list</h2>",
+                  _html_table(*replication_rows(data.replication)),
+                  f"<p><strong>{html.escape(data.replication['verdict'])}</strong></p>"]
     if data.baselines:
         parts += ["<h2>Baseline comparison</h2>", _html_table(*baseline_rows(data))]
     header, rows = trial_rows(r)
@@ -227,6 +255,9 @@ def render_markdown(data: ReportData, images: dict[str, str]) -> str:
     r, best = data.record, data.record.best
     parts = [f"# Study {r.name}", "## Study", _md_table(["", ""], [list(p) for p in info_rows(data)]), "## Best trial",
              _md_table(["", ""], [list(p) for p in best_rows(best)]) if best else "No trial has a dev eer yet."]
+    if data.replication:
+        parts += ["## Replication: equal compute, held-out test list", _md_table(*replication_rows(data.replication)),
+                  f"**{data.replication['verdict']}**"]
     if data.baselines:
         parts += ["## Baseline comparison", _md_table(*baseline_rows(data))]
     header, rows = trial_rows(r)

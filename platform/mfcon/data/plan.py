@@ -1,0 +1,112 @@
+"""What goes where: speakers to train/dev/test (the dev/test protocol), utterances to shards.
+
+Test is what a test trial list names (e.g. VoxCeleb1-O); dev is a given dev list
+or ``n`` seeded training speakers held out with a generated list; train is every
+other speaker. The three are speaker-disjoint, so a search never sees the
+speakers a verdict is judged on, nor trains on those it selects with.
+
+The shard plan is deterministic: the same inputs and seed give the same
+``ShardTask`` list, each with a fingerprint that lets a re-run keep finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mfcon.config import FeatureConfig
+from mfcon.data.corpus.voxceleb import TrialPair, Utterance, make_trials
+from mfcon.data.shards import EVAL_SPLITS, SCHEMA_VERSION, SPLITS
+
+
+class SplitError(ValueError):
+    """The trial lists and the corpus do not give disjoint train/dev/test speakers; the message names the file."""
+
+
+def _named(trials: list[TrialPair], by_id: dict[str, Utterance], trials_path: str | Path) -> list[Utterance]:
+    named = sorted({t.enroll for t in trials} | {t.test for t in trials})
+    missing = [u for u in named if u not in by_id]
+    if missing:
+        raise SplitError(f"{trials_path}: {len(missing)} utterances are not in the corpus listing, e.g. {missing[0]}")
+    return [by_id[u] for u in named]
+
+
+def hold_out_dev(utterances: list[Utterance], exclude: set[str], n_speakers: int, trials_per_utt: int,
+                 seed: int) -> list[TrialPair]:
+    """A generated dev list over ``n_speakers`` seeded speakers (with >= 2 utterances) not in ``exclude``."""
+    by_speaker: dict[str, list[str]] = {}
+    for u in utterances:
+        if u.speaker not in exclude:
+            by_speaker.setdefault(u.speaker, []).append(u.utt_id)
+    eligible = sorted(s for s, utts in by_speaker.items() if len(utts) >= 2)
+    if n_speakers < 2 or n_speakers > len(eligible) - 2:
+        raise SplitError(f"dev_speakers={n_speakers}: need 2..{len(eligible) - 2} (the corpus has {len(eligible)} "
+                         "non-test speakers with >= 2 utterances, and training keeps at least 2)")
+    chosen = sorted(np.random.default_rng([seed, 7]).choice(eligible, n_speakers, replace=False).tolist())
+    return make_trials({s: sorted(by_speaker[s]) for s in chosen}, trials_per_utt, seed)
+
+
+def split_corpus(utterances: list[Utterance], lists: dict[str, tuple[list[TrialPair], str | Path]]
+                 ) -> dict[str, list[Utterance]]:
+    """{split: utterances}: dev/test = what their trial lists name, train = the speakers neither names.
+
+    ``lists`` maps ``dev`` and ``test`` to (trials, where they came from, for messages).
+    """
+    by_id = {u.utt_id: u for u in utterances}
+    splits = {name: _named(trials, by_id, source) for name, (trials, source) in lists.items()}
+    speakers = {name: {u.speaker for u in utts} for name, utts in splits.items()}
+    shared = speakers["dev"] & speakers["test"]
+    if shared:
+        raise SplitError(f"{lists['dev'][1]} and {lists['test'][1]} share {len(shared)} speakers, e.g. "
+                         f"{sorted(shared)[0]}: dev and test speakers must be disjoint")
+    held_out = speakers["dev"] | speakers["test"]
+    splits["train"] = [u for u in utterances if u.speaker not in held_out]
+    if len({u.speaker for u in splits["train"]}) < 2:
+        raise SplitError(f"{lists['test'][1]}: the dev and test lists leave fewer than 2 training speakers")
+    return splits
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one worker needs to build one shard (picklable)."""
+
+    split: str
+    file: str
+    utterances: tuple[tuple[str, str, int, str], ...]  # (utt_id, speaker, speaker_index, audio path)
+    feature_config: FeatureConfig
+    dither_seed: int
+    plan: str  # fingerprint of all of the above + audio sizes/mtimes
+
+
+def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig,
+                rows_per_shard: int, seed: int) -> tuple[dict[str, int], list[ShardTask]]:
+    """Deterministic shard plan: (speaker -> index over train speakers, tasks in order)."""
+    train = splits["train"]
+    speakers = {s: i for i, s in enumerate(sorted({u.speaker for u in train}))}
+    order = np.random.default_rng(seed).permutation(len(train))
+    ordered = {"train": [train[i] for i in order],
+               **{name: sorted(splits[name], key=lambda u: u.utt_id) for name in EVAL_SPLITS}}
+    tasks = []
+    for split in SPLITS:
+        utts = ordered[split]
+        for n, start in enumerate(range(0, len(utts), rows_per_shard)):
+            rows = tuple((u.utt_id, u.speaker, speakers[u.speaker] if split == "train" else -1, str(u.path))
+                         for u in utts[start:start + rows_per_shard])
+            file = f"{split}-{n:05d}.parquet"
+            dither_seed = int.from_bytes(hashlib.sha256(f"{seed}/{file}".encode()).digest()[:4], "little")
+            tasks.append(ShardTask(split, file, rows, feature_cfg, dither_seed,
+                                   _fingerprint(file, rows, feature_cfg, dither_seed)))
+    return speakers, tasks
+
+
+def _fingerprint(file: str, rows: tuple, cfg: FeatureConfig, dither_seed: int) -> str:
+    stats = []
+    for *_, path in rows:
+        st = Path(path).stat()
+        stats.append((st.st_size, st.st_mtime_ns))
+    blob = json.dumps([SCHEMA_VERSION, file, cfg.model_dump(), dither_seed, rows, stats])
+    return hashlib.sha256(blob.encode()).hexdigest()

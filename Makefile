@@ -26,6 +26,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) bench/promotion_gate.py
 	$(PY) bench/run.py
 
 clean:

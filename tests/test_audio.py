@@ -93,3 +93,10 @@ def test_too_short(tmp_path: Path):
     with pytest.raises(AudioError, match="short.wav.*too short"):
         load_audio(path)
     assert load_audio(path, min_seconds=0.1).shape == (3200,)
+
+
+def test_silent_recording_is_refused(tmp_path: Path):
+    path = tmp_path / "silence.wav"
+    sf.write(path, np.zeros(16000, np.float32), 16000)
+    with pytest.raises(AudioError, match="silence.wav: silent"):
+        load_audio(path)

@@ -61,7 +61,8 @@ def test_read_trials_happy_path_and_roundtrip(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
-@pytest.mark.parametrize("bad_line", ["1 a/x/1.wav", "2 a/x/1.wav b/y/2.wav", "yes a b", "1 a b c"])
+@pytest.mark.parametrize("bad_line", ["1 a/x/1.wav", "2 a/x/1.wav b/y/2.wav", "yes a b", "1 a b c",
+                                      "1 /etc/passwd a/x/1.wav", "0 a/x/1.wav ../b/y/2.wav", "1 a/../../x.wav b/y/2.wav"])
 def test_read_trials_malformed_line_names_file_and_line(tmp_path: Path, bad_line: str):
     path = tmp_path / "bad_trials.txt"
     path.write_text(f"1 a/x/1.wav a/y/2.wav\n\n{bad_line}\n")

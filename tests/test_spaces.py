@@ -63,6 +63,8 @@ def test_baseline_space_has_no_mfcon():
     ("name: t\nparams: [1, 2]\n", ["params", "dictionary"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
     ("name: t\nparams: {a: {type: uniform, low: 1\n", ["not valid YAML"]),
+    (GOOD.replace("epochs: 2}", "epochs: 2, eval_every: 2}"), ["base.eval_every", "every epoch"]),
+    (GOOD + "  eval_every: {type: int, low: 1, high: 3}\n", ["params.eval_every", "every epoch"]),
 ])
 def test_bad_spaces_name_file_and_field(tmp_path, text, fragments):
     path = write(tmp_path, text)

@@ -161,6 +161,10 @@ def load_search_space(path: str | Path) -> SearchSpace:
         base = space.base_config()
     except ValidationError as e:
         raise SearchSpaceError(format_validation_error(e, f"{path}: base")) from None
+    if base.eval_every != 1 or "eval_every" in space.params:
+        field = "params.eval_every" if "eval_every" in space.params else "base.eval_every"
+        raise SearchSpaceError(f"{path}: {field}: a study scores the dev list every epoch (ASHA stops trials and "
+                               f"the searcher learns from each epoch's {space.metric}); remove it or set it to 1")
     for key in space.params:
         try:
             apply_overrides(base, {key: _probe_value(space.params[key], space.num_blocks())}, f"{path}: params.{key}")

@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import numpy as np
@@ -71,6 +71,11 @@ def _parse_line(path: Path, lineno: int, line: str) -> TrialPair:
         raise TrialListError(f"{where}: expected '<0|1> <enroll> <test>', got {len(fields)} fields")
     if fields[0] not in ("0", "1"):
         raise TrialListError(f"{where}: label must be 0 or 1, got {fields[0]!r}")
+    for utt in fields[1:]:
+        parts = PurePosixPath(utt).parts
+        if utt.startswith(("/", "\\")) or ".." in parts or (len(utt) > 1 and utt[1] == ":"):
+            raise TrialListError(f"{where}: {utt!r} must be a path relative to the corpus root "
+                                 "(<speaker>/<video>/<utt>), without '..'")
     return TrialPair(int(fields[0]), fields[1], fields[2])
 
 

@@ -97,10 +97,10 @@ def verdict_line(v: ConfigVerdict, baseline: str = "baseline") -> str:
 
 def format_table(verdicts: Mapping[str, ConfigVerdict]) -> str:
     """The replication table: per configuration, seeds, test EER and minDCF mean +- sd, difference to baseline."""
-    header = f"  {'config':<14} {'seeds':>5}  {'test EER %':>14}  {'test minDCF':>15}  {'delta EER (95% CI)':<26}"
+    header = f"  {'config':<14} {'seeds':>5}  {'test EER %':>15}  {'test minDCF':>16}  delta EER (95% CI)"
     lines = [header]
     for v in verdicts.values():
         delta = "baseline" if v.delta is None else f"{v.delta.estimate:+.2f} [{v.delta.low:+.2f}, {v.delta.high:+.2f}]"
-        lines.append(f"  {v.label:<14} {len(v.test_eer):>5}  {v.eer_mean:7.2f} +- {v.eer_std:4.2f}  "
-                     f"{v.min_dcf_mean:7.4f} +- {v.min_dcf_std:5.4f}  {delta:<26}")
+        lines.append(f"  {v.label:<14} {len(v.test_eer):>5}  {v.eer_mean:6.2f} +- {v.eer_std:5.2f}  "
+                     f"{v.min_dcf_mean:6.4f} +- {v.min_dcf_std:6.4f}  {delta}")
     return "\n".join(lines)

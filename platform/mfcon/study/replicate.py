@@ -117,6 +117,9 @@ def plan_replicas(space: SearchSpace, tops: list[tuple[str, TrainConfig, dict]],
     baseline = apply_overrides(tops[0][1], {"loss.mfcon_weight": 0.0}, f"replication of {space.name}")
     configs = [(BASELINE, baseline, {"loss.mfcon_weight": 0.0})]
     configs += [(label, cfg, params) for label, cfg, params in tops if cfg.selected_blocks()]
+    if len(configs) == 1:
+        raise StudyError(f"the top {len(tops)} trials of {space.name!r} use no MFCon loss (weight 0 or no blocks): "
+                         "there is nothing to compare with the baseline; replicate a study that searches MFCon")
     replicas = []
     for label, cfg, params in configs:
         for seed in range(seeds):

@@ -3,6 +3,8 @@ each retrained with 2 seeds as one Ray Tune grid, scored on the held-out test li
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mfcon.data.local import read_eval_set
@@ -83,3 +85,24 @@ def test_report_shows_the_replication_table_and_plot(replicated, tmp_path):
     assert f"{top.delta.estimate:+.2f} [{top.delta.low:+.2f}, {top.delta.high:+.2f}]" in page
     md = write_report(default_tracking_uri(workdir), "rep", tmp_path / "md", fmt="md").read_text()
     assert "## Replication: equal compute, held-out test list" in md and (tmp_path / "md" / "rep-replication.png").exists()
+
+
+def test_plan_has_the_baseline_and_each_mfcon_configuration_per_seed_and_refuses_no_mfcon():
+    from mfcon.study.replicate import plan_replicas
+    from mfcon.study.runner import StudyError
+    from mfcon.study.spaces import load_search_space, trial_config
+
+    repo = Path(__file__).resolve().parent.parent
+    space = load_search_space(repo / "search_spaces" / "demo.yaml")
+    sampled = {"loss.mfcon_weight": 0.3, "loss.mfcon_temperature": 0.1, "loss.mfcon_blocks.b1": True,
+               "loss.mfcon_blocks.b2": False, "loss.mfcon_blocks.b3": True}
+    replicas = plan_replicas(space, [("top1", trial_config(space, sampled), sampled)], seeds=3)
+    assert [(r.label, r.seed) for r in replicas] == [(BASELINE, s) for s in range(3)] + [("top1", s) for s in range(3)]
+    for r in replicas:
+        assert r.config["seed"] == r.seed and r.config["epochs"] == space.base_config().epochs  # equal epochs
+        expected = 0.0 if r.label == BASELINE else 0.3
+        assert r.config["loss"]["mfcon_weight"] == expected
+        assert r.config["optim"] == replicas[0].config["optim"]  # otherwise identical settings
+    off = {**sampled, "loss.mfcon_blocks.b1": False, "loss.mfcon_blocks.b3": False}
+    with pytest.raises(StudyError, match="use no MFCon loss"):
+        plan_replicas(space, [("top1", trial_config(space, off), off)], seeds=2)

@@ -190,6 +190,6 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
 def test_batches_wider_than_the_training_speakers_fail_before_anything_starts(small_data, tmp_path):
     path = write_space(tmp_path, "toowide")
     path.write_text(path.read_text().replace("speakers_per_batch: 4", "speakers_per_batch: 64"))
-    with pytest.raises(StudyError, match="toowide: base.data.speakers_per_batch = 64, but .* has only 6 training"):
+    with pytest.raises(StudyError, match="toowide: base.data.speakers_per_batch = 64, but .* has only 8 training"):
         run_study(path, small_data, workdir=tmp_path / "runs")
     assert not (tmp_path / "runs" / "toowide").exists()

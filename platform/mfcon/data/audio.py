@@ -48,11 +48,11 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, min_seconds: floa
     wav = data.mean(axis=1, dtype=np.float32)  # (N,)
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
-    if not np.any(wav):
-        raise AudioError(f"{path}: silent (every sample is 0): nothing to learn a speaker from")
     if sr != target_sr:
         with torch.no_grad():
             wav = _resampler(sr, target_sr)(torch.from_numpy(wav)).numpy()
     if wav.shape[0] < min_seconds * target_sr:
         raise AudioError(f"{path}: too short ({wav.shape[0] / target_sr:.3f} s < {min_seconds} s)")
+    if not np.any(wav):
+        raise AudioError(f"{path}: silent (every sample is 0): nothing to learn a speaker from")
     return np.ascontiguousarray(wav, dtype=np.float32)

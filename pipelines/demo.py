@@ -27,6 +27,7 @@ from mfcon.cli.study import print_summary  # noqa: E402
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus  # noqa: E402
 from mfcon.data.prepare import prepare_dataset  # noqa: E402
 from mfcon.study.replicate import ReplicationResult, replicate_study  # noqa: E402
+from mfcon import storage  # noqa: E402
 from mfcon.study.runner import StudySummary, run_study, study_paths  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def run_or_resume(space: Path, data: Path, runs: Path, args: argparse.Namespace,
     from mfcon.study.spaces import load_search_space
 
     name = load_search_space(space).name
-    resume = (study_paths(runs, name)["experiment"]).exists()
+    resume = storage.exists(study_paths(runs, name)["experiment"])
     return run_study(space, data, workdir=runs, num_samples=num_samples, address=args.address,
                      tracking_uri=args.tracking_uri, resume=resume)
 

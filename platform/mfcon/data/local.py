@@ -1,12 +1,11 @@
-"""Training rows straight from local Parquet shards (no Ray): `mfcon train` and tests."""
+"""Training rows straight from the Parquet shards, local or in an object store (no Ray): `mfcon train`, tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mfcon.data.corpus.voxceleb import read_trials
 from mfcon.data.shards import (
@@ -14,6 +13,7 @@ from mfcon.data.shards import (
     features_from_column,
     load_split,
     read_manifest,
+    read_shard_table,
     shard_paths,
     trials_path,
 )
@@ -24,7 +24,6 @@ def read_eval_set(data_dir: str | Path, split: str) -> EvalSet:
     """The ``dev`` or ``test`` split and its trial list, as stored beside the manifest."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"no trial list for split {split!r}; evaluation splits are {EVAL_SPLITS}")
-    data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     arrays = load_split(data_dir, split, manifest)
     return EvalSet(utt_ids=list(arrays.utt_ids), features=list(arrays.features),
@@ -35,7 +34,7 @@ class LocalShardData:
     """Implements ``train.loop.TrainData`` over a shard folder; shards are dealt round-robin to ranks."""
 
     def __init__(self, data_dir: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.data_dir = Path(data_dir)
+        self.data_dir = data_dir
         self.manifest = read_manifest(self.data_dir)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_classes = len(self.manifest.speakers)
@@ -49,7 +48,7 @@ class LocalShardData:
         for i in rng.permutation(len(paths)):
             if i % self.world_size != self.rank:
                 continue
-            table = pq.read_table(paths[i], columns=["features", "speaker_index"])
+            table = read_shard_table(paths[i], columns=["features", "speaker_index"])
             feats = features_from_column(table.column("features"))
             labels = table.column("speaker_index").to_numpy()
             for j in rng.permutation(len(feats)):

@@ -17,7 +17,9 @@ The shard plan is deterministic. One task (``build_shard``, a plain top-level
 function) builds one shard: load audio, fbank, write the shard atomically, then
 write ``<shard>.done.json`` recording its sha256, skipped audio and a plan
 fingerprint. Tasks run on a process pool, or as Ray tasks when
-``ray.is_initialized()`` (the folder must then be shared by all nodes). A re-run
+``ray.is_initialized()``. The output folder is a location (:mod:`mfcon.storage`):
+a local path or an object-store URI such as ``s3://bucket/vox1``, so Ray tasks
+on any node write their shards straight to the store. A re-run
 with the same inputs keeps every shard whose sidecar fingerprint and sha256
 still match; ``manifest.json`` is written last, then the sidecars are removed.
 """
@@ -28,13 +30,15 @@ import json
 import multiprocessing
 import re
 import sys
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from mfcon import storage
 from mfcon.config import FeatureConfig
 from mfcon.data.audio import AudioError, load_audio
 from mfcon.data.corpus.voxceleb import (
@@ -60,7 +64,6 @@ from mfcon.data.shards import (
     write_manifest,
     write_shard,
 )
-from mfcon.files import atomic_write_text, file_sha256
 
 DONE_SUFFIX = ".done.json"
 PLAN_KEY = "mfcon.plan"
@@ -99,15 +102,15 @@ def build_shard(out_dir: str, task: ShardTask) -> dict[str, Any]:
             feats = compute_fbank(wav, cfg).numpy()  # (T, F)
             yield {"utt_id": utt_id, "speaker": speaker, "speaker_index": index, "features": feats}
 
-    path = Path(out_dir) / task.file
+    path = storage.join(out_dir, task.file)
     entry = write_shard(path, rows(), num_mel_bins=cfg.num_mel_bins, metadata={PLAN_KEY: task.plan})
     record = {"plan": task.plan, "entry": entry.model_dump(), "skipped": skipped, "utterances": len(task.utterances)}
-    atomic_write_text(sidecar_path(out_dir, task.file), json.dumps(record, indent=1))
+    storage.write_text(sidecar_path(out_dir, task.file), json.dumps(record, indent=1))
     return record
 
 
-def sidecar_path(out_dir: str | Path, file: str) -> Path:
-    return Path(out_dir) / f"{file}{DONE_SUFFIX}"
+def sidecar_path(out_dir: str | Path, file: str) -> str:
+    return storage.join(out_dir, f"{file}{DONE_SUFFIX}")
 
 
 def _init_worker() -> None:
@@ -118,21 +121,21 @@ def _init_worker() -> None:
 
 # ---------------------------------------------------------------- resume
 
-def _adopt_manifest(out: Path, feature_cfg: FeatureConfig, tasks: list[ShardTask], overwrite: bool) -> None:
+def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask], overwrite: bool) -> None:
     """Turn an existing manifest into sidecars (so its shards can be reused), then remove it.
 
     Removing it first means an interrupted re-run never leaves a manifest that
     points at shards the re-run has replaced.
     """
-    path = out / MANIFEST_NAME
-    if not path.exists():
+    path = storage.join(out, MANIFEST_NAME)
+    if not storage.exists(path):
         return
     try:
         old = read_manifest(out)
     except ManifestError as e:
         if not overwrite:
             raise ManifestError(f"{e}\n(pass overwrite=True to replace it)") from None
-        path.unlink()
+        storage.delete(path)
         return
     if old.feature_config != feature_cfg and not overwrite:
         raise ManifestError(
@@ -141,44 +144,45 @@ def _adopt_manifest(out: Path, feature_cfg: FeatureConfig, tasks: list[ShardTask
     by_file = {t.file: t for t in tasks}
     for info in old.splits.values():
         for entry in info.shards:
-            shard, task = out / entry.file, by_file.get(entry.file)
-            if task is None or not shard.is_file() or sidecar_path(out, entry.file).exists():
+            shard, task = storage.join(out, entry.file), by_file.get(entry.file)
+            if task is None or not storage.is_file(shard) or storage.exists(sidecar_path(out, entry.file)):
                 continue
             plan = _stored_plan(shard)
             paths = {row[3] for row in task.utterances}
             skipped = [s.model_dump() for s in old.skipped if s.path in paths]
             record = {"plan": plan, "entry": entry.model_dump(), "skipped": skipped, "utterances": len(paths)}
-            atomic_write_text(sidecar_path(out, entry.file), json.dumps(record, indent=1))
-    path.unlink()
+            storage.write_text(sidecar_path(out, entry.file), json.dumps(record, indent=1))
+    storage.delete(path)
 
 
-def _stored_plan(shard: Path) -> str | None:
+def _stored_plan(shard: str) -> str | None:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(shard).metadata or {}
+        fs, path = storage.resolve(shard)
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
     except Exception:  # unreadable shard: rebuild it
         return None
     value = meta.get(PLAN_KEY.encode())
     return value.decode() if value else None
 
 
-def _finished(out: Path, task: ShardTask) -> dict[str, Any] | None:
+def _finished(out: str, task: ShardTask) -> dict[str, Any] | None:
     """The task's sidecar record if its shard is complete and unchanged, else None."""
     try:
-        record = json.loads(sidecar_path(out, task.file).read_text())
+        record = json.loads(storage.read_text(sidecar_path(out, task.file)))
         entry = ShardEntry.model_validate(record["entry"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    shard = out / task.file
-    if record.get("plan") != task.plan or entry.file != task.file or not shard.is_file():
+    shard = storage.join(out, task.file)
+    if record.get("plan") != task.plan or entry.file != task.file or not storage.is_file(shard):
         return None
-    return record if file_sha256(shard) == entry.sha256 else None
+    return record if storage.sha256(shard) == entry.sha256 else None
 
 
 # ---------------------------------------------------------------- running tasks
 
-def _run_tasks(out: Path, tasks: list[ShardTask], num_workers: int, bar: tqdm) -> list[dict[str, Any]]:
+def _run_tasks(out: str, tasks: list[ShardTask], num_workers: int, bar: tqdm) -> list[dict[str, Any]]:
     ray = sys.modules.get("ray")  # never imported -> never initialised; saves ~2 s of imports
     if not tasks:
         return []
@@ -189,20 +193,20 @@ def _run_tasks(out: Path, tasks: list[ShardTask], num_workers: int, bar: tqdm) -
     return _run_pool(out, tasks, num_workers, bar)
 
 
-def _call(out: Path, task: ShardTask) -> dict[str, Any]:
+def _call(out: str, task: ShardTask) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return build_shard(str(out), task)
+        return build_shard(out, task)
     except Exception as e:
         raise _task_error(out, task, e) from e
     finally:
         torch.set_num_threads(threads)
 
 
-def _task_error(out: Path, task: ShardTask, e: BaseException) -> PrepareError:
-    return PrepareError(f"{out / task.file}: building the shard failed: {type(e).__name__}: {e}")
+def _task_error(out: str, task: ShardTask, e: BaseException) -> PrepareError:
+    return PrepareError(f"{storage.join(out, task.file)}: building the shard failed: {type(e).__name__}: {e}")
 
 
 def _advance(bar: tqdm, record: dict[str, Any]) -> dict[str, Any]:
@@ -223,11 +227,11 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _run_pool(out: Path, tasks: list[ShardTask], num_workers: int, bar: tqdm) -> list[dict[str, Any]]:
+def _run_pool(out: str, tasks: list[ShardTask], num_workers: int, bar: tqdm) -> list[dict[str, Any]]:
     results = []
     with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=_pool_context(),
                              initializer=_init_worker) as pool:
-        pending = {pool.submit(build_shard, str(out), t): t for t in tasks}
+        pending = {pool.submit(build_shard, out, t): t for t in tasks}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -243,11 +247,11 @@ def _run_pool(out: Path, tasks: list[ShardTask], num_workers: int, bar: tqdm) ->
     return results
 
 
-def _run_ray(out: Path, tasks: list[ShardTask], bar: tqdm) -> list[dict[str, Any]]:
+def _run_ray(out: str, tasks: list[ShardTask], bar: tqdm) -> list[dict[str, Any]]:
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-    pending = {remote.remote(str(out), t): t for t in tasks}
+    pending = {remote.remote(out, t): t for t in tasks}
     results = []
     try:
         while pending:
@@ -288,7 +292,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     if (dev_trials is None) == (dev_speakers is None):
         raise SplitError("give exactly one of dev_trials (a dev trial list) or dev_speakers (hold out N training "
                          "speakers): a study selects on dev, and test stays unseen until the verdict")
-    root, out = Path(corpus_root).resolve(), Path(out_dir)
+    root, out = Path(corpus_root).resolve(), storage.normalize(out_dir)
     utterances = list_utterances(root)
     test = read_trials(test_trials, root=root)
     if dev_trials is not None:
@@ -304,12 +308,12 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
                 DevProtocol(source="held_out_speakers", speakers=dev_speakers, trials_per_utt=dev_trials_per_utt,
                             seed=seed))
     speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     _adopt_manifest(out, feature_cfg, tasks, overwrite)
 
     records = {t.file: r for t in tasks if (r := _finished(out, t)) is not None}
     todo = [t for t in tasks if t.file not in records]
-    with tqdm(total=sum(len(t.utterances) for t in todo), unit="utt", desc=f"prepare {out.name}",
+    with tqdm(total=sum(len(t.utterances) for t in todo), unit="utt", desc=f"prepare {storage.basename(out)}",
               disable=not progress, smoothing=0.1) as bar:
         for record in _run_tasks(out, todo, num_workers, bar):
             records[record["entry"]["file"]] = record
@@ -317,7 +321,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol)
     lost = _skipped_utt_ids(tasks, records)
     for split, trials in (("dev", dev), ("test", test)):  # atomic
-        write_trials(out / trials_name(split), [t for t in trials if t.enroll not in lost and t.test not in lost])
+        write_trials(storage.join(out, trials_name(split)), [t for t in trials if t.enroll not in lost and t.test not in lost])
     write_manifest(out, manifest)
     _clean(out, manifest)
     return manifest
@@ -348,9 +352,9 @@ def _skipped_utt_ids(tasks: list[ShardTask], records: dict[str, dict[str, Any]])
     return {utt_id for t in tasks for utt_id, *_, path in t.utterances if path in skipped_paths}
 
 
-def _clean(out: Path, manifest: Manifest) -> None:
+def _clean(out: str, manifest: Manifest) -> None:
     """Remove sidecars, temp files and shards of older plans (only names this module writes)."""
     keep = {MANIFEST_NAME, *manifest.trials.values()} | {s.file for info in manifest.splits.values() for s in info.shards}
-    for path in out.iterdir():
-        if path.name not in keep and _OWN_FILE.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
+    for name in storage.list_names(out):
+        if name not in keep and _OWN_FILE.match(name):
+            storage.delete(storage.join(out, name))

@@ -16,25 +16,29 @@ frames of one utterance are one contiguous float32 buffer, so readers get
 (T, F) numpy views without copying (``features_from_column``), and Ray Data
 crops them zero-copy.
 
-Every file is written as ``name.tmp-<pid>`` and ``os.replace``-d to its final
-name, so a final name never holds a half-written file.
+A data folder is a *location* (:mod:`mfcon.storage`): a local path or an
+object-store URI such as ``s3://bucket/vox1``; shard paths in a study are
+locations too, so every node streams them from the same place. Every file is
+finished locally and published atomically under its final name, so a final
+name never holds a half-written file.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mfcon import storage
 from mfcon.config import FeatureConfig, format_validation_error
-from mfcon.files import atomic_path, atomic_write_text, file_sha256
+from mfcon.files import file_sha256
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -165,10 +169,9 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
     >>> write_shard(Path(tempfile.mkdtemp()) / "train-00000.parquet", [row]).rows
     1
     """
-    path = Path(path)
     schema = shard_schema(num_mel_bins, metadata)
     count = 0
-    with atomic_path(path) as tmp:
+    with storage.staged_file(path) as tmp:
         with open(tmp, "wb") as sink:
             writer = pq.ParquetWriter(sink, schema)
             try:
@@ -183,15 +186,13 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
                     count += len(batch)
             finally:
                 writer.close()
-            sink.flush()
-            os.fsync(sink.fileno())
         digest = file_sha256(tmp)
-    return ShardEntry(file=path.name, rows=count, sha256=digest)
+    return ShardEntry(file=storage.basename(path), rows=count, sha256=digest)
 
 
-def write_manifest(data_dir: str | Path, manifest: Manifest) -> Path:
-    path = Path(data_dir) / MANIFEST_NAME
-    atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
+def write_manifest(data_dir: str | Path, manifest: Manifest) -> str:
+    path = storage.join(data_dir, MANIFEST_NAME)
+    storage.write_text(path, manifest.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -199,13 +200,13 @@ def write_manifest(data_dir: str | Path, manifest: Manifest) -> Path:
 
 def read_manifest(data_dir: str | Path) -> Manifest:
     """Parse ``<data_dir>/manifest.json``; every failure is a ManifestError naming the file."""
-    path = Path(data_dir) / MANIFEST_NAME
+    path = storage.join(data_dir, MANIFEST_NAME)
     try:
-        text = path.read_text()
+        text = storage.read_text(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)") from None
     except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from e
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -224,32 +225,31 @@ def read_manifest(data_dir: str | Path) -> Manifest:
 
 def manifest_hash(data_dir: str | Path) -> str:
     """sha256 of the manifest bytes: identifies a prepared dataset (tags MLflow runs)."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(data_dir, MANIFEST_NAME)
+    if not storage.is_file(path):
         raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)")
-    return file_sha256(path)
+    return storage.sha256(path)
 
 
-def trials_path(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> Path:
+def trials_path(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> str:
     """The normalised trial list of ``dev`` or ``test``."""
     manifest = manifest or read_manifest(data_dir)
     if split not in manifest.trials:
-        raise ValueError(f"{Path(data_dir) / MANIFEST_NAME}: no trial list for split {split!r} "
+        raise ValueError(f"{storage.join(data_dir, MANIFEST_NAME)}: no trial list for split {split!r} "
                          f"(has {sorted(manifest.trials)})")
-    return Path(data_dir) / manifest.trials[split]
+    return storage.join(data_dir, manifest.trials[split])
 
 
 def split_info(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitInfo:
     manifest = manifest or read_manifest(data_dir)
     if split not in manifest.splits:
-        raise ValueError(f"{Path(data_dir) / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest.splits)})")
+        raise ValueError(f"{storage.join(data_dir, MANIFEST_NAME)}: no split {split!r} (has {sorted(manifest.splits)})")
     return manifest.splits[split]
 
 
 def shard_paths(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> list[str]:
-    """Absolute paths of the split's shards, in manifest order."""
-    root = Path(data_dir).resolve()
-    return [str(root / s.file) for s in split_info(data_dir, split, manifest).shards]
+    """Locations of the split's shards (absolute paths or URIs), in manifest order."""
+    return [storage.join(data_dir, s.file) for s in split_info(data_dir, split, manifest).shards]
 
 
 def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> None:
@@ -258,10 +258,10 @@ def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> Non
     problems, bad = [], []
     for split, info in manifest.splits.items():
         for entry in info.shards:
-            path = Path(data_dir) / entry.file
-            if not path.is_file():
+            path = storage.join(data_dir, entry.file)
+            if not storage.is_file(path):
                 problems.append(f"{path}: missing ({split} shard listed in {MANIFEST_NAME})")
-            elif (digest := file_sha256(path)) != entry.sha256:
+            elif (digest := storage.sha256(path)) != entry.sha256:
                 problems.append(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}...)")
             else:
                 continue
@@ -300,13 +300,19 @@ def _frames_from_numpy(x: Any) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
+def read_shard_table(location: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard as an Arrow table, memory-mapped when local, streamed from the object store otherwise."""
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=fs, columns=columns, memory_map=not storage.is_remote(location))
+
+
 def load_split(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitArrays:
     """Read all shards of ``split`` (manifest order) into memory."""
     manifest = manifest or read_manifest(data_dir)
     paths = shard_paths(data_dir, split, manifest)
     bins = manifest.feature_config.num_mel_bins
     expected = shard_schema(bins)
-    tables = [pq.read_table(p, memory_map=True) for p in paths]
+    tables = [read_shard_table(p) for p in paths]
     for path, t in zip(paths, tables):
         if not t.schema.equals(expected, check_metadata=False):
             raise ValueError(f"{path}: columns {t.schema.types} do not match shard schema version {SCHEMA_VERSION} "

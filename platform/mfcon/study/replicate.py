@@ -31,6 +31,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
 from mfcon.data.local import read_eval_set
 from mfcon.metrics import BootstrapResult
@@ -48,6 +49,7 @@ from mfcon.study.runner import (
     init_ray,
     read_study_info,
     study_paths,
+    study_tracking_uri,
 )
 from mfcon.study.spaces import (
     SearchSpace,
@@ -64,7 +66,6 @@ from mfcon.tracking import (
     find_runs,
     load_study,
     no_artifact_progress_bars,
-    resolve_tracking_uri,
 )
 from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
 from mfcon.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
@@ -159,19 +160,20 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     if top_k < 1 or seeds < 2:
         raise StudyError(f"replication needs top_k >= 1 and seeds >= 2 (got {top_k}, {seeds}): "
                          "one seed cannot show seed-to-seed spread")
-    workdir = Path(workdir).resolve()
+    workdir = storage.normalize(workdir)
     info = read_study_info(workdir, study)
-    uri = resolve_tracking_uri(tracking_uri or info.get("tracking_uri"), workdir)
+    uri = study_tracking_uri(tracking_uri or info.get("tracking_uri"), workdir)
     check_tracking_uri(uri)
-    space = load_search_space(info["space"]).model_copy(update={"name": study})
-    data_dir = Path(info["data"])
+    with storage.local_copy(info["space"]) as local_space:
+        space = load_search_space(local_space).model_copy(update={"name": study})
+    data_dir = info["data"]
     replicas = plan_replicas(space, top_configurations(space, uri, top_k), seeds)
-    root = study_paths(workdir, study)["root"] / "replication"
+    root = storage.join(study_paths(workdir, study)["root"], "replication")
     tracker = StudyTracker(uri, study, workdir, role="replication")
     init_ray(address)
     remove_orphaned_placement_groups()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    runtime = build_runtime(space, data_dir, root / "train")
+    runtime = build_runtime(space, data_dir, storage.join(root, "train"))
     grid = _tuner(space, runtime, replicas, root, uri, workdir).fit()
     failed = [r for r in grid if r.error is not None]
     if failed:
@@ -181,28 +183,29 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     return result
 
 
-def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, ...], root: Path, uri: str,
-           workdir: Path) -> tune.Tuner:
+def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, ...], root: str, uri: str,
+           workdir: str) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_replica, runtime=runtime, replicas=replicas),
                                     {"CPU": space.resources.driver_cpus, "memory": DRIVER_MEMORY_BYTES})
-    experiment = root / "tune" / f"{space.name}-replication"
-    if experiment.exists() and tune.Tuner.can_restore(str(experiment)):
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    name = f"{space.name}-replication"
+    experiment = storage.join(root, "tune", name)
+    if tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable, param_space={"replica": tune.grid_search(list(range(len(replicas))))},
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode,
                                     max_concurrent_trials=space.budget.max_concurrent_trials),
         run_config=tune.RunConfig(
-            name=experiment.name, storage_path=str(experiment.parent),
+            name=name, storage_path=storage.join(root, "tune"),
             callbacks=[PlacementGroupReaper(),
-                       MLflowStudyCallback(uri, str(workdir), space, runtime.feature_config, role="replication",
+                       MLflowStudyCallback(uri, workdir, space, runtime.feature_config, role="replication",
                                            params_of=ReplicaParams(replicas))],
             progress_reporter=tune.CLIReporter(metric_columns={"epoch": "epoch", "dev_eer": "dev EER %"},
                                                parameter_columns={"replica": "replica"}, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=space.resources.max_failures)))
 
 
-def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_dir: Path, n_boot: int,
+def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_dir: str, n_boot: int,
                    confidence: float) -> ReplicationResult:
     """Every finished replica's best checkpoint on the test list; verdicts logged on the replication run."""
     client, test = tracker.client, read_eval_set(data_dir, "test")

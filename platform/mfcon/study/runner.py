@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from mfcon import storage
 from mfcon.data.corpus.voxceleb import read_trials
 from mfcon.data.shards import (
     manifest_hash,
@@ -53,10 +53,12 @@ class StudySummary:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
-def study_paths(workdir: str | Path, name: str) -> dict[str, Path]:
-    root = Path(workdir).resolve() / name
-    return {"root": root, "tune": root / "tune", "experiment": root / "tune" / name, "train": root / "train",
-            "space": root / "space.yaml"}
+def study_paths(workdir: str | Path, name: str) -> dict[str, str]:
+    """Where a study keeps its files: locations under ``workdir`` (a local folder or an object-store URI)."""
+    root = storage.join(workdir, name)
+    return {"root": root, "tune": storage.join(root, "tune"), "experiment": storage.join(root, "tune", name),
+            "train": storage.join(root, "train"), "space": storage.join(root, "space.yaml"),
+            "info": storage.join(root, "study.json")}
 
 
 # On one machine there is no spot preemption to watch and no Prometheus to feed: two actors
@@ -79,7 +81,7 @@ def init_ray(address: str | None) -> None:
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
 
 
-def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> StudyRuntime:
+def build_runtime(space: SearchSpace, data_dir: str, train_storage: str) -> StudyRuntime:
     manifest = read_manifest(data_dir)
     per_batch = space.base_config().data.speakers_per_batch
     if per_batch > len(manifest.speakers):
@@ -93,7 +95,7 @@ def build_runtime(space: SearchSpace, data_dir: Path, train_storage: Path) -> St
         num_classes=len(manifest.speakers),
         train_rows=manifest.splits["train"].rows,
         frame_shift_ms=manifest.feature_config.frame_shift_ms,
-        train_storage=str(train_storage),
+        train_storage=train_storage,
         feature_config=manifest.feature_config.model_dump(),
     )
 
@@ -108,8 +110,8 @@ def make_trainable(space: SearchSpace, runtime: StudyRuntime):
     return tune.with_resources(tune.with_parameters(run_trial, runtime=runtime), resources)
 
 
-def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path], tracking_uri: str,
-               workdir: Path, num_samples: int) -> tune.Tuner:
+def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str], tracking_uri: str,
+               workdir: str, num_samples: int) -> tune.Tuner:
     budget = space.budget
     max_epochs = space.base_config().epochs
     # A space with nothing to search (the baseline) runs its fixed config num_samples times.
@@ -124,7 +126,7 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, Path]
                                     num_samples=num_samples, max_concurrent_trials=budget.max_concurrent_trials,
                                     time_budget_s=budget.study_time_budget_s),
         run_config=tune.RunConfig(
-            name=space.name, storage_path=str(paths["tune"]), stop=stop,
+            name=space.name, storage_path=paths["tune"], stop=stop,
             callbacks=[PlacementGroupReaper(),
                        MLflowStudyCallback(tracking_uri, str(workdir), space, runtime.feature_config)],
             progress_reporter=tune.CLIReporter(metric_columns=TRIAL_COLUMNS, max_report_frequency=15,
@@ -152,36 +154,38 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
               num_samples: int | None = None, address: str | None = None, tracking_uri: str | None = None,
               resume: bool = False, study_name: str | None = None) -> StudySummary:
     """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended."""
-    workdir = Path(workdir).resolve()
+    workdir = storage.normalize(workdir)
     space_path, data_dir = _resolve_inputs(space_path, data_dir, workdir, study_name, resume)
-    space = load_search_space(space_path)
+    with storage.local_copy(space_path) as local_space:
+        space = load_search_space(local_space)
+        space_bytes = local_space.read_bytes()
     if study_name and study_name != space.name:
         space = space.model_copy(update={"name": study_name})
     paths = study_paths(workdir, space.name)
-    if resume and tracking_uri is None and (paths["root"] / "study.json").exists():
+    if resume and tracking_uri is None and storage.exists(paths["info"]):
         tracking_uri = read_study_info(workdir, space.name).get("tracking_uri")  # the store its trials are in
-    uri = resolve_tracking_uri(tracking_uri, workdir)
+    uri = study_tracking_uri(tracking_uri, workdir)
     check_tracking_uri(uri)  # before any training starts
     verify_shards(data_dir)
     runtime = build_runtime(space, data_dir, paths["train"])  # input errors surface before anything is written
-    can_restore = paths["experiment"].exists() and tune.Tuner.can_restore(str(paths["experiment"]))
+    can_restore = tune.Tuner.can_restore(paths["experiment"])
     if can_restore and not resume:
         raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "
                          f"continue it with --resume or choose another --name")
-    paths["root"].mkdir(parents=True, exist_ok=True)
+    storage.makedirs(paths["root"])
     if not can_restore:
-        shutil.copyfile(space_path, paths["space"])
-        (paths["root"] / "study.json").write_text(json.dumps({"space": str(paths["space"]),
-                                                              "data": str(data_dir), "tracking_uri": uri}))
+        storage.write_bytes(paths["space"], space_bytes)
+        storage.write_text(paths["info"], json.dumps({"space": paths["space"], "data": data_dir, "tracking_uri": uri}))
     tracker = StudyTracker(uri, space.name, workdir)
-    tracker.log_study_inputs(paths["space"], space.base, manifest_hash(data_dir))
+    with storage.local_copy(paths["space"]) as local_space:
+        tracker.log_study_inputs(local_space, space.base, manifest_hash(data_dir))
 
     init_ray(address)
     remove_orphaned_placement_groups()
     # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if can_restore:
-        tuner = tune.Tuner.restore(str(paths["experiment"]), trainable=make_trainable(space, runtime),
+        tuner = tune.Tuner.restore(paths["experiment"], trainable=make_trainable(space, runtime),
                                    resume_unfinished=True, resume_errored=True)
     else:
         tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples)
@@ -210,25 +214,34 @@ def _log_study_plots(uri: str, study: str) -> None:
         print(f"warning: study plots not logged: {e}", file=sys.stderr)
 
 
-def read_study_info(workdir: Path, study_name: str) -> dict[str, str]:
+def read_study_info(workdir: str | Path, study_name: str) -> dict[str, str]:
     """What a study remembers (``study.json``): its space file, data folder and tracking URI."""
-    saved = study_paths(workdir, study_name)["root"] / "study.json"
-    if not saved.exists():
-        raise StudyError(f"no study named {study_name!r} under {workdir} (no {saved})")
-    return json.loads(saved.read_text())
+    saved = study_paths(workdir, study_name)["info"]
+    try:
+        return json.loads(storage.read_text(saved))
+    except FileNotFoundError:
+        raise StudyError(f"no study named {study_name!r} under {storage.normalize(workdir)} (no {saved})") from None
 
 
-def _resolve_inputs(space_path, data_dir, workdir: Path, study_name, resume) -> tuple[Path, Path]:
+def study_tracking_uri(explicit: str | None, workdir: str) -> str:
+    """The tracking store of a study; a study kept in an object store needs a tracking server."""
+    if storage.is_remote(workdir) and explicit is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StudyError(f"--workdir {workdir} is an object store, where an SQLite tracking database cannot live: "
+                         "pass --tracking-uri http://<mlflow server>:5000 or set MLFLOW_TRACKING_URI")
+    return resolve_tracking_uri(explicit, workdir)
+
+
+def _resolve_inputs(space_path, data_dir, workdir: str, study_name, resume) -> tuple[str, str]:
     """``--resume --name X`` needs nothing else: the study remembers its space and data."""
     if resume and study_name and (space_path is None or data_dir is None):
         info = read_study_info(workdir, study_name)
         space_path, data_dir = space_path or info["space"], data_dir or info["data"]
     if space_path is None or data_dir is None:
         raise StudyError("--space and --data are required (or --resume --name NAME)")
-    return Path(space_path), Path(data_dir).resolve()
+    return storage.normalize(space_path), storage.normalize(data_dir)
 
 
-def summarize(grid, space: SearchSpace, uri: str, experiment_dir: Path) -> StudySummary:
+def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudySummary:
     states: dict[str, int] = {}
     max_epochs = space.base_config().epochs
     for result in grid:
@@ -247,6 +260,6 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: Path) -> Study
         best_trial, best_params = best.metrics.get("trial_id"), dict(best.config or {})
     except (RuntimeError, KeyError, AttributeError):
         pass
-    return StudySummary(study=space.name, tracking_uri=uri, experiment_dir=str(experiment_dir), num_trials=len(grid),
+    return StudySummary(study=space.name, tracking_uri=uri, experiment_dir=experiment_dir, num_trials=len(grid),
                         states=states, best_trial=best_trial, best_metric=best_value, best_params=best_params,
                         metric=space.metric)

@@ -13,13 +13,13 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 import numpy as np
 
-from mfcon.files import atomic_write_text
+from mfcon import storage
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -64,7 +64,7 @@ def list_utterances(root: str | Path, extensions: Iterable[str] = AUDIO_EXTENSIO
     return sorted(utts, key=lambda u: u.utt_id)
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> TrialPair:
+def _parse_line(path: str, lineno: int, line: str) -> TrialPair:
     fields = line.split()
     where = f"{path}:{lineno}: {line.strip()!r}"
     if len(fields) != 3:
@@ -81,10 +81,10 @@ def _parse_line(path: Path, lineno: int, line: str) -> TrialPair:
 
 def read_trials(path: str | Path, root: str | Path | None = None) -> list[TrialPair]:
     """Parse ``<0|1> <enroll> <test>`` lines (blank lines skipped); with ``root``, check every file exists."""
-    path = Path(path)
+    path = storage.describe(path)
     try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
+        lines = storage.read_text(path).splitlines()
+    except (OSError, UnicodeDecodeError) as err:
         raise TrialListError(f"{path}: cannot read trial list ({err})") from err
     trials: list[TrialPair] = []
     for lineno, line in enumerate(lines, start=1):
@@ -102,10 +102,9 @@ def read_trials(path: str | Path, root: str | Path | None = None) -> list[TrialP
 
 
 def write_trials(path: str | Path, trials: Iterable[TrialPair]) -> None:
-    """Write a trial list atomically (``name.tmp-<pid>`` in the same folder, then ``os.replace``)."""
-    path = Path(path)
+    """Write a trial list atomically, to a local path or an object-store URI."""
     text = "".join(f"{t.label} {t.enroll} {t.test}\n" for t in trials)
-    atomic_write_text(path, text)
+    storage.write_text(path, text)
 
 
 def make_trials(test_utts: dict[str, list[str]], per_utt: int, seed: int) -> list[TrialPair]:

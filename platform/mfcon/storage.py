@@ -74,7 +74,8 @@ def parent(location: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _remote_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+def _remote_filesystem(scheme: str, bucket: str, endpoint: str | None) -> pafs.FileSystem:
+    """One client per bucket and endpoint (the endpoint comes from the environment: part of the key)."""
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
@@ -87,7 +88,8 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     parsed = urlparse(text)
     if not parsed.netloc:
         raise ValueError(f"{location}: a storage URI needs a bucket, e.g. s3://bucket/folder")
-    return _remote_filesystem(parsed.scheme, parsed.netloc), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return _remote_filesystem(parsed.scheme, parsed.netloc, endpoint), f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
 def describe(location: str | Path) -> str:

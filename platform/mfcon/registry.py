@@ -45,6 +45,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mfcon import storage
 from mfcon.data.local import read_eval_set
 from mfcon.data.shards import manifest_hash
 from mfcon.metrics import BootstrapResult
@@ -132,7 +133,7 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
     """
     if data_dir is None:
         raise RegistryError("promote needs data_dir: the prepared data folder whose test trials judge the models")
-    data_dir = Path(data_dir)
+    data_dir = storage.normalize(data_dir)  # a local folder or an object-store URI
     client = open_registry(tracking_uri)
     exp_id, trials = finished_trials(client, study, metric)
     eval_set = read_eval_set(data_dir, TEST_SPLIT)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from mfcon import storage
 from mfcon.serving import log_speaker_model
 from mfcon.study.plot_logging import log_trial_plots
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
@@ -87,7 +88,14 @@ class MLflowStudyCallback(Callback):
         """
         sign = 1.0 if self.space.mode == "min" else -1.0
         ranked = sorted(self._checkpoints.get(trial_id, []), key=lambda c: (sign * c[0], -c[1]))
-        return next((path for _, _, path in ranked if Path(path, RAY_CHECKPOINT_FILE).exists()), None)
+        locations = (self._checkpoint_location(path) for _, _, path in ranked)
+        return next((loc for loc in locations if storage.is_file(storage.join(loc, RAY_CHECKPOINT_FILE))), None)
+
+    def _checkpoint_location(self, path: str) -> str:
+        """Ray Train reports a checkpoint's path inside its filesystem ("bucket/key" on S3): make it a location."""
+        if storage.is_remote(self.workdir) and not storage.is_remote(path):
+            return f"{self.workdir.split('://', 1)[0]}://{path}"
+        return path
 
     def _finish(self, trial, state: str) -> None:
         best = self.best_checkpoint(trial.trial_id)
@@ -95,7 +103,7 @@ class MLflowStudyCallback(Callback):
             weights, ckpt = None, {}
             if best is not None:
                 weights = str(Path(tmp) / EXPORTED_FILE)
-                ckpt = export_weights(best, Path(weights))
+                ckpt = export_weights(storage.download_dir(best, Path(tmp) / "checkpoint"), Path(weights))
             self.runs.finish(trial.trial_id, state, weights)
             run_id = self.runs.run_ids.get(trial.trial_id)
             if run_id and "eval_scores" in ckpt:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +24,22 @@ from mfcon.losses.multiscale import LossParts, SpeakerObjective
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import EvalSet, evaluate
 from mfcon.train.checkpoint import restore_training_state, training_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stops instead of stepping the weights into NaN.
+
+    Names the epoch and the step (both 1-based) and the value, so the trial's failure
+    reason says where it diverged. Pickles with its fields (Ray ships it to the driver).
+    """
+
+    def __init__(self, epoch: int, step: int, value: float, parts: dict[str, float] | None = None):
+        self.epoch, self.step, self.value, self.parts = epoch, step, value, dict(parts or {})
+        detail = ", ".join(f"{k} {v:.6g}" for k, v in self.parts.items())
+        super().__init__(f"loss became {value} at epoch {epoch} step {step}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):
+        return type(self), (self.epoch, self.step, self.value, self.parts)
 
 
 class TrainData(Protocol):
@@ -95,7 +112,7 @@ def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps: in
 
 
 def crop_frames(cfg: TrainConfig, frame_shift_ms: float) -> int:
-    return max(1, int(round(cfg.data.crop_seconds * 1000.0 / frame_shift_ms)))
+    return max(1, round(cfg.data.crop_seconds * 1000.0 / frame_shift_ms))
 
 
 def _seed(*parts: int) -> int:
@@ -159,9 +176,9 @@ def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainD
     sums = torch.zeros(3, dtype=torch.float64)
     run.module.train()
     first_step_at = None
-    for batch in batcher.batches(data.train_rows(epoch)):
+    for step, batch in enumerate(batcher.batches(data.train_rows(epoch)), start=1):
         first_step_at = first_step_at or time.time()
-        parts = _train_step(runner, batch, run.optimizer, run.scaler, cfg, ctx, run.amp_dtype)
+        parts = _train_step(runner, batch, run.optimizer, run.scaler, cfg, ctx, run.amp_dtype, (epoch, step))
         run.scheduler.step()
         sums += torch.tensor(parts, dtype=torch.float64)
     sums = _mean_across_workers(sums / run.steps_per_epoch, ctx)
@@ -215,12 +232,18 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
 
 
 def _train_step(runner: nn.Module, batch: CropBatch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                cfg: TrainConfig, ctx: WorkerContext, amp_dtype: torch.dtype | None) -> tuple[float, float, float]:
+                cfg: TrainConfig, ctx: WorkerContext, amp_dtype: torch.dtype | None,
+                where: tuple[int, int] = (0, 0)) -> tuple[float, float, float]:
+    """One optimizer step; raises ``NonFiniteLossError`` (at ``where`` = (epoch, step)) before a NaN/inf loss
+    reaches the weights. The one host sync per step that logging needs happens before backward, for the check."""
     feats, lengths, labels = (t.to(ctx.device, non_blocking=True) for t in (batch.feats, batch.lengths, batch.labels))
     autocast = (torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
         parts = runner(feats, lengths, labels)
+    values = tuple(float(torch.as_tensor(x).detach()) for x in (parts.total, parts.margin, parts.mfcon))
+    if not math.isfinite(values[0]):
+        raise NonFiniteLossError(*where, values[0], {"margin": values[1], "mfcon": values[2]})
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(parts.total).backward()
     if cfg.optim.grad_clip:
@@ -228,4 +251,4 @@ def _train_step(runner: nn.Module, batch: CropBatch, optimizer: torch.optim.Opti
         torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.optim.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return tuple(float(torch.as_tensor(x).detach()) for x in (parts.total, parts.margin, parts.mfcon))
+    return values

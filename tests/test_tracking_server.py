@@ -81,15 +81,29 @@ def test_sqlite_server_binds_loopback_and_turns_job_execution_off(tmp_path):
     assert launch.url == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "8.8.8.8", "2001:4860:4860::8888", "mlflow.example.com"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "8.8.8.8", "2001:4860:4860::8888", "224.0.0.1",
+                                  "mlflow.example.com"])
 def test_every_interface_public_addresses_and_names_are_refused(host):
     with pytest.raises(ServerConfigError, match="--host"):
         check_bind_host(host)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "10.0.3.17", "172.31.5.9", "192.168.1.2", "::1", "localhost"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.0.3.17", "172.31.5.9", "192.168.1.2", "100.64.1.2", "::1",
+                                  "fd00::2", "localhost"])
 def test_loopback_and_private_addresses_are_accepted(host):
     assert check_bind_host(host) == host
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1", None),
+    ("10.0.3.17", "10.0.3.17,10.0.3.17:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"),
+    ("100.64.1.2", "100.64.1.2,100.64.1.2:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"),
+    ("fd00::2", "[fd00::2],[[]fd00::2]:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"),
+])
+def test_a_private_bind_allows_its_own_host_header(host, allowed):
+    """MLflow 3 answers 403 to a Host header outside its list, which covers only RFC 1918 ranges by default."""
+    argv = list(server_launch(ServerSpec("sqlite:////abs/m.db", "/abs/a", host=host), {}, MLFLOW).argv)
+    assert (argv[argv.index("--allowed-hosts") + 1] if "--allowed-hosts" in argv else None) == allowed
 
 
 def test_postgres_password_from_the_environment_never_reaches_argv():
@@ -187,6 +201,22 @@ def test_mfcon_tracking_server_serves_sqlite_on_loopback_only(tmp_path):
         assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in log.read_text()
     finally:
         stop_server(proc)
+
+
+@pytest.mark.slow
+def test_a_server_bound_to_the_private_address_serves_clients_there_only(tmp_path):
+    """The cluster head's case: bound to the node's private IP, reachable there, not on loopback."""
+    ip = _routed_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback address")
+    spec = ServerSpec(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "art"), host=ip, port=_free_port(), workers=1)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    with running_server(spec, tmp_path / "server.log", environ=environ) as (url, _):
+        assert url == f"http://{ip}:{spec.port}"
+        _log_one_run(url)  # a Host header of the private IP is allowed (403 without --allowed-hosts)
+        assert _listening(spec.port) == {ip}
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", spec.port), timeout=2).close()
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def mask_uri(uri: str) -> str:
 
 
 def check_bind_host(host: str) -> str:
-    """A loopback or private IP address; every interface (0.0.0.0) and public addresses are refused."""
+    """A loopback or private IP address; every interface (0.0.0.0), public addresses and names are refused."""
     if host.strip() in WILDCARD_HOSTS:
         raise ServerConfigError(f"--host {host!r} would expose the unauthenticated MLflow server on every interface; "
                                 "give this node's private IP, e.g. --host \"$(hostname -I | awk '{print $1}')\"")
@@ -90,10 +90,25 @@ def check_bind_host(host: str) -> str:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         raise ServerConfigError(f"--host {host!r} is not an IP address; give a loopback or private IP") from None
-    if not (address.is_loopback or address.is_private) or address.is_unspecified:
+    if address.is_global or address.is_multicast:
         raise ServerConfigError(f"--host {host} is a public address; the MLflow server has no authentication, "
                                 "bind a private address (reach it over a VPN or SSH tunnel)")
     return host
+
+
+def allowed_hosts(host: str) -> str | None:
+    """``--allowed-hosts`` for a private bind: that address, and localhost for SSH tunnels.
+
+    MLflow 3 rejects API calls whose Host header it does not allow (403 "Invalid Host header");
+    its default list holds only the RFC 1918 ranges, so a server bound to another private
+    address (100.64/10 is not one, nor 192.0.2/24) would answer /health and refuse every client.
+    """
+    if host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback:
+        return None  # MLflow's defaults cover loopback
+    bare = host.strip("[]")
+    named = f"[{bare}]" if ":" in bare else bare
+    pattern = named.replace("[", "[[]", 1)  # fnmatch: a literal "["
+    return ",".join([named, f"{pattern}:*", "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"])
 
 
 def _expand(text: str, environ: Mapping[str, str], option: str) -> str:
@@ -165,6 +180,9 @@ def server_launch(spec: ServerSpec, environ: Mapping[str, str], mlflow: list[str
         argv += ["--backend-store-uri", visible_uri]
     argv += ["--artifacts-destination", check_artifacts_destination(spec.artifacts_destination),
              "--host", host, "--port", str(spec.port), "--workers", str(spec.workers)]
+    hosts = allowed_hosts(host)
+    if hosts:
+        argv += ["--allowed-hosts", hosts]
     url_host = f"[{host}]" if ":" in host else host
     return ServerLaunch(tuple(argv), {**SERVER_ENV, **secret_env}, f"http://{url_host}:{spec.port}")
 

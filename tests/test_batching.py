@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from mfcon.config import SpecAugmentConfig
 from mfcon.data.batching import SpeakerBalancedBatcher, random_crop
 
 
@@ -198,3 +199,100 @@ def test_memory_stays_bounded_on_a_speaker_sorted_stream():
     assert len(batches) == 6
     for b in batches:
         assert_p_by_k_distinct(b, 3, 2)
+
+
+# --- positives="views" (K crops of one utterance) and SpecAugment on the stacked crops ---
+
+def test_utterances_mode_draws_the_same_crops_as_before_these_options_existed():
+    """Digests of the batches the batcher drew before ``positives``/``spec_augment`` were added (same seeds)."""
+    import hashlib
+
+    def digest(batcher, stream):
+        h = hashlib.sha256()
+        for b in batcher.batches(stream):
+            h.update(b.labels.numpy().tobytes())
+            h.update(b.feats.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    off = SpecAugmentConfig(prob=0.0, num_time_masks=3)
+    assert digest(SpeakerBalancedBatcher(4, 3, 40, steps=12, seed=5),
+                  uneven_rows({s: 1 + s % 3 for s in range(9)})) == "9bf6a5182bae1437"
+    assert digest(SpeakerBalancedBatcher(4, 2, 40, steps=20, seed=1, positives="utterances", spec_augment=off),
+                  uneven_rows({s: 1 + s % 4 for s in range(16)})) == "f5328d5bd3d02360"
+
+
+def constant_rows(counts: dict[int, int], seed: int = 0, frames=(60, 160), dim: int = 8):
+    """Every cell of an utterance holds its utterance id (distinct per utterance, even after a mask fill)."""
+    return [(np.full_like(f, f[0, 0]), s) for f, s in uneven_rows(counts, seed, frames, dim)]
+
+
+@pytest.mark.parametrize("spec_augment", [None, SpecAugmentConfig(prob=1.0, max_time_width=20, max_freq_width=4)])
+def test_views_gives_k_crops_of_one_utterance_in_every_phase(spec_augment):
+    """Mid-stream, leftovers and top-ups (20 steps read more rows than the stream has)."""
+    counts = {s: 1 + s % 4 for s in range(10)}
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=3, crop_frames=40, steps=20, seed=0,
+                                     positives="views", spec_augment=spec_augment)
+    used: dict[int, set[float]] = {}
+    for b in batcher.batches(constant_rows(counts)):
+        feats, labels = b.feats.numpy(), b.labels.numpy()
+        assert len(Counter(labels.tolist())) == 4 and set(Counter(labels.tolist()).values()) == {3}
+        for spk in set(labels.tolist()):
+            values = np.unique(feats[labels == spk])
+            assert len(values) == 1, f"speaker {spk}: crops from {values.tolist()}"  # one utterance
+            used.setdefault(spk, set()).add(float(values[0]))
+    assert set(used) == set(counts)  # none dropped
+    assert all(len(used[s]) > 1 for s in counts if counts[s] >= 3)  # different utterances across batches
+
+
+def test_views_are_different_crops_of_the_utterance():
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=3, crop_frames=40, steps=10, seed=2,
+                                     positives="views")
+    for b in batcher.batches(uneven_rows({s: 4 for s in range(8)})):
+        assert_p_by_k_distinct(b, 4, 3)
+        feats, labels = b.feats.numpy(), b.labels.numpy()
+        for spk in set(labels.tolist()):
+            assert len({float(c[0, 0]) for c in feats[labels == spk]}) == 1
+
+
+def test_views_read_one_utterance_per_speaker_per_batch():
+    """P rows a batch: the loop's ``steps = rows // (P K)`` reads about 1/K of a shuffled stream."""
+    items = uneven_rows({s: 10 for s in range(8)})  # 80 rows
+    read = []
+
+    def stream():
+        for item in items:
+            read.append(item)
+            yield item
+
+    batcher = SpeakerBalancedBatcher(speakers_per_batch=4, utts_per_speaker=2, crop_frames=40, steps=10, seed=0,
+                                     positives="views")
+    assert len(list(batcher.batches(stream()))) == 10
+    assert len(read) < 60  # utterances mode would need all 80 rows for 10 x 4 x 2 crops
+
+
+def test_spec_augment_masks_the_crops_the_batcher_would_draw_without_it():
+    """Same labels and crops as with it off (its own random stream); the differences are whole frames and bins."""
+    def run(spec_augment, seed=0):
+        b = SpeakerBalancedBatcher(4, 2, 40, steps=6, seed=seed, spec_augment=spec_augment)
+        return list(b.batches(uneven_rows({s: 3 for s in range(8)})))
+
+    aug = SpecAugmentConfig(prob=1.0, num_time_masks=2, max_time_width=8, num_freq_masks=1, max_freq_width=3)
+    plain, masked = run(None), run(aug)
+    assert all(np.array_equal(a.feats, b.feats) for a, b in zip(plain, run(SpecAugmentConfig(prob=0.0))))
+    changed = 0
+    for a, b in zip(plain, masked):
+        assert np.array_equal(a.labels, b.labels) and a.feats.shape == b.feats.shape
+        for x, y in zip(a.feats.numpy(), b.feats.numpy()):
+            diff = x != y
+            rows, cols = diff.all(axis=1), diff.all(axis=0)
+            assert np.array_equal(diff, rows[:, None] | cols[None, :])  # a union of time spans and bands
+            changed += bool(diff.any())
+    assert changed >= 40  # of 48 crops; only all-width-0 draws leave one untouched
+    again = run(aug)
+    assert all(np.array_equal(a.feats, b.feats) for a, b in zip(masked, again))
+    assert not all(np.array_equal(a.feats, b.feats) for a, b in zip(masked, run(aug, seed=1)))
+
+
+def test_unknown_positives_is_refused():
+    with pytest.raises(ValueError, match="data.positives"):
+        SpeakerBalancedBatcher(4, 2, 40, steps=1, seed=0, positives="clips")

@@ -129,14 +129,40 @@ def mfcon_blocks(loss: LossConfig, num_blocks: int) -> tuple[int, ...]:
     return resolve_blocks(loss.mfcon_blocks, num_blocks)
 
 
+class SpecAugmentConfig(Strict):
+    """Time and frequency masking of training crops (SpecAugment, Park et al. 2019, without time warping).
+
+    Counts and widths are WeSpeaker's (one time mask of up to 10 frames, one
+    frequency band of up to 8 bins; WeSpeaker uses prob 0.6 when it turns it
+    on). ``prob`` 0 (the default) is off: no crop changes and no random number
+    is drawn, so configs without it train exactly as before.
+    """
+
+    prob: float = Field(0.0, ge=0, le=1)
+    num_time_masks: int = Field(1, ge=0)
+    max_time_width: int = Field(10, ge=0)
+    num_freq_masks: int = Field(1, ge=0)
+    max_freq_width: int = Field(8, ge=0)
+
+
+Positives = Literal["utterances", "views"]
+
+
 class DataConfig(Strict):
-    """Speaker-balanced P x K batches of fixed-length random crops."""
+    """Speaker-balanced P x K batches of fixed-length random crops.
+
+    ``positives``: a speaker's K crops come from K different utterances
+    (``utterances``) or are K random crops of one utterance (``views``, two
+    views of one recording as in the MFCon authors' training set).
+    """
 
     speakers_per_batch: int = Field(16, ge=2)
     utts_per_speaker: int = Field(2, ge=2)
     crop_seconds: float = Field(2.0, gt=0)
     eval_max_seconds: float | None = Field(None, gt=0)
     shuffle_buffer_rows: int = Field(2048, ge=1)
+    positives: Positives = "utterances"
+    spec_augment: SpecAugmentConfig = SpecAugmentConfig()
 
 
 class OptimConfig(Strict):

@@ -28,16 +28,32 @@ ends it empties the leftovers, then tops up with P distinct speakers from a
 bounded reservoir of the last K used rows of recently used speakers, each
 with fresh random crops. Everything random comes from ``seed``: the same
 stream and seed give the same batches.
+
+Two options, both off by default (``DataConfig.positives``, ``DataConfig.spec_augment``):
+
+- ``positives="views"``: each speaker's K crops are K random crops of ONE
+  utterance (two views of one recording, as the MFCon authors' training set
+  has it) instead of K different utterances. A speaker is ready with one
+  pending utterance and each batch uses one utterance per speaker, so the
+  loop's ``steps = rows // (P K)`` reads about 1/K of the stream per epoch:
+  the same number of crops and steps as ``utterances``, from fewer recordings.
+- SpecAugment (``mfcon.data.spec_augment``) masks the stacked training crops,
+  drawing from its own generator spawned from ``seed``: the crops themselves
+  are the same with it on or off. Only this training batcher applies it; the
+  dev/test scoring path never does.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+
+from mfcon.config import Positives, SpecAugmentConfig
+from mfcon.data.spec_augment import spec_augment_batch
 
 
 @dataclass
@@ -80,16 +96,27 @@ class SpeakerBalancedBatcher:
 
     ``reservoir_rows`` bounds the rows kept for end-of-epoch top-ups (default
     8 P K: the last K rows of each of the 8 P most recently used speakers).
+    ``positives`` and ``spec_augment`` are ``DataConfig``'s fields of the same
+    names (see the module docstring).
+
+    >>> b = SpeakerBalancedBatcher(2, 2, 40, steps=1, seed=0, positives="views",
+    ...                            spec_augment=SpecAugmentConfig(prob=1.0))
     """
 
     def __init__(self, speakers_per_batch: int, utts_per_speaker: int, crop_frames: int,
-                 steps: int, seed: int, reservoir_rows: int | None = None):
+                 steps: int, seed: int, reservoir_rows: int | None = None, *,
+                 positives: Positives = "utterances", spec_augment: SpecAugmentConfig | None = None):
         if utts_per_speaker < 2:
             raise ValueError("utts_per_speaker must be >= 2 so every anchor has a positive")
         if speakers_per_batch < 1 or crop_frames < 1 or steps < 0:
             raise ValueError("speakers_per_batch and crop_frames must be >= 1, steps >= 0")
+        if positives not in ("utterances", "views"):
+            raise ValueError(f"data.positives must be 'utterances' or 'views', got {positives!r}")
         self.p, self.k, self.crop_frames, self.steps = speakers_per_batch, utts_per_speaker, crop_frames, steps
         self.rng = np.random.default_rng(seed)
+        self.aug_rng = self.rng.spawn(1)[0]  # a child stream: spawning draws nothing from self.rng
+        self.spec_augment = spec_augment or SpecAugmentConfig()
+        self.rows_per_speaker = 1 if positives == "views" else self.k  # rows one speaker uses in a batch
         rows = reservoir_rows or 8 * self.p * self.k
         self.reservoir_speakers = max(2 * self.p, rows // self.k)
         self.max_pending = 2 * self.k
@@ -109,15 +136,20 @@ class SpeakerBalancedBatcher:
             while len(recent) > self.reservoir_speakers:
                 recent.popitem(last=False)
 
+        need = self.rows_per_speaker
+
         def take(spk: int) -> list[np.ndarray]:
-            """Up to K of the speaker's pending rows, made up to K from its used rows where it has any."""
+            """Up to ``need`` of the speaker's pending rows, made up to ``need`` from its used rows where it has any.
+
+            ``views``: one row; a top-up (no pending row) picks one of its used rows at random."""
             queue = pending.get(spk)
             if not queue:
-                return list(recent[spk])
-            out = [queue.popleft() for _ in range(min(self.k, len(queue)))]
+                old = list(recent[spk])
+                return old if need == self.k else [old[int(self.rng.integers(len(old)))]]
+            out = [queue.popleft() for _ in range(min(need, len(queue)))]
             if not queue:
                 del pending[spk]
-            old = list(recent.get(spk, ()))[len(out) - self.k:] if len(out) < self.k else []
+            old = list(recent.get(spk, ()))[len(out) - need:] if len(out) < need else []
             for row in out:
                 retire(spk, row)
             used.add(spk)
@@ -128,7 +160,7 @@ class SpeakerBalancedBatcher:
             for spk in speakers:
                 crops.extend(self._crops(take(spk)))
                 labels.extend([spk] * self.k)
-            return stack_crops(crops, labels)
+            return stack_crops(spec_augment_batch(crops, self.spec_augment, self.aug_rng), labels)
 
         if self.steps == 0:
             return
@@ -139,7 +171,7 @@ class SpeakerBalancedBatcher:
             queue.append(np.array(feats, dtype=np.float32))  # a copy: never pin the source's buffers
             if len(queue) > self.max_pending:
                 retire(spk, queue.popleft())
-            if len(queue) >= self.k:
+            if len(queue) >= need:
                 ready.add(spk)
             while len(ready) >= self.p:
                 speakers = sorted(ready)[: self.p]
@@ -147,7 +179,7 @@ class SpeakerBalancedBatcher:
                 emitted += 1
                 if emitted == self.steps:
                     return
-                ready = {s for s in ready if len(pending.get(s, ())) >= self.k}
+                ready = {s for s in ready if len(pending.get(s, ())) >= need}
 
         if not seen:
             raise ValueError("the training stream yielded no rows: is this worker's data shard empty?")

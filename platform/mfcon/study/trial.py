@@ -15,6 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.data.ray_source import read_shards
+from mfcon.study.resources import cluster_use_gpu
 from mfcon.study.spaces import SearchSpace, trial_config
 from mfcon.study.worker import train_worker
 
@@ -35,9 +36,9 @@ class StudyRuntime:
 
 
 def use_gpu(choice: Any) -> bool:
-    if choice == "auto":
-        return bool(ray.cluster_resources().get("GPU", 0))
-    return bool(choice)
+    """``auto`` asks for GPUs whenever the cluster can provide them, even before a GPU node is up
+    (the autoscaler starts one only for a request); see :mod:`mfcon.study.resources`."""
+    return cluster_use_gpu(choice).use_gpu
 
 
 def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:

@@ -20,10 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -185,24 +186,56 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
+class MlflowServer:
+    """``mlflow server`` over ``workdir/mlflow.db`` and ``workdir/mlartifacts`` on a fixed 127.0.0.1 port.
+
+    ``stop()`` and ``start()`` again make an outage: the URL stays the same, so a client
+    that knew the server finds it again when it is back.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir, self.port = workdir, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # else ~7 job-runner processes
+        cmd = [*_mlflow_cli(), "server", "--backend-store-uri", f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}",
+               "--artifacts-destination", str((self.workdir / "mlartifacts").resolve()),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait_healthy(self.url, self.proc, self.log, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+            self.proc = None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+
 @contextmanager
 def run_mlflow_server(workdir: Path, timeout_s: float = 120.0) -> Iterator[str]:
     """``mlflow server`` over ``workdir/mlflow.db`` and ``workdir/mlartifacts``; yields its URL, always stopped."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # else ~7 job-runner processes
-    cmd = [*_mlflow_cli(), "server", "--backend-store-uri", f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
-           "--artifacts-destination", str((workdir / "mlartifacts").resolve()),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = workdir / "mlflow-server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = MlflowServer(workdir)
+    server.start(timeout_s)
     try:
-        _wait_healthy(url, proc, log, timeout_s)
-        yield url
+        yield server.url
     finally:
-        stop_process_group(proc)
+        server.stop()
 
 
 # ---------------------------------------------------------------- chromium

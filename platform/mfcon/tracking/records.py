@@ -112,7 +112,7 @@ def _space_artifact(client, run_id: str) -> tuple[str | None, str | None]:
         with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
             local = client.download_artifacts(run_id, files[0], tmp)
             return Path(local).read_text(), Path(files[0]).name
-    except Exception as e:  # an unreadable artifact store must not stop a report
+    except Exception as e:  # noqa: BLE001 - an unreadable artifact store must not stop a report
         logger.warning("cannot read %s/ of run %s: %s", SPACE_DIR, run_id, e)
         return None, None
 

@@ -12,8 +12,8 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mlflow.tracking import MlflowClient
 
@@ -68,7 +68,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to open the store means the same to a user
         raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be opened: {e}") from None
 
 
@@ -95,7 +95,7 @@ def code_version() -> str:
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).parent).stdout.strip()
+                             check=False, timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__

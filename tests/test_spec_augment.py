@@ -60,10 +60,11 @@ def test_exactly_the_masked_cells_take_the_crops_mean_and_the_input_is_not_modif
 def test_prob_zero_is_the_identity_and_draws_nothing():
     rng = np.random.default_rng(3)
     state = rng.bit_generator.state
-    xs = [crop(i) for i in range(5)]
+    xs = np.stack([crop(i) for i in range(5)])
+    before = xs.copy()
     off = SpecAugmentConfig(prob=0.0, num_time_masks=4, max_time_width=30)
     assert all(spec_augment(x, off, rng) is x for x in xs)
-    assert spec_augment_batch(xs, off, rng) is xs
+    assert spec_augment_batch(xs, off, rng) is xs and np.array_equal(xs, before)
     assert rng.bit_generator.state == state
 
 
@@ -87,14 +88,24 @@ def test_prob_half_masks_about_half_the_crops():
 
 
 def test_the_same_seed_gives_the_same_masks_and_another_seed_others():
-    xs = [crop(i) for i in range(8)]
+    xs = np.stack([crop(i) for i in range(8)])
 
     def run(seed):
-        return spec_augment_batch(xs, WIDE, np.random.default_rng(seed))
+        return spec_augment_batch(xs.copy(), WIDE, np.random.default_rng(seed))
 
     a, b, c = run(7), run(7), run(8)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_a_batch_is_masked_in_place_crop_by_crop_as_single_crops_are():
+    cfg = SpecAugmentConfig(prob=0.5, num_time_masks=2, max_time_width=10, max_freq_width=5)
+    xs = np.stack([crop(i) for i in range(30)])
+    single_rng = np.random.default_rng(9)
+    singles = [spec_augment(x, cfg, single_rng) for x in xs]
+    batch = xs.copy()
+    assert spec_augment_batch(batch, cfg, np.random.default_rng(9)) is batch
+    assert all(np.array_equal(b, s) for b, s in zip(batch, singles))
+    assert not np.array_equal(batch, xs)
 
 
 # --- config: typed, validated, round-trips through YAML, searchable by dotted keys ---

@@ -160,7 +160,9 @@ class SpeakerBalancedBatcher:
             for spk in speakers:
                 crops.extend(self._crops(take(spk)))
                 labels.extend([spk] * self.k)
-            return stack_crops(spec_augment_batch(crops, self.spec_augment, self.aug_rng), labels)
+            batch = stack_crops(crops, labels)
+            spec_augment_batch(batch.feats.numpy(), self.spec_augment, self.aug_rng)  # in place: shares memory
+            return batch
 
         if self.steps == 0:
             return

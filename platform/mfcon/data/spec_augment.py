@@ -54,30 +54,47 @@ def draw_masks(shape: tuple[int, int], cfg: SpecAugmentConfig, rng: np.random.Ge
                      freq=_spans(cfg.num_freq_masks, cfg.max_freq_width, bins, rng))
 
 
-def apply_masks(crop: np.ndarray, spans: MaskSpans) -> np.ndarray:
-    """A copy of ``crop`` (T, F) with the spans set to the crop's mean (see the module docstring)."""
-    out = np.array(crop, dtype=np.float32)
-    fill = np.float32(crop.mean()) if crop.size else np.float32(0)
+def mask_in_place(crop: np.ndarray, spans: MaskSpans) -> np.ndarray:
+    """Set the spans of ``crop`` (T, F) to its mean (see the module docstring), in place; returns ``crop``."""
+    fill = crop.mean() if crop.size else 0.0
     for start, width in spans.time:
-        out[start:start + width, :] = fill
+        crop[start:start + width, :] = fill
     for start, width in spans.freq:
-        out[:, start:start + width] = fill
-    return out
+        crop[:, start:start + width] = fill
+    return crop
+
+
+def apply_masks(crop: np.ndarray, spans: MaskSpans) -> np.ndarray:
+    """A float32 copy of ``crop`` (T, F) with the spans set to the crop's mean."""
+    return mask_in_place(np.array(crop, dtype=np.float32), spans)
+
+
+def _chosen(cfg: SpecAugmentConfig, rng: np.random.Generator) -> bool:
+    """Whether this crop is masked: ``prob`` 1 draws no decision, ``prob`` 0 is never asked."""
+    return cfg.prob >= 1 or rng.random() < cfg.prob
 
 
 def spec_augment(crop: np.ndarray, cfg: SpecAugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Mask ``crop`` (T, F) with probability ``cfg.prob``; else return it unchanged.
+    """A masked copy of ``crop`` (T, F) with probability ``cfg.prob``; else ``crop`` itself.
 
     ``prob`` 0 draws no random number, so turning SpecAugment off leaves every
     other draw from ``rng`` where it was.
     """
-    if cfg.prob <= 0 or (cfg.prob < 1 and rng.random() >= cfg.prob):
+    if cfg.prob <= 0 or not _chosen(cfg, rng):
         return crop
     return apply_masks(crop, draw_masks(crop.shape, cfg, rng))
 
 
-def spec_augment_batch(crops: list[np.ndarray], cfg: SpecAugmentConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """Each crop decided and masked independently (so a speaker's K views get different masks)."""
+def spec_augment_batch(feats: np.ndarray, cfg: SpecAugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Mask the crops of ``feats`` (B, T, F) in place, each decided and masked independently (so a
+    speaker's K views get different masks); the same draws, crop by crop, as :func:`spec_augment`.
+
+    In place because the batcher's crops are fresh arrays: a copy of every
+    masked crop was half the cost at 200 crops of 3 s.
+    """
     if cfg.prob <= 0:
-        return crops
-    return [spec_augment(c, cfg, rng) for c in crops]
+        return feats
+    for crop in feats:  # (T, F) views into feats
+        if _chosen(cfg, rng):
+            mask_in_place(crop, draw_masks(crop.shape, cfg, rng))
+    return feats

@@ -1,7 +1,11 @@
 """The checkpoint format in one place: file names, the training-state schema, save/load and export.
 
 Two kinds of file, both plain ``torch.save`` dicts of tensors and builtins, so
-:func:`load_checkpoint` reads them with ``weights_only=True``:
+:func:`load_checkpoint` reads them with ``weights_only=True``: a checkpoint is
+data, never code. A file that holds any other pickled object (whose
+``__reduce__`` could run code on load), or that is truncated or not a torch
+checkpoint at all, is a :class:`CheckpointError` naming the file; nothing in it
+runs.
 
 * training state (:func:`training_state`): everything a run needs to resume —
   ``epoch``, ``best_eer``, ``history``, ``metrics``, the ``model``,
@@ -18,6 +22,8 @@ Two kinds of file, both plain ``torch.save`` dicts of tensors and builtins, so
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,10 @@ BEST_FILE = "best.pt"  # local training: the best EER so far
 EXPORTED_FILE = "best.pt"  # a trial's exported weights (MLflow artifact checkpoint/best.pt)
 EXPORTED_ARTIFACT = f"checkpoint/{EXPORTED_FILE}"
 EXPORT_KEYS = ("model", "model_config", "config", "epoch", "metrics", "num_classes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or holds pickled objects other than tensors and builtins."""
 
 
 def training_state(*, epoch: int, best_eer: float, history: list[dict[str, float]], metrics: dict[str, float],
@@ -66,8 +76,28 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Any checkpoint of this module, on the CPU, without running pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Any checkpoint of this module, on the CPU, without running pickled code.
+
+    ``weights_only=True`` makes torch's unpickler refuse every global outside
+    tensors and builtins before anything is constructed, so a crafted file
+    cannot execute code here; the refusal becomes a CheckpointError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and builtins{what}; "
+                              "mfcon loads checkpoints with weights_only=True and never runs code from them") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {_first_sentence(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
 def export_weights(checkpoint_dir: str | Path, out_file: str | Path) -> dict[str, Any]:
@@ -78,3 +108,9 @@ def export_weights(checkpoint_dir: str | Path, out_file: str | Path) -> dict[str
     state = load_checkpoint(Path(checkpoint_dir) / RAY_CHECKPOINT_FILE)
     save_checkpoint({k: state[k] for k in EXPORT_KEYS}, out_file)
     return state
+
+
+def _first_sentence(err: BaseException) -> str:
+    """torch's corrupt-zip message runs to several sentences of advice; the first says what is wrong."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text.split(". ")[0]

@@ -3,7 +3,11 @@
 The model is logged "from code" (MLflow 3's recommended form): a three-line
 entry file that imports :class:`SpeakerEmbedder` (``from mfcon.serving import
 SpeakerEmbedder``) is stored with it instead of a cloudpickle, so loading runs
-no pickled code and needs ``mfcon`` installed (``pip install -e .``). Its
+no pickled code and needs ``mfcon`` installed (``pip install -e .``).
+:func:`load_embedder` holds every model to that before MLflow loads it: a
+model with a pickled ``python_model``, extra code on its path, or an entry file
+other than mfcon's is refused (:class:`UntrustedModelError`), since loading it
+would run whatever its author wrote. Its
 artifacts are the weights-only checkpoint (``checkpoint/best.pt`` of a trial
 run, see :mod:`mfcon.train.checkpoint`) and the :class:`FeatureConfig` the
 model was trained with, so serving computes exactly the training features
@@ -22,14 +26,16 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
@@ -40,7 +46,7 @@ from mfcon.data.features import compute_fbank
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import extract_embeddings
 from mfcon.tracking import no_artifact_progress_bars
-from mfcon.train.checkpoint import load_checkpoint
+from mfcon.train.checkpoint import CheckpointError, load_checkpoint
 
 MODEL_URI_TAG = "mfcon.model_uri"  # run tag: the pyfunc model logged for this run
 INPUT_COLUMNS = ("waveform", "fbank")
@@ -48,6 +54,11 @@ _REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "pydantic",
 _ENTRY = '"""MLflow models-from-code entry."""\nimport mlflow\nfrom mfcon.serving import SpeakerEmbedder\n\n' \
          "mlflow.models.set_model(SpeakerEmbedder())\n"
 _QUIET = ("An input example was not provided",)  # we pass an explicit signature instead
+_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # pyfunc loader of models logged from code
+
+
+class UntrustedModelError(ValueError):
+    """A model is not an mfcon speaker model logged from code; loading it could run foreign or pickled code."""
 
 
 @contextlib.contextmanager
@@ -144,7 +155,8 @@ def _present(value: Any) -> bool:
 def _rows_of(data: Mapping[str, Any]) -> dict[str, list]:
     """{"waveform": one 1-D array | list of arrays} -> column lists (a dict of one input is one row)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"expected a DataFrame or a dict with 'waveform' or 'fbank', got {type(data).__name__}")
+        raise ValueError(  # noqa: TRY004 - mfcon's input errors are ValueErrors (the CLI prints them as one line)
+            f"expected a DataFrame or a dict with 'waveform' or 'fbank', got {type(data).__name__}")
     out = {}
     for key, value in data.items():
         single_dims = 1 if key == "waveform" else 2
@@ -218,15 +230,70 @@ def log_speaker_model(client: MlflowClient | None, run_id: str, checkpoint_file:
 
 def load_embedder(model_uri: str, tracking_uri: str | None = None,
                   device: str | None = None) -> mlflow.pyfunc.PyFuncModel:
-    """``mlflow.pyfunc.load_model`` against ``tracking_uri`` (registry too); ``device`` overrides cuda/cpu."""
-    with use_tracking_uri(tracking_uri), no_artifact_progress_bars():
-        return mlflow.pyfunc.load_model(model_uri, model_config={"device": device} if device else None)
+    """``mlflow.pyfunc.load_model`` against ``tracking_uri`` (registry too); ``device`` overrides cuda/cpu.
+
+    The model is downloaded and checked (:func:`check_speaker_model`) before
+    MLflow imports or unpickles anything from it; its checkpoint is then read
+    with ``weights_only=True`` (:func:`mfcon.train.checkpoint.load_checkpoint`).
+    """
+    with use_tracking_uri(tracking_uri), no_artifact_progress_bars(), \
+            tempfile.TemporaryDirectory(prefix="mfcon-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        check_speaker_model(local, model_uri)
+        try:
+            return mlflow.pyfunc.load_model(str(local), model_config={"device": device} if device else None)
+        except Exception as e:
+            cause = _mfcon_cause(e)
+            if isinstance(cause, CheckpointError):  # raised in load_context, wrapped by MLflow: name the model
+                raise CheckpointError(str(cause).replace(str(local), model_uri.rstrip("/"))) from None
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+def check_speaker_model(model_dir: Path, model_uri: str = "") -> None:
+    """Refuse a downloaded model unless it is exactly what :func:`log_speaker_model` writes.
+
+    Its pyfunc flavor must use MLflow's models-from-code loader, carry no
+    ``code`` folder (it would go on ``sys.path`` ahead of mfcon) and no pickled
+    ``python_model``, and its entry file must be mfcon's own, byte for byte.
+    """
+    where = model_uri or str(model_dir)
+    try:
+        meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UntrustedModelError(f"{where}: no readable MLmodel file ({e})") from None
+    flavor = (meta.get("flavors") or {}).get("python_function") or {}
+    loader, entry = flavor.get("loader_module"), flavor.get("model_code_path")
+    problem = None
+    if loader != _CODE_LOADER or not entry:
+        problem = f"its pyfunc loader {loader!r} would unpickle a python_model; mfcon models are logged from code"
+    elif flavor.get("code") or "python_model" in flavor:
+        problem = "it adds a code folder or a pickled python_model"
+    else:
+        code_file = model_dir / Path(str(entry)).name
+        if not code_file.is_file() or code_file.read_text() != _ENTRY:
+            problem = f"its entry file {Path(str(entry)).name} is not mfcon's SpeakerEmbedder entry"
+    if problem:
+        raise UntrustedModelError(f"{where}: refused: not an mfcon speaker model ({problem}); "
+                                  "mfcon loads only models written by log_speaker_model")
+
+
+def _mfcon_cause(err: BaseException) -> BaseException | None:
+    """The first mfcon input error (a ValueError from an mfcon module) in an exception's cause chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ValueError) and type(err).__module__.startswith("mfcon"):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def embedder_of(model: mlflow.pyfunc.PyFuncModel) -> SpeakerEmbedder:
     """The SpeakerEmbedder behind a loaded pyfunc: lists of arrays in, no DataFrame or float64 copies."""
     inner = model.unwrap_python_model()
     if not isinstance(inner, SpeakerEmbedder):
-        raise ValueError(f"model {model.metadata.model_uuid} is not an mfcon speaker embedder "
-                         f"({type(inner).__name__})")
+        raise UntrustedModelError(
+            f"model {model.metadata.model_uuid} is not an mfcon speaker embedder ({type(inner).__name__})")
     return inner

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -149,16 +149,16 @@ def embed(inputs: str | Path, out_parquet: str | Path, model_uri: str = DEFAULT_
     schema = pa.schema([("utt_id", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={"mfcon.model_uri": model_uri,
                                  "mfcon.embedding_dim": str(model.model_config.embed_dim)})
-    with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer, tqdm(total=len(items), unit="utt", disable=not progress) as bar:
-            for start in range(0, len(items), chunk):
-                part = items[start : start + chunk]
-                wavs = [load_audio(path, target_sr=model.feature_config.sample_rate) for _, path in part]
-                emb = model.embed_waveforms(wavs, [str(p) for _, p in part])  # (n, E)
-                writer.write_table(pa.table({"utt_id": [u for u, _ in part],
-                                             "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))},
-                                            schema=schema))
-                bar.update(len(part))
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer, \
+            tqdm(total=len(items), unit="utt", disable=not progress) as bar:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            wavs = [load_audio(path, target_sr=model.feature_config.sample_rate) for _, path in part]
+            emb = model.embed_waveforms(wavs, [str(p) for _, p in part])  # (n, E)
+            writer.write_table(pa.table({"utt_id": [u for u, _ in part],
+                                         "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))},
+                                        schema=schema))
+            bar.update(len(part))
     return len(items)
 
 

@@ -4,14 +4,21 @@ A space names dotted ``TrainConfig`` paths, so a space can search anything the
 trainer exposes. Block selection is its own kind: either one boolean per
 Conformer block (TPE learns each block's effect separately) or a categorical
 over named subsets.
+
+Every mistake is a :class:`SearchSpaceError` naming the file and the field,
+raised when the file is loaded, before Ray starts or anything is written:
+unknown keys, ``low > high``, a key given twice (YAML would silently keep the
+last one), parameters that overlap, ``eval_every > 1``, a field the trainer does
+not have; :func:`check_fits_cluster` refuses workers the cluster cannot hold.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import optuna
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -75,7 +82,7 @@ class IntRange(_Param):
 
 class Categorical(_Param):
     type: Literal["categorical"]
-    choices: list[Union[str, int, float, bool, None]] = Field(min_length=1)
+    choices: list[str | int | float | bool | None] = Field(min_length=1)
 
 
 class BlockSelection(_Param):
@@ -96,7 +103,7 @@ class BlockSelection(_Param):
         return self
 
 
-Param = Annotated[Union[Uniform, LogUniform, IntRange, Categorical, BlockSelection], Field(discriminator="type")]
+Param = Annotated[Uniform | LogUniform | IntRange | Categorical | BlockSelection, Field(discriminator="type")]
 
 
 class Budget(BaseModel):
@@ -153,6 +160,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
         data = read_yaml(path)
     except ConfigError as e:
         raise SearchSpaceError(str(e)) from None
+    _refuse_duplicate_keys(path)
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as e:
@@ -161,6 +169,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
         base = space.base_config()
     except ValidationError as e:
         raise SearchSpaceError(format_validation_error(e, f"{path}: base")) from None
+    _refuse_overlapping_params(path, space)
     if base.eval_every != 1 or "eval_every" in space.params:
         field = "params.eval_every" if "eval_every" in space.params else "base.eval_every"
         raise SearchSpaceError(f"{path}: {field}: a study scores the dev list every epoch (ASHA stops trials and "
@@ -171,6 +180,65 @@ def load_search_space(path: str | Path) -> SearchSpace:
         except ConfigError as e:
             raise SearchSpaceError(f"{path}: params.{key}: not a valid training-config field or value\n{e}") from None
     return space
+
+
+def _refuse_duplicate_keys(path: Path) -> None:
+    """A key given twice in one mapping: PyYAML keeps the last silently, so a search would not be what was written."""
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return  # read_yaml has already parsed this file; nothing to add
+    stack, where = [root], []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            line = key.start_mark.line + 1
+            if name is not None and name in seen:
+                text = (f"{path}:{line}: {name!r} is given twice in one mapping (first on line {seen[name]}); "
+                        "YAML would keep only the last one")
+                where.append((line, text))
+            elif name is not None:
+                seen[name] = line
+            stack.append(value)
+    if where:
+        raise SearchSpaceError(min(where)[1])
+
+
+def _refuse_overlapping_params(path: Path, space: SearchSpace) -> None:
+    """Two parameters that set the same field: ``loss.mfcon_blocks`` (per-block booleans ``.b1``...) and
+    ``loss.mfcon_blocks.b1``, or a section and one of its fields."""
+    keys = sorted(space.params)
+    for key in keys:
+        inner = [other for other in keys if other.startswith(f"{key}.")]
+        if inner:
+            raise SearchSpaceError(f"{path}: params.{inner[0]}: overlaps params.{key}, which already sets it; "
+                                   "search each field once")
+
+
+def check_fits_cluster(space: SearchSpace, cpus: float, gpus: float, source: str | Path,
+                       where: str = "the Ray cluster") -> None:
+    """Refuse a trial that can never be scheduled (it would wait for workers until the start timeout).
+
+    A trial needs ``num_workers * cpus_per_worker`` CPUs for its Train workers
+    plus ``driver_cpus`` for its driver, all at once; ``use_gpu: true`` needs a
+    GPU per worker. Call with the cluster's total CPUs and GPUs before anything trains.
+    """
+    r = space.resources
+    need = r.num_workers * r.cpus_per_worker + r.driver_cpus
+    if need > cpus:
+        raise SearchSpaceError(
+            f"{source}: resources.num_workers: {r.num_workers} workers x {r.cpus_per_worker:g} CPUs "
+            f"(+ driver_cpus {r.driver_cpus:g}) need {need:g} CPUs per trial, but {where} has {cpus:g}; "
+            "lower resources.num_workers or resources.cpus_per_worker")
+    if r.use_gpu is True and r.num_workers > gpus:
+        raise SearchSpaceError(f"{source}: resources.use_gpu: {r.num_workers} workers need a GPU each, but {where} "
+                               f"has {gpus:g}; set use_gpu: auto or false, or lower resources.num_workers")
 
 
 def _probe_value(param: Any, num_blocks: int) -> Any:

@@ -3,6 +3,20 @@
 Every failure is an :class:`AudioError` naming the file, so a bad file in a
 corpus of thousands can be found from the message alone.
 
+What is accepted, and how (docs/bad_input.md has the tested table):
+
+* any container/encoding libsndfile decodes: WAV (8/16/24/32-bit PCM, 32/64-bit
+  float), FLAC, ...; samples are read as float32 in [-1, 1] whatever the bit depth;
+* any sample rate: resampled to ``target_sr`` (windowed sinc, torchaudio), so
+  8 kHz telephone audio is upsampled (its band above 4 kHz stays empty) and
+  48 kHz audio downsampled;
+* any number of channels: averaged to mono.
+
+Refused (``AudioError``; ``prepare`` lists the file and reason in the
+manifest's ``skipped`` and goes on): missing, empty (0 bytes or 0 samples),
+undecodable (corrupt header, not audio), NaN/infinite samples, shorter than
+``min_seconds`` after resampling, and all-zero (silent) recordings.
+
 Example::
 
     wav = load_audio("wav/id00001/vid01/00001.wav")  # np.float32, shape (N,), 16 kHz
@@ -42,7 +56,7 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, min_seconds: floa
         # always_2d: (frames, channels) for mono and multi-channel alike
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as err:  # LibsndfileError for corrupt/unknown formats
-        raise AudioError(f"{path}: cannot decode audio ({err})") from err
+        raise AudioError(f"{path}: cannot decode audio ({_decoder_reason(err, path)})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: file is empty (0 samples)")
     wav = data.mean(axis=1, dtype=np.float32)  # (N,)
@@ -56,3 +70,8 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, min_seconds: floa
     if not np.any(wav):
         raise AudioError(f"{path}: silent (every sample is 0): nothing to learn a speaker from")
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _decoder_reason(err: Exception, path: Path) -> str:
+    """libsndfile's reason without its "Error opening '<path>': " prefix: the message names the file once."""
+    return str(err).replace(f"Error opening {str(path)!r}: ", "").strip() or type(err).__name__

@@ -172,7 +172,8 @@ def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainD
     torch.manual_seed(_seed(cfg.seed, epoch, ctx.rank))
     batcher = SpeakerBalancedBatcher(cfg.data.speakers_per_batch, cfg.data.utts_per_speaker,
                                      crop_frames(cfg, data.frame_shift_ms), run.steps_per_epoch,
-                                     seed=_seed(cfg.seed, epoch, ctx.rank, 1))
+                                     seed=_seed(cfg.seed, epoch, ctx.rank, 1),
+                                     positives=cfg.data.positives, spec_augment=cfg.data.spec_augment)
     sums = torch.zeros(3, dtype=torch.float64)
     run.module.train()
     first_step_at = None

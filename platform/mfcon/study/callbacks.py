@@ -1,19 +1,26 @@
-"""Tune callbacks on the study driver: every trial and every epoch into MLflow."""
+"""Tune callbacks on the study driver: every trial and every epoch into MLflow.
+
+Tune does not guard callbacks: a slow hook blocks its event loop (no trial makes
+progress) and an exception stops every trial. So the hooks here only spool their
+writes (``mfcon.tracking.spool``: on local disk in milliseconds, sent to MLflow in
+the background), and a hook that fails anyway is logged, never raised: tracking
+must not stop training.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray.tune import Callback
 
 from mfcon import storage
-from mfcon.serving import log_speaker_model
-from mfcon.study.plot_logging import log_trial_plots
 from mfcon.study.spaces import SearchSpace, sampled_to_overrides
 from mfcon.tracking import StudyTracker, TrialRuns
 from mfcon.train.checkpoint import EXPORTED_FILE, RAY_CHECKPOINT_FILE, export_weights
@@ -31,11 +38,26 @@ def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def never_raises(hook):
+    """A Tune hook whose failure is logged instead of stopping every trial of the study."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception:  # Tune would stop every trial over a tracking error
+            log.exception("tracking: %s failed; the study goes on (see the spool in %s)", hook.__name__,
+                          self.workdir)
+            return None
+    return guarded
+
+
 class MLflowStudyCallback(Callback):
     """Child run per trial (params, per-epoch metrics, final state, best checkpoint); best so far on the parent.
 
     Holds only plain settings when pickled with the experiment state; the
-    MLflow client is made on first use, so ``Tuner.restore`` re-attaches.
+    tracker is made on first use, so ``Tuner.restore`` re-attaches. The best so
+    far and each trial's checkpoints are callback state (``get_state``), which
+    Tune saves with the experiment, so a resumed study keeps its true best.
     """
 
     def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace, feature_config: dict[str, Any],
@@ -55,16 +77,30 @@ class MLflowStudyCallback(Callback):
         state["_runs"] = None
         return state
 
+    def get_state(self) -> dict[str, Any]:
+        """What must survive ``Tuner.restore``: the best so far (else the first result after a resume would
+        become the study's best) and every trial's checkpoints (a trial's best epoch may predate the resume)."""
+        return {"study_best": self._study_best,
+                "checkpoints": {trial: [list(c) for c in cps] for trial, cps in self._checkpoints.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._study_best = state.get("study_best")
+        self._checkpoints = {trial: [(float(v), int(e), str(p)) for v, e, p in cps]
+                             for trial, cps in state.get("checkpoints", {}).items()}
+
     @property
     def runs(self) -> TrialRuns:
         if self._runs is None:
-            self._runs = TrialRuns(StudyTracker(self.tracking_uri, self.space.name, self.workdir, role=self.role))
+            tracker = StudyTracker(self.tracking_uri, self.space.name, self.workdir, role=self.role, wait_s=0)
+            self._runs = TrialRuns(tracker)  # wait_s=0: writes are spooled, Tune's event loop never waits on MLflow
         return self._runs
 
+    @never_raises
     def on_trial_start(self, iteration, trials, trial, **info):
         params = self.params_of(trial.config) if self.params_of else trial_params(self.space, trial.config)
         self.runs.start(trial.trial_id, params)
 
+    @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.runs.log_epoch(trial.trial_id, result, int(time.time() * 1000))
         value = result.get(self.space.metric)
@@ -74,7 +110,7 @@ class MLflowStudyCallback(Callback):
                     (float(value), int(result.get("epoch", 0)), str(result["checkpoint_path"])))
             if self.role == "study" and (self._study_best is None or self._better(value, self._study_best)):
                 self._study_best = value
-                self.runs.tracker.log_best(trial.trial_id, value, self.space.metric)
+                self.runs.tracker.log_best(trial.trial_id, value, self.space.metric, mode=self.space.mode)
 
     def _better(self, value: float, than: float) -> bool:
         return value < than if self.space.mode == "min" else value > than
@@ -101,33 +137,27 @@ class MLflowStudyCallback(Callback):
         best = self.best_checkpoint(trial.trial_id)
         with tempfile.TemporaryDirectory() as tmp:
             weights, ckpt = None, {}
-            if best is not None:
-                weights = str(Path(tmp) / EXPORTED_FILE)
-                ckpt = export_weights(storage.download_dir(best, Path(tmp) / "checkpoint"), Path(weights))
+            try:
+                if best is not None:
+                    weights = str(Path(tmp) / EXPORTED_FILE)
+                    ckpt = export_weights(storage.download_dir(best, Path(tmp) / "checkpoint"), Path(weights))
+            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint must not leave the run unfinished
+                log.warning("trial %s: best checkpoint %s not exported (%s)", trial.trial_id, best, e)
+                weights, ckpt = None, {}
+            # Spooled (files copied into the spool): drawn, uploaded and logged as a model in the background.
             self.runs.finish(trial.trial_id, state, weights)
-            run_id = self.runs.run_ids.get(trial.trial_id)
-            if run_id and "eval_scores" in ckpt:
-                self._plots(trial.trial_id, run_id, ckpt)
-            if weights and run_id and state in ("completed", "pruned"):
-                # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers).
-                # A failure here must not take the study down: the checkpoint is already logged.
-                try:
-                    log_speaker_model(self.runs.client, run_id, weights, self.feature_config)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("trial %s: model not logged (%s); promote falls back to its checkpoint",
-                                trial.trial_id, e)
-                    self.runs.client.set_tag(run_id, "mfcon.model_error", str(e)[:5000])
+            if "eval_scores" in ckpt:
+                self.runs.log_plots(trial.trial_id, ckpt["eval_scores"].numpy(), ckpt["eval_labels"].numpy())
+            if weights and state in ("completed", "pruned"):
+                # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers); a model
+                # that cannot be logged leaves the tag mfcon.model_error, and promote falls back to the checkpoint.
+                self.runs.log_model(trial.trial_id, weights, self.feature_config)
 
-    def _plots(self, trial_id: str, run_id: str, ckpt: dict[str, Any]) -> None:
-        """DET curve and score histograms of the trial's best epoch."""
-        try:
-            log_trial_plots(self.runs.client, run_id, ckpt["eval_scores"].numpy(), ckpt["eval_labels"].numpy())
-        except Exception as e:  # noqa: BLE001 - a plot must never stop a study
-            log.warning("trial %s: plots not logged (%s)", trial_id, e)
-
+    @never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):
         last_epoch = int((trial.last_result or {}).get("epoch", 0))
         self._finish(trial, "completed" if last_epoch >= self.max_epochs else "pruned")
 
+    @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, "failed")

@@ -200,7 +200,10 @@ class TrialRuns:
             self.tracker.write("log", self.key(trial_id), metrics=metrics, per_step=True)
 
     def finish(self, trial_id: str, state: str, checkpoint_file: str | None = None) -> None:
+        """The trial's final state (tag and run status) and best checkpoint; nothing for a trial never started."""
         key = self.key(trial_id)
+        if not self.tracker.spool.started(key):
+            return
         if checkpoint_file:
             self.tracker.write("artifact", key, file=Path(checkpoint_file), path="checkpoint")
         self.tracker.write("log", key, tags={STATE_TAG: state})

@@ -120,6 +120,7 @@ class Spool:
         self._unacked: set[int] = set()
         self._refused: dict[int, str] = {}
         self._open_runs: dict[str, int] = {}  # run key -> seq of its start, for runs never terminated
+        self._started: set[str] = set()  # run keys this spool ever started
         self._outage_since: float | None = None
         self._stashed: dict[tuple[str, int, int], Path] = {}  # (source, size, mtime) -> its copy here
         self.replayer: Replayer | None = None
@@ -188,6 +189,7 @@ class Spool:
                         entries.add(rec["seq"])
                         if rec["op"] in START_OPS:
                             self._open_runs[rec["run"]] = rec["seq"]
+                            self._started.add(rec["run"])
                         elif rec["op"] == "terminate":
                             self._open_runs.pop(rec["run"], None)
                     elif "ack" in rec:
@@ -265,6 +267,7 @@ class Spool:
                 raise
             if op in START_OPS:
                 self._open_runs[run] = seq
+                self._started.add(run)
             elif op == "terminate":
                 self._open_runs.pop(run, None)
             self._cond.notify_all()
@@ -341,6 +344,11 @@ class Spool:
 
     def experiment_id(self) -> str | None:
         return self.replayer.experiments.get(self.study) if self.replayer else None
+
+    def started(self, key: str) -> bool:
+        """Whether this spool ever started the run ``key`` (in this process or an earlier one)."""
+        with self._cond:
+            return key in self._started
 
     def open_runs(self) -> list[str]:
         """Runs this spool started and never terminated (a crashed study leaves them RUNNING)."""

@@ -201,6 +201,7 @@ class LoadResult:
     p95_ms: float
     max_ms: float
     wall_s: float
+    slowest: str  # the kind of request that took max_ms
     first_errors: tuple[str, ...]
 
 
@@ -226,8 +227,9 @@ def run_load(backend: str, url: str, loggers: int, epochs: int) -> LoadResult:
     client.set_terminated(parent.info.run_id)
     errors = list(calls.errors) + lost_writes(url, [r for r in run_ids if r], epochs)
     ms = [1000 * s for _, s in calls.latencies] or [float("nan")]
+    slowest = max(calls.latencies, key=lambda call: call[1])[0] if calls.latencies else "-"
     return LoadResult(backend, loggers, len(calls.latencies) + len(calls.errors), len(errors),
-                      statistics.median(ms), percentile(ms, 95), max(ms), wall, tuple(errors[:5]))
+                      statistics.median(ms), percentile(ms, 95), max(ms), wall, slowest, tuple(errors[:5]))
 
 
 # ---------------------------------------------------------------- per backend
@@ -273,19 +275,19 @@ def main(argv=None) -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-          f"Python {platform.python_version()}")
+          f"Python {platform.python_version()} | load average {os.getloadavg()[0]:.1f} (shared machines vary)")
     print(versions())
     print(f"load: {args.loggers} concurrent loggers x (create_run + params + {args.epochs} epochs x log_batch of "
           f"{len(EPOCH_METRICS)} metrics + tag + state + terminate), one server on 127.0.0.1 with "
           f"{args.workers} workers, client retries off")
     head = f"{'backend':<11} {'loggers':>7} {'requests':>8} {'errors':>6} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} " \
-           f"{'req/s':>6} {'wall s':>6}"
+           f"{'req/s':>6} {'wall s':>6}  slowest"
     print(head + "\n" + "-" * len(head))
     for name in args.backends.split(","):
         with tempfile.TemporaryDirectory(prefix=f"mfcon-load-{name}-") as tmp:
             r = BACKENDS[name.strip()](Path(tmp), args)
         print(f"{r.backend:<11} {r.loggers:>7} {r.calls:>8} {r.errors:>6} {r.p50_ms:>7.1f} {r.p95_ms:>7.1f} "
-              f"{r.max_ms:>7.1f} {r.calls / r.wall_s:>6.1f} {r.wall_s:>6.1f}", flush=True)
+              f"{r.max_ms:>7.1f} {r.calls / r.wall_s:>6.1f} {r.wall_s:>6.1f}  {r.slowest}", flush=True)
         for message in r.first_errors:
             print(f"    error: {message}")
 

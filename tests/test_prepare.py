@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from mfcon.config import FeatureConfig
 from mfcon.data.audio import load_audio
+from mfcon.data.augment import AugmentConfig
 from mfcon.data.corpus.voxceleb import list_utterances, read_trials
 from mfcon.data.features import compute_fbank
 from mfcon.data.plan import plan_shards, split_corpus
@@ -216,6 +217,17 @@ def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
     assert "id00001/vid0/00099.wav" not in load_split(out, "train").utt_ids
     kept_trials = read_trials(out / "trials-test.txt")
     assert len(kept_trials) == 8 and all("00099" not in t.test for t in kept_trials)
+
+
+def test_bad_audio_behind_speed_perturbed_rows_is_skipped_once(tmp_path):
+    root, trials, dev_trials = write_tiny_corpus(tmp_path)
+    corrupt = root / "id00001" / "vid0" / "00099.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 10)
+    manifest = prepare((root, trials, dev_trials), tmp_path / "data", augment=AugmentConfig(speed_factors=[0.9, 1.1]))
+    assert [s.path for s in manifest.skipped] == [str(corrupt)]  # once, not once per speed
+    assert manifest.splits["train"].rows == 3 * len(TRAIN_SPEAKERS) * UTTS_PER_SPEAKER
+    assert manifest.splits["train"].num_speakers == 3 * len(TRAIN_SPEAKERS) == len(manifest.speakers)
+    assert not [u for u in load_split(tmp_path / "data", "train").utt_ids if u.startswith("id00001/vid0/00099.wav")]
 
 
 def test_other_feature_config_is_refused(corpus, pooled, tmp_path):

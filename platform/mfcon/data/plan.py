@@ -7,6 +7,10 @@ speakers a verdict is judged on, nor trains on those it selects with.
 
 The shard plan is deterministic: the same inputs and seed give the same
 ``ShardTask`` list, each with a fingerprint that lets a re-run keep finished shards.
+With an :class:`~mfcon.data.augment.Augmentation`, each training utterance
+becomes several rows (speed-perturbed speakers, augmented copies with their
+recipes drawn here), shuffled together; dev and test are never augmented, so
+their tasks and fingerprints are the same as without it.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mfcon.config import FeatureConfig
+from mfcon.data.augment import AUGMENT_VERSION, CLEAN, Augmentation, Variant
 from mfcon.data.corpus.voxceleb import TrialPair, Utterance, make_trials
 from mfcon.data.shards import EVAL_SPLITS, SCHEMA_VERSION, SPLITS
 
@@ -62,7 +68,7 @@ def split_corpus(utterances: list[Utterance], lists: dict[str, tuple[list[TrialP
     shared = speakers["dev"] & speakers["test"]
     if shared:
         raise SplitError(f"{lists['dev'][1]} and {lists['test'][1]} share {len(shared)} speakers, e.g. "
-                         f"{sorted(shared)[0]}: dev and test speakers must be disjoint")
+                         f"{min(shared)}: dev and test speakers must be disjoint")
     held_out = speakers["dev"] | speakers["test"]
     splits["train"] = [u for u in utterances if u.speaker not in held_out]
     if len({u.speaker for u in splits["train"]}) < 2:
@@ -70,32 +76,48 @@ def split_corpus(utterances: list[Utterance], lists: dict[str, tuple[list[TrialP
     return splits
 
 
+class ShardRow(NamedTuple):
+    """One row a shard task builds: a recording, and how the row's waveform differs from it."""
+
+    utt_id: str  # the recording's id, + "#sp0.9" / "#music1" for speed-perturbed and augmented rows
+    speaker: str  # "<speaker>-sp0.9" for speed-perturbed rows
+    speaker_index: int  # -1 in dev and test
+    path: str  # the recording
+    variant: Variant = CLEAN
+
+
 @dataclass(frozen=True)
 class ShardTask:
-    """Everything one worker needs to build one shard (picklable)."""
+    """Everything one worker needs to build one shard (picklable; augmentation banks only as file names)."""
 
     split: str
     file: str
-    utterances: tuple[tuple[str, str, int, str], ...]  # (utt_id, speaker, speaker_index, audio path)
+    utterances: tuple[ShardRow, ...]
     feature_config: FeatureConfig
     dither_seed: int
     plan: str  # fingerprint of all of the above + audio sizes/mtimes
 
 
-def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig,
-                rows_per_shard: int, seed: int) -> tuple[dict[str, int], list[ShardTask]]:
-    """Deterministic shard plan: (speaker -> index over train speakers, tasks in order)."""
-    train = splits["train"]
-    speakers = {s: i for i, s in enumerate(sorted({u.speaker for u in train}))}
+def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig, rows_per_shard: int, seed: int,
+                augment: Augmentation | None = None) -> tuple[dict[str, int], list[ShardTask]]:
+    """Deterministic shard plan: (speaker -> index over train speakers, tasks in order).
+
+    ``augment`` adds speed-perturbed speakers (indices after the originals) and
+    augmented copies to train only; the train rows are shuffled with ``seed``
+    after expansion, so a shard mixes speakers, speeds and copies.
+    """
+    base = sorted({u.speaker for u in splits["train"]})
+    speakers = augment.speakers(base) if augment else {s: i for i, s in enumerate(base)}
+    train = _train_rows(splits["train"], speakers, augment)
     order = np.random.default_rng(seed).permutation(len(train))
     ordered = {"train": [train[i] for i in order],
-               **{name: sorted(splits[name], key=lambda u: u.utt_id) for name in EVAL_SPLITS}}
+               **{name: [ShardRow(u.utt_id, u.speaker, -1, str(u.path))
+                         for u in sorted(splits[name], key=lambda u: u.utt_id)] for name in EVAL_SPLITS}}
     tasks = []
     for split in SPLITS:
-        utts = ordered[split]
-        for n, start in enumerate(range(0, len(utts), rows_per_shard)):
-            rows = tuple((u.utt_id, u.speaker, speakers[u.speaker] if split == "train" else -1, str(u.path))
-                         for u in utts[start:start + rows_per_shard])
+        rows_of_split = ordered[split]
+        for n, start in enumerate(range(0, len(rows_of_split), rows_per_shard)):
+            rows = tuple(rows_of_split[start:start + rows_per_shard])
             file = f"{split}-{n:05d}.parquet"
             dither_seed = int.from_bytes(hashlib.sha256(f"{seed}/{file}".encode()).digest()[:4], "little")
             tasks.append(ShardTask(split, file, rows, feature_cfg, dither_seed,
@@ -103,10 +125,28 @@ def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig,
     return speakers, tasks
 
 
-def _fingerprint(file: str, rows: tuple, cfg: FeatureConfig, dither_seed: int) -> str:
+def _train_rows(train: list[Utterance], speakers: dict[str, int], augment: Augmentation | None) -> list[ShardRow]:
+    if augment is None:
+        return [ShardRow(u.utt_id, u.speaker, speakers[u.speaker], str(u.path)) for u in train]
+    return [ShardRow(utt_id, speaker, speakers[speaker], str(u.path), variant)
+            for u in train for utt_id, speaker, variant in augment.variants(u.utt_id, u.speaker)]
+
+
+def _stats(paths: list[str]) -> list[tuple[int, int]]:
     stats = []
-    for *_, path in rows:
+    for path in paths:
         st = Path(path).stat()
         stats.append((st.st_size, st.st_mtime_ns))
-    blob = json.dumps([SCHEMA_VERSION, file, cfg.model_dump(), dither_seed, rows, stats])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return stats
+
+
+def _fingerprint(file: str, rows: tuple[ShardRow, ...], cfg: FeatureConfig, dither_seed: int) -> str:
+    """sha256 of what the shard holds. A shard without augmented rows hashes exactly as before augmentation
+    existed, so folders prepared then still resume; one with them adds the recipes and their bank files."""
+    blob: list = [SCHEMA_VERSION, file, cfg.model_dump(), dither_seed, [r[:4] for r in rows],
+                  _stats([r.path for r in rows])]
+    variants = [r.variant for r in rows]
+    if any(v != CLEAN for v in variants):
+        banks = sorted({s for v in variants if v.recipe for s in v.recipe.sources})
+        blob += [AUGMENT_VERSION, variants, banks, _stats(banks)]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()

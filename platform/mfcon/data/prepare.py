@@ -22,6 +22,13 @@ a local path or an object-store URI such as ``s3://bucket/vox1``, so Ray tasks
 on any node write their shards straight to the store. A re-run
 with the same inputs keeps every shard whose sidecar fingerprint and sha256
 still match; ``manifest.json`` is written last, then the sidecars are removed.
+
+Augmentation (:mod:`mfcon.data.augment`, off by default) adds train rows only:
+speed-perturbed speakers and MUSAN/RIR copies, each drawn into the plan from
+``(seed, utt_id, copy)``. Its bank folders are checked before anything is
+written; the manifest records its config; a changed config changes the
+fingerprints of the train shards it touches, so those are rebuilt and the rest
+resume.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from tqdm.auto import tqdm
 from mfcon import storage
 from mfcon.config import FeatureConfig
 from mfcon.data.audio import AudioError, load_audio
+from mfcon.data.augment import CLEAN, Augmentation, AugmentConfig, apply_variant
 from mfcon.data.corpus.voxceleb import (
     list_utterances,
     read_trials,
@@ -65,6 +73,7 @@ from mfcon.data.shards import (
     write_shard,
 )
 
+DEFAULT_FEATURES = FeatureConfig()
 DONE_SUFFIX = ".done.json"
 PLAN_KEY = "mfcon.plan"
 _OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials-(dev|test)\.txt)"
@@ -80,31 +89,37 @@ class PrepareError(RuntimeError):
 def build_shard(out_dir: str, task: ShardTask) -> dict[str, Any]:
     """Build one shard and its ``.done.json`` sidecar; return the sidecar record.
 
-    Audio raising AudioError is skipped and reported, never fatal. Runs in a
-    pool process or a Ray worker: one torch thread, since parallelism comes
-    from running several tasks. The dither RNG is seeded per shard so shards
-    are reproducible whichever worker builds them.
+    Audio raising AudioError is skipped and reported (once per recording, whatever
+    its number of augmented rows), never fatal. Runs in a pool process or a Ray
+    worker: one torch thread, since parallelism comes from running several
+    tasks. The dither RNG is seeded per shard and augmented rows carry their
+    drawn recipes, so shards are reproducible whichever worker builds them.
     """
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(task.dither_seed)
     cfg = task.feature_config
-    skipped: list[dict[str, str]] = []
+    skipped: dict[str, str] = {}  # path -> reason
 
     def rows() -> Iterator[dict[str, Any]]:
-        for utt_id, speaker, index, path in task.utterances:
-            try:
-                wav = load_audio(path, target_sr=cfg.sample_rate)
-            except AudioError as e:
-                skipped.append({"path": path, "reason": str(e)})
+        for row in task.utterances:
+            if row.path in skipped:
                 continue
+            try:
+                wav = load_audio(row.path, target_sr=cfg.sample_rate)
+            except AudioError as e:
+                skipped[row.path] = str(e)
+                continue
+            if row.variant != CLEAN:
+                wav = apply_variant(torch.from_numpy(wav), row.variant, cfg.sample_rate)
             feats = compute_fbank(wav, cfg).numpy()  # (T, F)
-            yield {"utt_id": utt_id, "speaker": speaker, "speaker_index": index, "features": feats}
+            yield {"utt_id": row.utt_id, "speaker": row.speaker, "speaker_index": row.speaker_index, "features": feats}
 
     path = storage.join(out_dir, task.file)
     entry = write_shard(path, rows(), num_mel_bins=cfg.num_mel_bins, metadata={PLAN_KEY: task.plan})
-    record = {"plan": task.plan, "entry": entry.model_dump(), "skipped": skipped, "utterances": len(task.utterances)}
+    record = {"plan": task.plan, "entry": entry.model_dump(), "rows": len(task.utterances),
+              "skipped": [{"path": p, "reason": r} for p, r in skipped.items()]}
     storage.write_text(sidecar_path(out_dir, task.file), json.dumps(record, indent=1))
     return record
 
@@ -148,20 +163,21 @@ def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask]
             if task is None or not storage.is_file(shard) or storage.exists(sidecar_path(out, entry.file)):
                 continue
             plan = _stored_plan(shard)
-            paths = {row[3] for row in task.utterances}
+            paths = {row.path for row in task.utterances}
             skipped = [s.model_dump() for s in old.skipped if s.path in paths]
-            record = {"plan": plan, "entry": entry.model_dump(), "skipped": skipped, "utterances": len(paths)}
+            record = {"plan": plan, "entry": entry.model_dump(), "skipped": skipped, "rows": len(task.utterances)}
             storage.write_text(sidecar_path(out, entry.file), json.dumps(record, indent=1))
     storage.delete(path)
 
 
 def _stored_plan(shard: str) -> str | None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         fs, path = storage.resolve(shard)
         meta = pq.read_schema(path, filesystem=fs).metadata or {}
-    except Exception:  # unreadable shard: rebuild it
+    except (OSError, ValueError, pa.ArrowException):  # unreadable shard: rebuild it
         return None
     value = meta.get(PLAN_KEY.encode())
     return value.decode() if value else None
@@ -210,7 +226,7 @@ def _task_error(out: str, task: ShardTask, e: BaseException) -> PrepareError:
 
 
 def _advance(bar: tqdm, record: dict[str, Any]) -> dict[str, Any]:
-    bar.update(record["utterances"])
+    bar.update(record["rows"])
     return record
 
 
@@ -271,8 +287,9 @@ def _run_ray(out: str, tasks: list[ShardTask], bar: tqdm) -> list[dict[str, Any]
 
 def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: str | Path, *,
                     dev_trials: str | Path | None = None, dev_speakers: int | None = None, dev_trials_per_utt: int = 3,
-                    feature_cfg: FeatureConfig = FeatureConfig(), rows_per_shard: int = 256, num_workers: int = 2,
-                    seed: int = 0, progress: bool = True, overwrite: bool = False) -> Manifest:
+                    feature_cfg: FeatureConfig = DEFAULT_FEATURES, rows_per_shard: int = 256, num_workers: int = 2,
+                    seed: int = 0, progress: bool = True, overwrite: bool = False,
+                    augment: AugmentConfig | None = None) -> Manifest:
     """Prepare train/dev/test shards for ``corpus_root`` in ``out_dir``; return the manifest.
 
     The dev set is ``dev_trials`` (a trial list over speakers disjoint from the
@@ -284,6 +301,10 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     guard. Refuses an ``out_dir`` whose manifest used another feature config
     unless ``overwrite`` (then every shard is rebuilt).
 
+    ``augment`` adds augmented copies and speed-perturbed speakers to the train
+    split only (:mod:`mfcon.data.augment`); its MUSAN/RIR folders are checked
+    (AugmentError naming the folder) before anything is written.
+
     >>> m = prepare_dataset("vox/wav", "vox/veri_test2.txt", "data/vox", dev_speakers=40)  # doctest: +SKIP
     >>> m.splits["train"].rows, len(m.speakers)  # doctest: +SKIP
     """
@@ -292,6 +313,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     if (dev_trials is None) == (dev_speakers is None):
         raise SplitError("give exactly one of dev_trials (a dev trial list) or dev_speakers (hold out N training "
                          "speakers): a study selects on dev, and test stays unseen until the verdict")
+    augmentation = Augmentation.build(augment) if augment is not None and augment.active else None
     root, out = Path(corpus_root).resolve(), storage.normalize(out_dir)
     utterances = list_utterances(root)
     test = read_trials(test_trials, root=root)
@@ -307,18 +329,20 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
                 if dev_trials is not None else
                 DevProtocol(source="held_out_speakers", speakers=dev_speakers, trials_per_utt=dev_trials_per_utt,
                             seed=seed))
-    speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed)
+    speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed, augmentation)
     storage.makedirs(out)
     _adopt_manifest(out, feature_cfg, tasks, overwrite)
 
     records = {t.file: r for t in tasks if (r := _finished(out, t)) is not None}
     todo = [t for t in tasks if t.file not in records]
-    with tqdm(total=sum(len(t.utterances) for t in todo), unit="utt", desc=f"prepare {storage.basename(out)}",
-              disable=not progress, smoothing=0.1) as bar:
+    with tqdm(total=sum(len(t.utterances) for t in todo), unit="row", desc=f"prepare {storage.basename(out)}",
+              disable=not progress, smoothing=0.1) as bar:  # rows, augmented copies included
         for record in _run_tasks(out, todo, num_workers, bar):
             records[record["entry"]["file"]] = record
 
     manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol)
+    if augmentation is not None:
+        manifest = manifest.model_copy(update={"augmentation": augmentation.config})
     lost = _skipped_utt_ids(tasks, records)
     for split, trials in (("dev", dev), ("test", test)):  # atomic
         write_trials(storage.join(out, trials_name(split)), [t for t in trials if t.enroll not in lost and t.test not in lost])
@@ -330,26 +354,26 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
 def _assemble(root: Path, cfg: FeatureConfig, speakers: dict[str, int], tasks: list[ShardTask],
               records: dict[str, dict[str, Any]], protocol: DevProtocol) -> Manifest:
     splits: dict[str, SplitInfo] = {}
-    skipped: list[SkippedAudio] = []
+    skipped: dict[str, SkippedAudio] = {}  # by path: a recording behind several augmented rows is listed once
     for split in SPLITS:
         entries, present = [], set()
         for task in (t for t in tasks if t.split == split):
             record = records[task.file]
             entries.append(ShardEntry.model_validate(record["entry"]))
             lost = {s["path"] for s in record["skipped"]}
-            skipped += [SkippedAudio.model_validate(s) for s in record["skipped"]]
-            present |= {speaker for _, speaker, _, path in task.utterances if path not in lost}
+            skipped |= {s["path"]: SkippedAudio.model_validate(s) for s in record["skipped"]}
+            present |= {row.speaker for row in task.utterances if row.path not in lost}
         splits[split] = SplitInfo(shards=entries, rows=sum(e.rows for e in entries), num_speakers=len(present))
     return Manifest(schema_version=SCHEMA_VERSION, feature_config=cfg, speakers=speakers, splits=splits,
                     trials={split: trials_name(split) for split in EVAL_SPLITS}, dev_protocol=protocol,
-                    skipped=sorted(skipped, key=lambda s: s.path),
+                    skipped=sorted(skipped.values(), key=lambda s: s.path),
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(root))
 
 
 def _skipped_utt_ids(tasks: list[ShardTask], records: dict[str, dict[str, Any]]) -> set[str]:
     """Utterances whose audio was skipped: their trials are left out of the normalised list."""
     skipped_paths = {s["path"] for r in records.values() for s in r["skipped"]}
-    return {utt_id for t in tasks for utt_id, *_, path in t.utterances if path in skipped_paths}
+    return {row.utt_id for t in tasks for row in t.utterances if row.path in skipped_paths}
 
 
 def _clean(out: str, manifest: Manifest) -> None:

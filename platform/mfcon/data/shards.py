@@ -34,10 +34,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from mfcon import storage
 from mfcon.config import FeatureConfig, format_validation_error
+from mfcon.data.augment import AugmentConfig
 from mfcon.files import file_sha256
 
 SCHEMA_VERSION = 2
@@ -104,6 +105,15 @@ class Manifest(_Model):
     skipped: list[SkippedAudio] = []
     created_at: str
     source: str  # corpus root the shards were computed from
+    augmentation: AugmentConfig | None = None  # train-split augmentation; absent = none
+
+    @model_serializer(mode="wrap")
+    def _omit_no_augmentation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``augmentation`` key without augmentation: such manifests stay what older readers accept."""
+        data = handler(self)
+        if data.get("augmentation") is None:
+            data.pop("augmentation", None)
+        return data
 
 
 @dataclass

@@ -1,0 +1,375 @@
+"""Training-data augmentation at prepare time: MUSAN noise, music and babble, RIR reverberation, speed perturbation.
+
+What every system a speaker-verification result is compared against trains with:
+
+* Kaldi x-vector recipe (egs/voxceleb/v2): augmented copies of each training
+  utterance with MUSAN noise (SNR 0-15 dB), music (5-15 dB), babble of 3-7
+  MUSAN speech speakers (13-20 dB), and reverberation with the RIRS_NOISES
+  simulated room impulse responses; the copies keep the speaker label.
+* WeSpeaker speed perturbation: 0.9x / 1.1x copies resampled in time (pitch
+  moves too), each factor a NEW speaker ``<speaker>-sp<factor>`` whose class
+  index is ``index + (j + 1) * num_speakers`` as in WeSpeaker's processor.
+
+Only the train split is augmented. Every random choice of a copy (its kind, bank
+files, offsets, SNR) is drawn when the shard plan is made, from
+``(seed, utt_id, copy index)`` alone (:class:`Recipe`), so a copy is the same
+whichever worker builds it and in whatever order, and a shard's plan
+fingerprint covers exactly what it will contain. Workers receive bank *file
+names* in the recipes and load the audio lazily, cached per process
+(:func:`load_bank_audio`); no audio is pickled into a task.
+
+The signal processing is torchaudio's (``add_noise``, ``fftconvolve``,
+``resample``); torch is imported inside those functions because the manifest
+model (:mod:`mfcon.data.shards`) imports :class:`AugmentConfig`, and reading a
+manifest must not pay for importing torch.
+
+Example::
+
+    cfg = AugmentConfig(copies=2, musan_dir="musan", rir_dir="RIRS_NOISES/simulated_rirs", speed_factors=[0.9, 1.1])
+    aug = Augmentation.build(cfg)             # lists the banks; AugmentError names an empty folder
+    rows = list(aug.variants("id1/v/1.wav", "id1"))  # (utt_id, speaker, Variant): 3 speeds x (clean + 2 copies)
+    wav = apply_variant(torch.from_numpy(load_audio(path)), rows[4][2], 16000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mfcon.config import format_validation_error
+
+if TYPE_CHECKING:
+    import torch
+
+AUGMENT_VERSION = 1  # bump when the signal processing changes: augmented shards are then rebuilt
+Kind = Literal["noise", "music", "babble", "reverb"]
+KINDS: tuple[str, ...] = ("noise", "music", "babble", "reverb")
+MUSAN_FOLDERS = {"noise": "noise", "music": "music", "babble": "speech"}  # kind -> <musan>/<folder>/**/*.wav
+BANK_CACHE_SAMPLES = 32 * 1024 * 1024  # per process: 128 MiB of float32 bank audio
+
+
+class AugmentError(ValueError):
+    """The augmentation config, or a MUSAN/RIR folder or file, is unusable; the message names the field or path."""
+
+
+# ---------------------------------------------------------------- the config
+
+class AugmentConfig(BaseModel):
+    """What augmented training rows ``prepare`` builds. ``copies=0`` and no ``speed_factors`` is off (the default).
+
+    SNR ranges and the babble speaker count are Kaldi's (egs/voxceleb/v2/run.sh).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    copies: int = Field(0, ge=0)  # augmented copies per (speed-perturbed) training utterance
+    kinds: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1)
+    noise_snr: list[float] = Field(default_factory=lambda: [0.0, 15.0], min_length=2, max_length=2)
+    music_snr: list[float] = Field(default_factory=lambda: [5.0, 15.0], min_length=2, max_length=2)
+    babble_snr: list[float] = Field(default_factory=lambda: [13.0, 20.0], min_length=2, max_length=2)
+    babble_speakers: list[int] = Field(default_factory=lambda: [3, 7], min_length=2, max_length=2)
+    musan_dir: str | None = None  # <musan>/{noise,music,speech}/**/*.wav
+    rir_dir: str | None = None  # e.g. RIRS_NOISES/simulated_rirs: **/*.wav
+    speed_factors: list[float] = Field(default_factory=list)  # each makes new speakers <speaker>-sp<factor>
+    seed: int = Field(0, ge=0)
+
+    @field_validator("musan_dir", "rir_dir", mode="before")
+    @classmethod
+    def _absolute(cls, value: Any) -> Any:
+        """Recorded in the manifest, and read by workers whose working directory may differ."""
+        return str(Path(value).expanduser().resolve()) if isinstance(value, (str, Path)) else value
+
+    @field_validator("speed_factors")
+    @classmethod
+    def _speeds(cls, factors: list[float]) -> list[float]:
+        bad = [f for f in factors if not 0.5 <= f <= 2.0 or f == 1.0]
+        if bad:
+            raise ValueError(f"speed factors must be in [0.5, 2] and not 1 (the original), got {bad}")
+        if len({speed_tag(f) for f in factors}) != len(factors):
+            raise ValueError(f"speed factors must be distinct, got {factors}")
+        return sorted(factors)  # one canonical order: speaker indices and fingerprints follow it
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentConfig:
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds: each kind at most once, got {self.kinds}")
+        for name in ("noise_snr", "music_snr", "babble_snr"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: [low, high] dB with low <= high, got {[low, high]}")
+        low, high = self.babble_speakers
+        if not 1 <= low <= high:
+            raise ValueError(f"babble_speakers: [low, high] with 1 <= low <= high, got {[low, high]}")
+        if self.copies:
+            musan_kinds = [k for k in self.kinds if k in MUSAN_FOLDERS]
+            if musan_kinds and self.musan_dir is None:
+                raise ValueError(f"musan_dir is required for kinds {musan_kinds} (or leave them out of kinds)")
+            if "reverb" in self.kinds and self.rir_dir is None:
+                raise ValueError("rir_dir is required for kind 'reverb' (or leave it out of kinds)")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether prepare builds any extra row at all."""
+        return self.copies > 0 or bool(self.speed_factors)
+
+    def snr_range(self, kind: str) -> list[float]:
+        return {"noise": self.noise_snr, "music": self.music_snr, "babble": self.babble_snr}[kind]
+
+
+def augment_config(source: str = "augmentation", **fields: Any) -> AugmentConfig:
+    """An AugmentConfig from loose values (CLI, YAML); a bad field is an AugmentError naming ``source`` and it."""
+    try:
+        return AugmentConfig(**fields)
+    except ValidationError as e:
+        raise AugmentError(format_validation_error(e, source)) from None
+
+
+def speed_tag(factor: float) -> str:
+    """``sp0.9``: the suffix of a speed-perturbed utterance id and speaker."""
+    return f"sp{factor:g}"
+
+
+# ---------------------------------------------------------------- the banks (file lists, never audio)
+
+@dataclass(frozen=True)
+class AugmentBanks:
+    """Sorted absolute paths of the bank files; indices into them are what recipes draw."""
+
+    noise: tuple[str, ...] = ()
+    music: tuple[str, ...] = ()
+    speech: tuple[str, ...] = ()  # babble
+    rir: tuple[str, ...] = ()
+
+    def for_kind(self, kind: str) -> tuple[str, ...]:
+        return {"noise": self.noise, "music": self.music, "babble": self.speech, "reverb": self.rir}[kind]
+
+
+def _wav_files(folder: Path, needed_for: str, layout: str) -> tuple[str, ...]:
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() == ".wav" and p.is_file()) \
+        if folder.is_dir() else []
+    if not files:
+        where = "does not exist or is not a folder" if not folder.is_dir() else "holds no .wav files"
+        raise AugmentError(f"{folder}: {where} (needed for augment kind {needed_for!r}; expected layout {layout})")
+    return tuple(files)
+
+
+def find_banks(cfg: AugmentConfig) -> AugmentBanks:
+    """List the bank folders the config's kinds need; AugmentError names a folder without wav files."""
+    if not cfg.copies:
+        return AugmentBanks()
+    lists: dict[str, tuple[str, ...]] = {}
+    for kind in cfg.kinds:
+        if kind == "reverb":
+            lists["rir"] = _wav_files(Path(cfg.rir_dir), kind, "<rir_dir>/**/*.wav, e.g. RIRS_NOISES/simulated_rirs")
+        else:
+            folder = MUSAN_FOLDERS[kind]
+            lists[folder] = _wav_files(Path(cfg.musan_dir) / folder, kind, f"<musan>/{folder}/**/*.wav")
+    return AugmentBanks(**lists)
+
+
+# ---------------------------------------------------------------- recipes: every random choice, made at plan time
+
+class Recipe(NamedTuple):
+    """One augmented copy, fully drawn: applying it needs no random numbers."""
+
+    kind: str
+    copy: int  # 1-based copy index
+    snr_db: float | None  # None for reverb
+    sources: tuple[str, ...]  # the noise/music file, the babble speech files, or the RIR
+    offsets: tuple[float, ...]  # where each source starts, as a fraction of its spare length
+
+
+class Variant(NamedTuple):
+    """How a training row differs from its recording: speed first, then at most one recipe."""
+
+    speed: float = 1.0
+    recipe: Recipe | None = None
+
+
+CLEAN = Variant()
+
+
+def copy_rng(seed: int, utt_id: str, copy: int) -> np.random.Generator:
+    """The generator of one copy: a function of (seed, utt_id, copy) only."""
+    digest = hashlib.sha256(f"{seed}\0{utt_id}\0{copy}".encode()).digest()
+    return np.random.default_rng([int(x) for x in np.frombuffer(digest, dtype=np.uint32)])
+
+
+def draw_recipe(cfg: AugmentConfig, banks: AugmentBanks, utt_id: str, copy: int) -> Recipe:
+    """Copy ``copy`` (1-based) of ``utt_id``: kinds rotate through a per-utterance seeded order, so with
+    ``copies == len(kinds)`` every utterance gets one copy of each kind (as Kaldi before subsetting)."""
+    order = copy_rng(cfg.seed, utt_id, 0).permutation(len(cfg.kinds))
+    kind = cfg.kinds[int(order[(copy - 1) % len(cfg.kinds)])]
+    rng, files = copy_rng(cfg.seed, utt_id, copy), banks.for_kind(kind)
+    if kind == "reverb":
+        return Recipe(kind, copy, None, (files[rng.integers(len(files))],), (0.0,))
+    snr = float(rng.uniform(*cfg.snr_range(kind)))
+    if kind == "babble":
+        low, high = cfg.babble_speakers
+        n = int(rng.integers(low, high + 1))
+        chosen = rng.choice(len(files), size=n, replace=n > len(files))
+    else:
+        chosen = rng.integers(len(files), size=1)
+    return Recipe(kind, copy, snr, tuple(files[i] for i in chosen), tuple(float(u) for u in rng.random(len(chosen))))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A config with its bank file lists: turns each training utterance into its rows."""
+
+    config: AugmentConfig
+    banks: AugmentBanks
+
+    @classmethod
+    def build(cls, cfg: AugmentConfig) -> Augmentation:
+        return cls(cfg, find_banks(cfg))
+
+    def speakers(self, speakers: list[str]) -> dict[str, int]:
+        """speaker -> class index: the originals keep 0..S-1, factor j adds ``<speaker>-sp<f>`` at (j+1) S + i."""
+        index = {s: i for i, s in enumerate(speakers)}
+        for j, factor in enumerate(self.config.speed_factors):
+            index |= {f"{s}-{speed_tag(factor)}": (j + 1) * len(speakers) + i for i, s in enumerate(speakers)}
+        return index
+
+    def variants(self, utt_id: str, speaker: str) -> Iterator[tuple[str, str, Variant]]:
+        """(row utt_id, row speaker, variant): per speed (1 first), the clean row then ``copies`` copies."""
+        for factor in (1.0, *self.config.speed_factors):
+            source, who = (utt_id, speaker) if factor == 1.0 else \
+                (f"{utt_id}#{speed_tag(factor)}", f"{speaker}-{speed_tag(factor)}")
+            yield source, who, Variant(factor)
+            for copy in range(1, self.config.copies + 1):
+                recipe = draw_recipe(self.config, self.banks, source, copy)
+                yield f"{source}#{recipe.kind}{copy}", who, Variant(factor, recipe)
+
+
+# ---------------------------------------------------------------- signal processing (torchaudio)
+
+def fit_length(noise: torch.Tensor, length: int, offset: float) -> torch.Tensor:
+    """(M,) -> (length,): a window starting at ``offset`` (fraction of the spare length); looped if too short."""
+    if noise.numel() >= length:
+        start = int(offset * (noise.numel() - length + 1))
+        return noise[start:start + length]
+    start = int(offset * noise.numel())
+    looped = noise.repeat(math.ceil((length + start) / noise.numel()))
+    return looped[start:start + length]
+
+
+def add_noise(wav: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.Tensor:
+    """(N,) + (N,) scaled so that 10 log10(|wav|^2 / |scaled noise|^2) = ``snr_db``.
+
+    A silent noise window (all zeros) leaves the signal as it is: it has no
+    scale that reaches the SNR.
+    """
+    import torch
+    import torchaudio.functional as F
+
+    if not torch.any(noise):
+        return wav.clone()
+    return F.add_noise(wav[None], noise[None], torch.tensor([snr_db], dtype=wav.dtype))[0]
+
+
+def mix_babble(clips: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of speech clips (each (N,)), each at unit RMS so no single talker dominates."""
+    import torch
+
+    total = torch.zeros_like(clips[0])
+    for clip in clips:
+        rms = clip.pow(2).mean().sqrt()
+        if rms > 0:
+            total += clip / rms
+    return total
+
+
+def reverberate(wav: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
+    """(N,) convolved with the unit-energy RIR, aligned at its direct-path peak and cut to N samples.
+
+    The unit-energy RIR keeps the output energy near the input's (Kaldi and
+    WeSpeaker normalise it so); starting at the peak removes the propagation
+    delay, as Kaldi's wav-reverberate does, so frames stay aligned with the clean copy.
+    """
+    import torch
+    import torchaudio.functional as F
+
+    rir = rir / torch.linalg.vector_norm(rir)
+    peak = int(torch.argmax(rir.abs()))
+    return F.fftconvolve(wav, rir)[peak:peak + wav.numel()]
+
+
+def speed_perturb(wav: torch.Tensor, sample_rate: int, factor: float) -> torch.Tensor:
+    """(N,) -> (~N / factor,): played ``factor`` times faster (tempo and pitch), as sox ``speed`` in WeSpeaker.
+
+    Resamples from ``round(factor * sr)`` to ``sr`` (``torchaudio.functional.speed``
+    truncates ``factor * sr``, which float rounding can put one hertz low).
+    """
+    import torchaudio.functional as F
+
+    source = round(factor * sample_rate)
+    divisor = math.gcd(source, sample_rate)
+    return F.resample(wav, source // divisor, sample_rate // divisor)
+
+
+class _BankCache:
+    """Bank audio loaded once per process and kept up to ``max_samples`` (least recently used goes first)."""
+
+    def __init__(self, max_samples: int):
+        self.max_samples = max_samples
+        self._items: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._size = 0
+
+    def get(self, path: str, sample_rate: int) -> torch.Tensor:
+        key = (path, sample_rate)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        audio = _load_bank_file(path, sample_rate)
+        self._items[key] = audio
+        self._size += audio.numel()
+        while self._size > self.max_samples and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._size -= old.numel()
+        return audio
+
+
+def _load_bank_file(path: str, sample_rate: int) -> torch.Tensor:
+    import torch
+
+    from mfcon.data.audio import AudioError, load_audio
+
+    try:
+        return torch.from_numpy(load_audio(path, target_sr=sample_rate, min_seconds=0.0))
+    except AudioError as e:
+        raise AugmentError(f"{e} (an augmentation bank file)") from None
+
+
+_CACHE = _BankCache(BANK_CACHE_SAMPLES)
+
+
+def load_bank_audio(path: str, sample_rate: int) -> torch.Tensor:
+    """(M,) float32 mono at ``sample_rate``, cached in this process; AugmentError names an unreadable file."""
+    return _CACHE.get(path, sample_rate)
+
+
+def apply_variant(wav: torch.Tensor, variant: Variant, sample_rate: int) -> torch.Tensor:
+    """The training row's waveform: ``wav`` (N,) sped up or down, then with the recipe's noise or room."""
+    import torch
+
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    if variant.speed != 1.0:
+        wav = speed_perturb(wav, sample_rate, variant.speed)
+    recipe = variant.recipe
+    if recipe is None:
+        return wav
+    if recipe.kind == "reverb":
+        return reverberate(wav, load_bank_audio(recipe.sources[0], sample_rate))
+    clips = [fit_length(load_bank_audio(s, sample_rate), wav.numel(), o) for s, o in zip(recipe.sources, recipe.offsets)]
+    noise = mix_babble(clips) if recipe.kind == "babble" else clips[0]
+    return add_noise(wav, noise, recipe.snr_db)

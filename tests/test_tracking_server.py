@@ -29,6 +29,7 @@ from mfcon.tracking.server import (
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "pa:ss@w/rd%"  # characters that break a URI unless handled
 MLFLOW = ["mlflow"]
+START_TIMEOUT_S = 300  # a server starts in ~10 s; a 2-core machine shared with other test runs can take minutes
 
 
 def _free_port() -> int:
@@ -187,7 +188,7 @@ def test_mfcon_tracking_server_serves_sqlite_on_loopback_only(tmp_path):
                                 env=env, start_new_session=True, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log, timeout_s=120)
+        wait_healthy(url, proc, log, timeout_s=START_TIMEOUT_S)
         run_id = _log_one_run(url)
         assert _listening(port) == {"127.0.0.1"}  # nothing on 0.0.0.0 or ::
         ip = _routed_ip()
@@ -211,7 +212,7 @@ def test_a_server_bound_to_the_private_address_serves_clients_there_only(tmp_pat
         pytest.skip("this machine has no non-loopback address")
     spec = ServerSpec(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "art"), host=ip, port=_free_port(), workers=1)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    with running_server(spec, tmp_path / "server.log", environ=environ) as (url, _):
+    with running_server(spec, tmp_path / "server.log", START_TIMEOUT_S, environ=environ) as (url, _):
         assert url == f"http://{ip}:{spec.port}"
         _log_one_run(url)  # a Host header of the private IP is allowed (403 without --allowed-hosts)
         assert _listening(spec.port) == {ip}
@@ -229,7 +230,7 @@ def test_postgres_server_gets_its_password_from_the_environment_only(tmp_path):
         environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))},
                    "MFCON_DB_PASSWORD": pg.password}
         spec = ServerSpec(uri, str(tmp_path / "art"), port=_free_port(), workers=1)
-        with running_server(spec, tmp_path / "server.log", environ=environ) as (url, proc):
+        with running_server(spec, tmp_path / "server.log", START_TIMEOUT_S, environ=environ) as (url, proc):
             _log_one_run(url)
             group = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == proc.pid]
             assert group, "the server's process group is empty"

@@ -44,6 +44,7 @@ except ImportError:  # not installed: run from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
     from mfcon.tracking.server import ServerSpec, running_server
 
+START_TIMEOUT_S = 300  # a loaded shared machine can take minutes to start a server
 PG_BIN = Path(os.environ.get("MFCON_PG_BIN", "/usr/local/bin"))
 EPOCH_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "dev_eer", "dev_min_dcf", "dev_min_dcf_005", "lr")
 PARAMS = {"loss.mfcon_weight": 0.3, "loss.mfcon_temperature": 0.07, "loss.mfcon_blocks": "2,3", "optim.lr": 0.002,
@@ -237,7 +238,7 @@ def run_load(backend: str, url: str, loggers: int, epochs: int) -> LoadResult:
 def bench_sqlite(root: Path, args) -> LoadResult:
     spec = ServerSpec(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts"), port=free_port(),
                       workers=args.workers)
-    with running_server(spec, root / "server.log") as (url, _):
+    with running_server(spec, root / "server.log", START_TIMEOUT_S) as (url, _):
         return run_load("sqlite", url, args.loggers, args.epochs)
 
 
@@ -246,7 +247,7 @@ def bench_postgresql(root: Path, args) -> LoadResult:
         uri = pg.uri.replace(f"{pg.user}@", f"{pg.user}:${{MFCON_DB_PASSWORD}}@")
         spec = ServerSpec(uri, str(root / "mlartifacts"), port=free_port(), workers=args.workers)
         environ = {**os.environ, "MFCON_DB_PASSWORD": pg.password}
-        with running_server(spec, root / "server.log", environ=environ) as (url, _):
+        with running_server(spec, root / "server.log", START_TIMEOUT_S, environ=environ) as (url, _):
             result = run_load("postgresql", url, args.loggers, args.epochs)
         return result
 

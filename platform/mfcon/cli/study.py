@@ -36,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
     p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
     add_store_options(p)
-    p.add_argument("--out", help="output folder (default: <workdir>/<study>/report)")
+    p.add_argument("--out", help="output folder (default: <workdir>/<study>/report, or ./<study>-report when --workdir is a URI)")
     p.add_argument("--format", choices=("html", "md"), default="html")
     p.set_defaults(func=_report)
 
@@ -77,6 +77,11 @@ def print_summary(summary: StudySummary) -> None:
 def _report(args: argparse.Namespace) -> None:
     from mfcon.report import write_report
 
-    out = Path(args.out) if args.out else Path(args.workdir) / args.study / "report"
+    if args.out:
+        out = Path(args.out)
+    elif "://" in args.workdir:  # a study kept in an object store: the report is for reading here
+        out = Path(f"{args.study}-report")
+    else:
+        out = Path(args.workdir) / args.study / "report"
     path = write_report(tracking_uri(args), args.study, out, fmt=args.format)
     print(f"report for study {args.study}: {path.resolve()}")

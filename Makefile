@@ -28,6 +28,7 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) bench/promotion_gate.py
 	$(PY) bench/run.py
+	$(PY) bench/tracking_load.py
 
 clean:
 	rm -rf demo_out runs test-artifacts .pytest_cache

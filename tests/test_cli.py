@@ -9,7 +9,8 @@ import pytest
 from mfcon import names, registry
 from mfcon.cli import build_parser, main
 
-COMMANDS = ("make-corpus", "prepare", "train", "study", "replicate", "report", "promote", "verify", "embed")
+COMMANDS = ("make-corpus", "prepare", "train", "study", "replicate", "report", "promote", "verify", "embed",
+            "sync", "tracking-server")
 
 
 def _imports_after(code: str) -> set[str]:

@@ -2,8 +2,9 @@
 
 One module per command group, each with ``add_commands(subparsers)``:
 :mod:`~mfcon.cli.data` (make-corpus, prepare), :mod:`~mfcon.cli.train`,
-:mod:`~mfcon.cli.study` (study, report), :mod:`~mfcon.cli.registry` (promote)
-and :mod:`~mfcon.cli.serving` (verify, embed); shared options and error
+:mod:`~mfcon.cli.study` (study, replicate, report), :mod:`~mfcon.cli.registry` (promote),
+:mod:`~mfcon.cli.serving` (verify, embed), :mod:`~mfcon.cli.tracking` (sync) and
+:mod:`~mfcon.cli.tracking_server` (tracking-server); shared options and error
 handling in :mod:`~mfcon.cli.common`, shared names in :mod:`mfcon.names`.
 Building the parser imports neither MLflow nor Ray nor torch.
 """
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from mfcon.cli import data, registry, serving, study, train
+from mfcon.cli import data, registry, serving, study, tracking, tracking_server, train
 from mfcon.cli.common import run
 
-GROUPS = (data, train, study, registry, serving)
+GROUPS = (data, train, study, registry, serving, tracking, tracking_server)
 
 
 def build_parser() -> argparse.ArgumentParser:

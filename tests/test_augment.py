@@ -29,7 +29,10 @@ from mfcon.data.augment import (
     Variant,
     apply_variant,
     augment_config,
+    bank_clip,
     draw_recipe,
+    fit_length,
+    load_bank_audio,
     reverberate,
     speed_perturb,
 )
@@ -133,6 +136,24 @@ def test_noise_music_and_babble_mix_at_the_requested_snr(banks, clean, kind, sou
         mixed = apply_variant(clean, Variant(1.0, recipe._replace(snr_db=snr)), SR)
         assert mixed.shape == clean.shape
         assert snr_db(clean, mixed) == pytest.approx(snr, abs=0.1)
+
+
+def test_a_window_read_from_a_long_file_equals_the_cached_whole_file(banks):
+    noise = sorted((banks[0] / "noise").rglob("*.wav"))
+    for path in map(str, noise):  # brown and pink (3 s) are read as windows, white (0.6 s) is looped
+        for length, offset in ((SR, 0.0), (SR, 0.37), (SR + 123, 0.999), (2 * SR, 0.5)):
+            torch.testing.assert_close(bank_clip(path, length, offset, SR),
+                                       fit_length(load_bank_audio(path, SR), length, offset), rtol=0, atol=0)
+
+
+def test_unreadable_bank_files_are_named(tmp_path):
+    garbage, silent = tmp_path / "garbage.wav", tmp_path / "silent.wav"
+    garbage.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 10)
+    sf.write(silent, np.zeros(SR // 2, np.float32), SR)
+    with pytest.raises(AugmentError, match=f"{garbage}: cannot read an augmentation bank file"):
+        bank_clip(str(garbage), SR, 0.0, SR)
+    with pytest.raises(AugmentError, match=f"{silent}: silent .*\\(an augmentation bank file\\)"):
+        bank_clip(str(silent), SR, 0.0, SR)  # shorter than the utterance: loaded whole, and refused
 
 
 def test_drawn_snrs_stay_in_the_kaldi_ranges(banks):

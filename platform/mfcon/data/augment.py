@@ -15,8 +15,10 @@ files, offsets, SNR) is drawn when the shard plan is made, from
 ``(seed, utt_id, copy index)`` alone (:class:`Recipe`), so a copy is the same
 whichever worker builds it and in whatever order, and a shard's plan
 fingerprint covers exactly what it will contain. Workers receive bank *file
-names* in the recipes and load the audio lazily, cached per process
-(:func:`load_bank_audio`); no audio is pickled into a task.
+names* in the recipes and read the audio lazily (:func:`bank_clip`): a window
+straight from a long file (MUSAN speech files run ~8 minutes, and a babble row
+needs up to 7 of them), a whole file cached per process when it must be looped
+or resampled, or is an RIR (:func:`load_bank_audio`); no audio is pickled into a task.
 
 The signal processing is torchaudio's (``add_noise``, ``fftconvolve``,
 ``resample``); torch is imported inside those functions because the manifest
@@ -33,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import OrderedDict
@@ -204,11 +207,18 @@ def copy_rng(seed: int, utt_id: str, copy: int) -> np.random.Generator:
     return np.random.default_rng([int(x) for x in np.frombuffer(digest, dtype=np.uint32)])
 
 
-def draw_recipe(cfg: AugmentConfig, banks: AugmentBanks, utt_id: str, copy: int) -> Recipe:
+def kind_order(cfg: AugmentConfig, utt_id: str) -> list[str]:
+    """The kinds in the seeded order ``utt_id``'s copies take them (copy c gets entry (c - 1) mod len)."""
+    return [cfg.kinds[int(i)] for i in copy_rng(cfg.seed, utt_id, 0).permutation(len(cfg.kinds))]
+
+
+def draw_recipe(cfg: AugmentConfig, banks: AugmentBanks, utt_id: str, copy: int,
+                order: list[str] | None = None) -> Recipe:
     """Copy ``copy`` (1-based) of ``utt_id``: kinds rotate through a per-utterance seeded order, so with
-    ``copies == len(kinds)`` every utterance gets one copy of each kind (as Kaldi before subsetting)."""
-    order = copy_rng(cfg.seed, utt_id, 0).permutation(len(cfg.kinds))
-    kind = cfg.kinds[int(order[(copy - 1) % len(cfg.kinds)])]
+    ``copies == len(kinds)`` every utterance gets one copy of each kind (as Kaldi before subsetting).
+    ``order`` is ``kind_order(cfg, utt_id)``, passed when drawing several copies."""
+    order = order or kind_order(cfg, utt_id)
+    kind = order[(copy - 1) % len(order)]
     rng, files = copy_rng(cfg.seed, utt_id, copy), banks.for_kind(kind)
     if kind == "reverb":
         return Recipe(kind, copy, None, (files[rng.integers(len(files))],), (0.0,))
@@ -246,8 +256,9 @@ class Augmentation:
             source, who = (utt_id, speaker) if factor == 1.0 else \
                 (f"{utt_id}#{speed_tag(factor)}", f"{speaker}-{speed_tag(factor)}")
             yield source, who, Variant(factor)
+            order = kind_order(self.config, source) if self.config.copies else []
             for copy in range(1, self.config.copies + 1):
-                recipe = draw_recipe(self.config, self.banks, source, copy)
+                recipe = draw_recipe(self.config, self.banks, source, copy, order)
                 yield f"{source}#{recipe.kind}{copy}", who, Variant(factor, recipe)
 
 
@@ -295,13 +306,29 @@ def reverberate(wav: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     The unit-energy RIR keeps the output energy near the input's (Kaldi and
     WeSpeaker normalise it so); starting at the peak removes the propagation
     delay, as Kaldi's wav-reverberate does, so frames stay aligned with the clean copy.
+    ``wav`` is zero-padded so the FFT length has no prime factor above 5: the
+    bare N + M - 1 often has one (8 s + 0.5 s: 135999 samples, 107 ms vs 15 ms here).
     """
     import torch
     import torchaudio.functional as F
 
     rir = rir / torch.linalg.vector_norm(rir)
     peak = int(torch.argmax(rir.abs()))
-    return F.fftconvolve(wav, rir)[peak:peak + wav.numel()]
+    full = wav.numel() + rir.numel() - 1
+    padded = torch.nn.functional.pad(wav, (0, _smooth_length(full) - full))
+    return F.fftconvolve(padded, rir)[peak:peak + wav.numel()]
+
+
+def _smooth_length(n: int) -> int:
+    """The least m >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
 
 
 def speed_perturb(wav: torch.Tensor, sample_rate: int, factor: float) -> torch.Tensor:
@@ -358,6 +385,36 @@ def load_bank_audio(path: str, sample_rate: int) -> torch.Tensor:
     return _CACHE.get(path, sample_rate)
 
 
+@functools.lru_cache(maxsize=8192)
+def _bank_header(path: str) -> tuple[int, int]:
+    """(frames, sample rate) from the file header."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except (sf.SoundFileError, RuntimeError, OSError) as e:
+        raise AugmentError(f"{path}: cannot read an augmentation bank file ({e})") from None
+    return info.frames, info.samplerate
+
+
+def bank_clip(path: str, length: int, offset: float, sample_rate: int) -> torch.Tensor:
+    """(length,) samples of a bank file from ``offset``: the same as ``fit_length(load_bank_audio(...))``,
+    but a file long enough at the right rate is read as just that window, never whole."""
+    import soundfile as sf
+    import torch
+
+    frames, rate = _bank_header(path)
+    if rate != sample_rate or frames < length:
+        return fit_length(load_bank_audio(path, sample_rate), length, offset)
+    start = int(offset * (frames - length + 1))
+    data, _ = sf.read(path, start=start, frames=length, dtype="float32", always_2d=True)
+    clip = data.mean(axis=1, dtype=np.float32)  # (length,) mono, as load_audio averages
+    if clip.shape[0] != length or not np.isfinite(clip).all():
+        raise AugmentError(f"{path}: samples {start}..{start + length} are missing or not finite "
+                           "(an augmentation bank file)")
+    return torch.from_numpy(np.ascontiguousarray(clip))
+
+
 def apply_variant(wav: torch.Tensor, variant: Variant, sample_rate: int) -> torch.Tensor:
     """The training row's waveform: ``wav`` (N,) sped up or down, then with the recipe's noise or room."""
     import torch
@@ -370,6 +427,6 @@ def apply_variant(wav: torch.Tensor, variant: Variant, sample_rate: int) -> torc
         return wav
     if recipe.kind == "reverb":
         return reverberate(wav, load_bank_audio(recipe.sources[0], sample_rate))
-    clips = [fit_length(load_bank_audio(s, sample_rate), wav.numel(), o) for s, o in zip(recipe.sources, recipe.offsets)]
+    clips = [bank_clip(s, wav.numel(), o, sample_rate) for s, o in zip(recipe.sources, recipe.offsets)]
     noise = mix_babble(clips) if recipe.kind == "babble" else clips[0]
     return add_noise(wav, noise, recipe.snr_db)

@@ -178,6 +178,20 @@ def test_the_trial_asks_the_resolver(monkeypatch):
     assert use_gpu("auto") is False and use_gpu(True) is True
 
 
+def test_the_study_driver_decides_once_for_every_trial(monkeypatch):
+    """The driver (on the head, where the launcher's config is) decides; trials on any node use its answer."""
+    from mfcon.study.spaces import SearchSpace
+    from mfcon.study.trial import StudyRuntime, with_gpu_decision
+
+    runtime = StudyRuntime(space=SearchSpace(name="s"), train_shards=(), dev_shards=(), dev_trials=(), num_classes=2,
+                           train_rows=0, frame_shift_ms=10.0, train_storage="/tmp/x", feature_config={})
+    assert runtime.use_gpu is None
+    monkeypatch.setenv(GPU_ENV, "1")
+    decided = with_gpu_decision(runtime)
+    monkeypatch.setenv(GPU_ENV, "0")  # what a trial's node would see no longer matters
+    assert decided.use_gpu is True and decided.train_shards == runtime.train_shards
+
+
 @pytest.mark.slow
 def test_a_local_ray_without_launcher_config_uses_live_resources(ray_local_2cpu, tmp_path, monkeypatch):
     from mfcon.study.resources import gcs_max_resources

@@ -57,7 +57,7 @@ from mfcon.study.spaces import (
     optuna_distributions,
     trial_config,
 )
-from mfcon.study.trial import StudyRuntime, fit_trainer
+from mfcon.study.trial import StudyRuntime, fit_trainer, with_gpu_decision
 from mfcon.tracking import (
     REPLICATION_FILE,
     STATE_TAG,
@@ -173,7 +173,7 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     init_ray(address)
     remove_orphaned_placement_groups()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    runtime = build_runtime(space, data_dir, storage.join(root, "train"))
+    runtime = with_gpu_decision(build_runtime(space, data_dir, storage.join(root, "train")))
     grid = _tuner(space, runtime, replicas, root, uri, workdir).fit()
     failed = [r for r in grid if r.error is not None]
     if failed:

@@ -26,7 +26,7 @@ from mfcon.data.shards import (
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
-from mfcon.study.trial import StudyRuntime, run_trial
+from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
 from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
 
 TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "dev_eer": "dev EER %", "dev_min_dcf": "dev minDCF",
@@ -181,6 +181,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         tracker.log_study_inputs(local_space, space.base, manifest_hash(data_dir))
 
     init_ray(address)
+    runtime = with_gpu_decision(runtime)
     remove_orphaned_placement_groups()
     # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -33,12 +33,21 @@ class StudyRuntime:
     frame_shift_ms: float
     train_storage: str
     feature_config: dict[str, Any]
+    use_gpu: bool | None = None  # resolved once on the driver (see with_gpu_decision); None: each trial decides
 
 
 def use_gpu(choice: Any) -> bool:
     """``auto`` asks for GPUs whenever the cluster can provide them, even before a GPU node is up
     (the autoscaler starts one only for a request); see :mod:`mfcon.study.resources`."""
     return cluster_use_gpu(choice).use_gpu
+
+
+def with_gpu_decision(runtime: StudyRuntime) -> StudyRuntime:
+    """Decide ``use_gpu: auto`` once, on the driver: it runs where the launcher's config is (the head), while a
+    trial may land on a CPU-only node that cannot see what the cluster could start."""
+    decision = cluster_use_gpu(runtime.space.resources.use_gpu)
+    print(f"use_gpu: {decision.use_gpu} ({decision.reason})", flush=True)
+    return replace(runtime, use_gpu=decision.use_gpu)
 
 
 def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
@@ -50,7 +59,7 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
     """Build and fit this Tune trial's TorchTrainer (Train V2: the trial function owns the trainer)."""
     res = runtime.space.resources
     trial_id = ray.tune.get_context().get_trial_id()
-    gpu = use_gpu(res.use_gpu)
+    gpu = runtime.use_gpu if runtime.use_gpu is not None else use_gpu(res.use_gpu)
     datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.dev_shards)}
     trainer = TorchTrainer(
         train_worker,

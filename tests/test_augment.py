@@ -380,6 +380,10 @@ def test_cli_prepare_with_augmentation(corpus, banks, tmp_path, capsys):
                      "--out", str(tmp_path / "other"), "--augment-copies", "1", "--augment-kinds", "noise,wind",
                      "--musan", str(banks[0])])
     assert code == 2 and "kinds.1: Input should be 'noise', 'music', 'babble' or 'reverb'" in capsys.readouterr().err
+    code = cli_main(["prepare", "--corpus", str(corpus.root), "--test-trials", str(corpus.trials), "--dev-speakers", "2",
+                     "--out", str(tmp_path / "other"), "--musan", str(banks[0])])
+    assert code == 2 and "--musan given without --augment-copies N" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow

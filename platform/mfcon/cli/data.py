@@ -68,9 +68,14 @@ def _factors(text: str) -> list[float]:
 
 def augment_from_args(args: argparse.Namespace) -> AugmentConfig | None:
     """The AugmentConfig the options ask for, or None when they ask for none (AugmentError names a bad option)."""
-    if not args.augment_copies and not args.speed_perturb:
-        return None
-    from mfcon.data.augment import augment_config
+    from mfcon.data.augment import AugmentError, augment_config
+
+    if not args.augment_copies:
+        given = [flag for flag, value in (("--musan", args.musan), ("--rir", args.rir)) if value]
+        if given:
+            raise AugmentError(f"{' and '.join(given)} given without --augment-copies N (N >= 1): nothing would use it")
+        if not args.speed_perturb:
+            return None
 
     seed = args.seed if args.augment_seed is None else args.augment_seed
     return augment_config("mfcon prepare options", copies=args.augment_copies, kinds=args.augment_kinds,

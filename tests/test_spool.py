@@ -222,3 +222,15 @@ def test_a_write_the_server_refuses_is_reported_and_skipped(tmp_path):
 def test_sync_names_a_study_without_a_spool(tmp_path):
     with pytest.raises(ValueError, match=r"no tracking spool for study 'nope' under .* \(looked in .*nope"):
         sync_study(tmp_path, "nope")
+
+
+def test_credentials_in_the_tracking_uri_never_reach_the_spool(tmp_path):
+    from mlflow_fixtures import free_port
+
+    uri = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}"  # nothing listens: every write stays spooled
+    tracker = StudyTracker(uri, "secret", tmp_path, wait_s=0)
+    TrialRuns(tracker).start("t0", {"a": 1})
+    pending = tracker.close(timeout_s=0)
+    assert pending.count == 2 and "s3cret" not in pending.message() and "alice" not in pending.message()
+    files = [f for f in spool_dir(tmp_path, "secret").rglob("*") if f.is_file()]
+    assert files and not any("s3cret" in f.name or b"s3cret" in f.read_bytes() for f in files)

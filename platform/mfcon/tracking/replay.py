@@ -138,7 +138,7 @@ class Replayer:
         if key not in self.runs:
             found = self._find(key)
             if found is None:
-                raise EntryError(f"no MLflow run for {key!r} in experiment {self.study!r} at {self.uri}")
+                raise EntryError(f"no MLflow run for {key!r} in experiment {self.study!r}")
             self.runs[key] = found
         return self.runs[key]
 

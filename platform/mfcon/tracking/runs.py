@@ -49,6 +49,7 @@ TRIAL_METRICS = ("train_loss", "margin_loss", "mfcon_loss", "dev_eer", "dev_min_
 CHILD_ROLES = {"study": "trial", "replication": "replica"}  # parent run role -> its child runs' role
 WAIT_S = 60.0  # how long a waiting tracker waits for one write (an outage ends the wait at once)
 DRAIN_S = float(os.environ.get("MFCON_TRACKING_DRAIN_S", "120"))  # how long a study's end waits for the spool
+INTERRUPTED_DRAIN_S = 10.0  # after Ctrl-C, a person is waiting
 TRIAL_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}  # trial state -> run status
 
 
@@ -93,7 +94,7 @@ class StudyTracker:
         """Spool one write; wait for it unless this tracker never waits. Raises only when MLflow said no."""
         seq = self.spool.append(op, run, file=file, **payload)
         if self.wait_s > 0 and self.spool.wait(seq, self.wait_s) == "refused":
-            raise TrackingWriteError(f"{op} of run {run} refused by {self.uri}: {self.spool.refusal(seq)}")
+            raise TrackingWriteError(f"{op} of run {run} refused by {self.spool.public_uri}: {self.spool.refusal(seq)}")
 
     def _resolved(self, what: str, value_of) -> str:
         value = value_of()
@@ -101,8 +102,9 @@ class StudyTracker:
             self.spool.flush(self.wait_s or WAIT_S)
             value = value_of()
         if value is None:
-            raise TrackingUnavailable(f"the {what} of study {self.study!r} is not known yet: {self.uri} has not "
-                                      f"taken the spooled writes ({self.spool.pending()} pending in {self.spool.path})")
+            raise TrackingUnavailable(f"the {what} of study {self.study!r} is not known yet: {self.spool.public_uri} "
+                                      f"has not taken the spooled writes ({self.spool.pending()} pending in "
+                                      f"{self.spool.path})")
         return value
 
     @property
@@ -150,11 +152,16 @@ class StudyTracker:
         """Writes not in MLflow yet."""
         return self.spool.pending()
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until MLflow has every write so far; False when it has not within ``timeout_s`` (default
+        ``DRAIN_S``) or is unreachable (then at once: the writes wait in the spool)."""
+        return self.spool.flush(self.drain_s if timeout_s is None else timeout_s)
+
     def close(self, timeout_s: float | None = None) -> PendingWrites:
         """Wait up to ``timeout_s`` (default ``DRAIN_S``) for MLflow to take every spooled write, then stop the
         writer; what is left stays in the spool file, and the returned value says how to replay it."""
         left = self.spool.close(self.drain_s if timeout_s is None else timeout_s)
-        pending = PendingWrites(left, self.spool.path, self.uri, self.spool.pending_writes().sync_command)
+        pending = PendingWrites(left, self.spool.path, self.spool.public_uri, self.spool.pending_writes().sync_command)
         if pending:
             log.warning("tracking: %s", pending.message())
         return pending
@@ -168,7 +175,8 @@ class StudyTracker:
         elif not self._finished:
             self.finish("FINISHED")
         try:
-            self.close()
+            self.close(INTERRUPTED_DRAIN_S if exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+                       else None)
         except Exception as e:  # noqa: BLE001 - never raise over the study's own error or result
             log.error("tracking: spool of %s not closed: %s", self.study, e)
         return False
@@ -219,7 +227,8 @@ class TrialRuns:
 
     def log_model(self, trial_id: str, weights_file: str | Path, feature_config: dict[str, Any]) -> None:
         """The trial's best weights as a servable pyfunc model (``mfcon.serving.log_speaker_model``)."""
-        config = feature_config.model_dump(mode="json") if hasattr(feature_config, "model_dump") else dict(feature_config)
+        config = (feature_config.model_dump(mode="json") if hasattr(feature_config, "model_dump")
+                  else dict(feature_config))
         self.tracker.write("model", self.key(trial_id), file=Path(weights_file), feature_config=config)
 
     def run_id(self, trial_id: str) -> str | None:

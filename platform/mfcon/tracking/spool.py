@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mfcon import storage
 from mfcon.tracking.replay import Replayer
@@ -85,10 +86,20 @@ def spool_dir(workdir: str | Path, study: str) -> Path:
     return Path(storage.normalize(workdir)) / study / "tracking-spool"
 
 
+def public_uri(tracking_uri: str) -> str:
+    """The URI without ``user:password@``: what the spool file, its name and every message may hold (the
+    client keeps the credentials; ``mfcon sync`` gets them from MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    parts = urlsplit(tracking_uri)
+    if parts.username is None and parts.password is None:
+        return tracking_uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def store_name(tracking_uri: str) -> str:
     """A file name per tracking store: a study tracked to two stores keeps two spools."""
-    scheme = tracking_uri.split(":", 1)[0] if ":" in tracking_uri else "file"
-    return f"{scheme}-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]}"
+    uri = public_uri(tracking_uri)
+    scheme = uri.split(":", 1)[0] if ":" in uri else "file"
+    return f"{scheme}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -107,6 +118,7 @@ class Spool:
 
     def __init__(self, path: Path, tracking_uri: str, study: str, workdir: str):
         self.path, self.tracking_uri, self.study, self.workdir = path, tracking_uri, study, workdir
+        self.public_uri = public_uri(tracking_uri)  # what the file and messages show
         self.files_dir = path.with_suffix(".files")
         self._lock_path = path.with_suffix(".lock")
         self._cond = threading.Condition(threading.Lock())  # not re-entrant: released around a join in _reopen
@@ -155,7 +167,7 @@ class Spool:
             resolved = self._scan()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             if self._size == 0:
-                self._write({"spool": FORMAT_VERSION, "tracking_uri": self.tracking_uri, "study": self.study,
+                self._write({"spool": FORMAT_VERSION, "tracking_uri": self.public_uri, "study": self.study,
                              "workdir": self.workdir}, sync=True)
             self.replayer = Replayer(self.tracking_uri, self.study, self.files_dir)
             self.replayer.remember(resolved)
@@ -234,7 +246,7 @@ class Spool:
         self._fd = self._lock_fd = None
 
     def pending_writes(self) -> PendingWrites:
-        return PendingWrites(self.pending(), self.path, self.tracking_uri,
+        return PendingWrites(self.pending(), self.path, self.public_uri,
                              f"mfcon sync --workdir {self.workdir} --name {self.study}")
 
     # ------------------------------------------------------------------ writing
@@ -405,9 +417,10 @@ class Spool:
                 kind = self.replayer.classify(e)
                 attempts += kind != "outage"
                 if kind == "refused" or attempts >= MAX_ATTEMPTS:
+                    reason = self._public(str(e))
                     log.warning("tracking: %s of run %s refused by %s, skipped: %s", entry["op"], entry["run"],
-                                self.tracking_uri, e)
-                    self._ack(entry, error=str(e)[:2000])
+                                self.public_uri, reason)
+                    self._ack(entry, error=reason[:2000])
                     return True
                 self.replayer.doubt(entry)
                 if kind == "outage":
@@ -434,15 +447,18 @@ class Spool:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
                 log.warning("tracking: MLflow at %s is unreachable (%s); writes wait in %s and go out when it "
-                            "answers", self.tracking_uri, str(error)[:200], self.path)
+                            "answers", self.public_uri, self._public(str(error))[:200], self.path)
             self._cond.notify_all()
 
     def _leave_outage(self) -> None:
         with self._cond:
             if self._outage_since is not None:
                 log.warning("tracking: MLflow at %s answers again after %.0f s; replaying %d spooled writes",
-                            self.tracking_uri, time.monotonic() - self._outage_since, len(self._unacked))
+                            self.public_uri, time.monotonic() - self._outage_since, len(self._unacked))
                 self._outage_since = None
+
+    def _public(self, text: str) -> str:
+        return text.replace(self.tracking_uri, self.public_uri) if self.tracking_uri != self.public_uri else text
 
     def _ack(self, entry: dict[str, Any], error: str | None = None, **extra: Any) -> None:
         seq = entry["seq"]

@@ -69,6 +69,6 @@ def _sync(path: Path, tracking_uri: str | None, timeout_s: float) -> SyncReport:
         spool.append("terminate", run, status="FAILED")
     left = spool.close(timeout_s)
     replayer = spool.replayer
-    return SyncReport(path, spool.tracking_uri, entries, spool.pending_at_open + len(orphans), spool.replayed,
+    return SyncReport(path, spool.public_uri, entries, spool.pending_at_open + len(orphans), spool.replayed,
                       replayer.points_written if replayer else 0, replayer.points_skipped if replayer else 0,
                       spool.refused, orphans, left)

@@ -49,7 +49,7 @@ from mfcon.serving import log_speaker_model, use_tracking_uri
 from mfcon.tracking import default_tracking_uri
 from mfcon.train.checkpoint import CheckpointError, load_checkpoint
 from mlflow.tracking import MlflowClient
-from mlflow_fixtures import run_mlflow_server, write_study_store
+from mlflow_fixtures import DEMO_TRIALS, run_mlflow_server, write_study_store
 from registry_fixtures import export_micro_model, make_tone_corpus, write_test_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,7 +286,7 @@ def test_trial_lists_and_mlflow_params_are_only_text(data, tmp_path, capsys):
     assert code == 2 and "trials.pkl" in err, err
 
     yaml_payload = f"!!python/object/apply:builtins.exec [\"open({str(marker)!r}, 'w').write('x')\"]"
-    store = write_study_store(tmp_path / "runs", study="params")
+    store = write_study_store(tmp_path / "runs", study="params", trials=DEMO_TRIALS[:2])
     MlflowClient(store.tracking_uri).log_param(next(iter(store.trial_runs.values())), "note", yaml_payload)
     code, _, err = cli(["report", "--study", "params", "--workdir", tmp_path / "runs", "--format", "md",
                         "--out", tmp_path / "report"], capsys)

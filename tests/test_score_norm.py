@@ -64,3 +64,51 @@ def test_speaker_cohort_is_the_unit_mean_per_speaker():
         speaker_cohort(emb, ["a", "b"])
     with pytest.raises(ValueError, match="non-empty cohort"):
         adaptive_snorm(np.zeros(1), emb[:1], emb[:1], np.zeros((0, 2)))
+
+
+def test_score_trials_with_a_cohort_is_asnorm_of_the_centred_embeddings():
+    from mfcon.data.corpus.voxceleb import TrialPair
+    from mfcon.scoring import score_trials
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(12, 8)).astype(np.float32)
+    cohort = speaker_cohort(rng.normal(size=(30, 8)).astype(np.float32), [f"s{i % 10}" for i in range(30)])
+    utts = [f"u{i}" for i in range(12)]
+    trials = [TrialPair(int(i % 2), utts[i], utts[(i + 5) % 12]) for i in range(12)]
+    plain, labels = score_trials(utts, emb, trials)
+    normed, _ = score_trials(utts, emb, trials, cohort=cohort, top_n=4)
+    mean = emb.mean(axis=0)
+    a, b = emb[[i for i in range(12)]], emb[[(i + 5) % 12 for i in range(12)]]
+    want = [reference_asnorm(s, x - mean, y - mean, (cohort - mean).tolist(), 4) for s, x, y in zip(plain, a, b)]
+    np.testing.assert_allclose(normed, want, rtol=2e-4, atol=2e-4)
+    assert labels.tolist() == [t.label for t in trials]
+
+
+def test_the_cohort_is_clean_training_speakers_only(small_data):
+    from mfcon.data.local import read_cohort, read_eval_set
+    from mfcon.data.shards import read_manifest
+
+    cohort = read_cohort(small_data, utts_per_speaker=2)
+    train = set(read_manifest(small_data).speakers)
+    eval_speakers = {u.split("/")[0] for split in ("dev", "test") for u in read_eval_set(small_data, split).utt_ids}
+    assert set(cohort.speakers) == train and not set(cohort.speakers) & eval_speakers
+    assert all(cohort.speakers.count(s) == 2 for s in train)
+    assert read_cohort(small_data, utts_per_speaker=2).speakers == cohort.speakers  # deterministic
+    assert len(set(read_cohort(small_data, max_speakers=3, seed=1).speakers)) == 3
+
+
+def test_evaluate_with_a_cohort_scores_the_same_trials_differently(small_data):
+    import torch
+    from mfcon.config import tiny_model_config
+    from mfcon.data.local import read_cohort, read_eval_set
+    from mfcon.models.mfa_conformer import build_model
+    from mfcon.scoring import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    dev = read_eval_set(small_data, "dev")
+    plain = evaluate(model, dev)
+    normed = evaluate(model, dev, cohort=read_cohort(small_data), top_n=5)
+    assert np.array_equal(plain.labels, normed.labels)
+    assert not np.allclose(plain.scores, normed.scores)
+    assert 0.0 <= normed.eer <= 1.0

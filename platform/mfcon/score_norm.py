@@ -18,10 +18,14 @@ cosine scoring, exactly as :func:`mfcon.scoring.score_trials` does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 DEFAULT_TOP_N = 300  # WeSpeaker's VoxCeleb recipes; capped at the cohort size
+SCORE_NORMS = ("mean", "asnorm")
+ScoreNormName = Literal["mean", "asnorm"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -65,3 +69,38 @@ def adaptive_snorm(scores: np.ndarray, enroll: np.ndarray, test: np.ndarray, coh
     mu_e, sd_e = _top_stats(enroll, cohort, top_n)
     mu_t, sd_t = _top_stats(test, cohort, top_n)
     return (0.5 * ((scores - mu_e) / sd_e + (scores - mu_t) / sd_t)).astype(np.float32)
+
+
+def centered_cosine(emb_a: np.ndarray, emb_b: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """Row-paired cosine after subtracting ``mean`` (float32), the arithmetic of every scorer in the package."""
+    a, b = (np.asarray(e, dtype=np.float32) for e in (emb_a, emb_b))
+    if mean is not None:
+        a, b = a - mean, b - mean
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(min=1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(min=1e-12)
+    return (a * b).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class TrialScorer:
+    """Two embeddings -> a score, the same way in evaluation, replication, promotion and serving.
+
+    ``mean`` is subtracted from every embedding (the evaluation set's mean embedding, stored with a promoted
+    model); with a ``cohort`` (unit speaker embeddings of training speakers) scores are AS-normalised too.
+    """
+
+    mean: np.ndarray | None
+    cohort: np.ndarray | None = None
+    top_n: int = DEFAULT_TOP_N
+
+    @property
+    def norm(self) -> ScoreNormName:
+        return "asnorm" if self.cohort is not None else "mean"
+
+    def score(self, emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+        raw = centered_cosine(emb_a, emb_b, self.mean)
+        if self.cohort is None:
+            return raw
+        shift = 0.0 if self.mean is None else self.mean
+        return adaptive_snorm(raw, np.asarray(emb_a) - shift, np.asarray(emb_b) - shift, self.cohort - shift,
+                              self.top_n)

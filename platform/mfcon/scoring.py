@@ -3,7 +3,8 @@
 Evaluation embeds whole utterances (no crops), sorted by length and padded in
 small buckets so masks matter little and batches stay dense. Scores are
 cosine similarities after subtracting the mean evaluation embedding, as the
-MFA-Conformer / MFCon code scores VoxCeleb1-O.
+MFA-Conformer / MFCon code scores VoxCeleb1-O, optionally AS-normalised against
+a cohort of training speakers (:mod:`mfcon.score_norm`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.metrics import equal_error_rate, min_dcf
+from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
 
 
 @dataclass
@@ -69,24 +71,41 @@ def extract_embeddings(model: torch.nn.Module, features: Sequence[np.ndarray], d
     return np.stack(out).astype(np.float32)
 
 
+@dataclass
+class CohortSet:
+    """Training-speaker utterances whose embeddings make the AS-norm cohort (never dev or test speakers)."""
+
+    features: list[np.ndarray]
+    speakers: list[str]
+
+
 def score_trials(utt_ids: Sequence[str], embeddings: np.ndarray, trials: Sequence[TrialPair],
-                 subtract_mean: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine score of each trial -> (scores, labels)."""
+                 subtract_mean: bool = True, cohort: np.ndarray | None = None,
+                 top_n: int = DEFAULT_TOP_N) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score of each trial -> (scores, labels); with a ``cohort`` (unit speaker embeddings) AS-normalised."""
     index = {u: i for i, u in enumerate(utt_ids)}
     missing = sorted({u for t in trials for u in (t.enroll, t.test) if u not in index})
     if missing:
         raise KeyError(f"{len(missing)} trial utterances have no embedding, e.g. {missing[:3]}")
-    emb = embeddings - embeddings.mean(axis=0, keepdims=True) if subtract_mean else embeddings
-    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
-    a = emb[[index[t.enroll] for t in trials]]
-    b = emb[[index[t.test] for t in trials]]
-    return (a * b).sum(axis=1), np.array([t.label for t in trials], dtype=np.int64)
+    scorer = TrialScorer(embeddings.mean(axis=0) if subtract_mean else None, cohort, top_n)
+    a = embeddings[[index[t.enroll] for t in trials]]
+    b = embeddings[[index[t.test] for t in trials]]
+    return scorer.score(a, b), np.array([t.label for t in trials], dtype=np.int64)
+
+
+def embed_cohort(model: torch.nn.Module, cohort: CohortSet, device: torch.device | str = "cpu",
+                 max_frames: int | None = None) -> np.ndarray:
+    """(S, E) unit mean embedding per cohort speaker."""
+    return speaker_cohort(extract_embeddings(model, cohort.features, device, max_frames=max_frames), cohort.speakers)
 
 
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, device: torch.device | str = "cpu",
-             max_frames: int | None = None) -> EvalResult:
+             max_frames: int | None = None, cohort: CohortSet | None = None,
+             top_n: int = DEFAULT_TOP_N) -> EvalResult:
+    """EER and minDCF of ``eval_set``'s trials; mean-subtracted cosine, AS-normalised when a ``cohort`` is given."""
     emb = extract_embeddings(model, eval_set.features, device, max_frames=max_frames)
-    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials)
+    cohort_emb = embed_cohort(model, cohort, device, max_frames) if cohort is not None else None
+    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort_emb, top_n=top_n)
     eer, threshold = equal_error_rate(scores, labels)
     return EvalResult(eer=float(eer), eer_threshold=float(threshold),
                       min_dcf_01=float(min_dcf(scores, labels, p_target=0.01)[0]),

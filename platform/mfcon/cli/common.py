@@ -39,6 +39,14 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
                                           "variables, never stored")
 
 
+def add_score_norm_options(p: argparse.ArgumentParser) -> None:
+    """How test trials are scored: the same choice for replication, promotion and (through the registry) serving."""
+    p.add_argument("--score-norm", choices=("mean", "asnorm"), default="mean",
+                   help="mean: cosine after subtracting the mean embedding; asnorm: also adaptive s-norm against "
+                        "a cohort of training speakers (3 utterances each)")
+    p.add_argument("--top-n", type=int, default=300, help="AS-norm: cohort scores averaged per side (default 300)")
+
+
 def tracking_uri(args: argparse.Namespace) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``<workdir>/mlflow.db``."""
     from mfcon.tracking import resolve_tracking_uri

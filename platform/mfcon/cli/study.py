@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mfcon.cli.common import add_store_options, tracking_uri
+from mfcon.cli.common import add_score_norm_options, add_store_options, tracking_uri
 
 if TYPE_CHECKING:
     from mfcon.study.runner import StudySummary
@@ -31,6 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
+    add_score_norm_options(p)
     p.set_defaults(func=_replicate)
 
     p = sub.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
@@ -54,7 +55,8 @@ def _replicate(args: argparse.Namespace) -> None:
     from mfcon.study.replicate import replicate_study
 
     result = replicate_study(args.study, workdir=args.workdir, top_k=args.top_k, seeds=args.seeds,
-                             tracking_uri=args.tracking_uri, address=args.address, n_boot=args.n_boot)
+                             tracking_uri=args.tracking_uri, address=args.address, n_boot=args.n_boot,
+                             score_norm=args.score_norm, top_n=args.top_n)
     print("\n" + result.summary())
 
 

@@ -17,7 +17,7 @@ from mfcon.data.shards import (
     shard_paths,
     trials_path,
 )
-from mfcon.scoring import EvalSet
+from mfcon.scoring import CohortSet, EvalSet
 
 
 def read_eval_set(data_dir: str | Path, split: str) -> EvalSet:
@@ -28,6 +28,40 @@ def read_eval_set(data_dir: str | Path, split: str) -> EvalSet:
     arrays = load_split(data_dir, split, manifest)
     return EvalSet(utt_ids=list(arrays.utt_ids), features=list(arrays.features),
                    trials=read_trials(trials_path(data_dir, split, manifest)))
+
+
+def read_cohort(data_dir: str | Path, utts_per_speaker: int = 3, max_speakers: int | None = None,
+                seed: int = 0) -> CohortSet:
+    """The AS-norm cohort's utterances: up to ``utts_per_speaker`` clean training utterances per training speaker.
+
+    Training speakers only, so no cohort speaker is a dev or test speaker; augmented copies (``#`` in the utt id)
+    are left out. Two passes, so memory holds the chosen rows, not the training set: ids first, then the
+    features of the chosen rows shard by shard. ``max_speakers`` takes a seeded sample of speakers.
+    """
+    if utts_per_speaker < 1:
+        raise ValueError(f"utts_per_speaker must be >= 1, got {utts_per_speaker}")
+    paths = shard_paths(data_dir, "train")
+    by_speaker: dict[str, list[str]] = {}
+    for path in paths:
+        ids = read_shard_table(path, columns=["utt_id", "speaker"])
+        for utt, spk in zip(ids.column("utt_id").to_pylist(), ids.column("speaker").to_pylist()):
+            if "#" not in utt:
+                by_speaker.setdefault(spk, []).append(utt)
+    speakers = sorted(by_speaker)
+    if max_speakers is not None and max_speakers < len(speakers):
+        rng = np.random.default_rng(seed)
+        speakers = sorted(rng.choice(speakers, size=max_speakers, replace=False).tolist())
+    chosen = {u: spk for spk in speakers for u in sorted(by_speaker[spk])[:utts_per_speaker]}
+    if not chosen:
+        raise ValueError(f"{data_dir}: the train split has no clean utterances for an AS-norm cohort")
+    rows: dict[str, np.ndarray] = {}
+    for path in paths:
+        table = read_shard_table(path, columns=["utt_id", "features"])
+        for utt, feats in zip(table.column("utt_id").to_pylist(), features_from_column(table.column("features"))):
+            if utt in chosen:
+                rows[utt] = np.array(feats, copy=True)
+    order = sorted(rows)
+    return CohortSet(features=[rows[u] for u in order], speakers=[chosen[u] for u in order])
 
 
 class LocalShardData:

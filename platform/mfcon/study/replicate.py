@@ -33,11 +33,12 @@ from ray import tune
 
 from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
-from mfcon.data.local import read_eval_set
+from mfcon.data.local import read_cohort, read_eval_set
 from mfcon.metrics import BootstrapResult
 from mfcon.models.mfa_conformer import build_model
 from mfcon.plots import replication_plot
-from mfcon.scoring import EvalSet, evaluate
+from mfcon.score_norm import DEFAULT_TOP_N, ScoreNormName
+from mfcon.scoring import CohortSet, EvalSet, evaluate
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
 from mfcon.study.plot_logging import log_figures
@@ -155,7 +156,8 @@ class ReplicationResult:
 
 def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, seeds: int = 3,
                     tracking_uri: str | None = None, address: str | None = None, n_boot: int = 1000,
-                    confidence: float = 0.95) -> ReplicationResult:
+                    confidence: float = 0.95, score_norm: ScoreNormName = "mean",
+                    top_n: int = DEFAULT_TOP_N) -> ReplicationResult:
     """Retrain and score; re-running continues an interrupted replication (finished replicas are kept)."""
     if top_k < 1 or seeds < 2:
         raise StudyError(f"replication needs top_k >= 1 and seeds >= 2 (got {top_k}, {seeds}): "
@@ -178,7 +180,8 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     failed = [r for r in grid if r.error is not None]
     if failed:
         print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
-    result = score_replicas(tracker, replicas, data_dir, n_boot, confidence)
+    cohort = read_cohort(data_dir) if score_norm == "asnorm" else None
+    result = score_replicas(tracker, replicas, data_dir, n_boot, confidence, cohort=cohort, top_n=top_n)
     tracker.finish("FINISHED")
     return result
 
@@ -206,7 +209,8 @@ def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, .
 
 
 def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_dir: str, n_boot: int,
-                   confidence: float) -> ReplicationResult:
+                   confidence: float, cohort: CohortSet | None = None,
+                   top_n: int = DEFAULT_TOP_N) -> ReplicationResult:
     """Every finished replica's best checkpoint on the test list; verdicts logged on the replication run."""
     client, test = tracker.client, read_eval_set(data_dir, "test")
     runs = find_runs(client, tracker.experiment_id, **{"mlflow.parentRunId": tracker.parent_run_id})
@@ -218,7 +222,7 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_di
         run = by_index.get(index)
         if run is None or run.data.tags.get(STATE_TAG) != "completed":
             continue
-        result = _score_on_test(client, run.info.run_id, test)
+        result = _score_on_test(client, run.info.run_id, test, cohort, top_n)
         if result is None:
             continue
         scores.setdefault(replica.label, []).append(result)
@@ -239,10 +243,12 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_di
     out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
                             len(set(groups)), int(replicas[0].config["epochs"]))
     _log_replication(client, out)
+    client.set_tag(out.run_id, "mfcon.score_norm", f"asnorm(top_n={top_n})" if cohort is not None else "mean")
     return out
 
 
-def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarray | None:
+def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, cohort: CohortSet | None = None,
+                   top_n: int = DEFAULT_TOP_N) -> np.ndarray | None:
     """The replica's exported best-dev-epoch weights scored on the test list; ``test_*`` metrics on its run."""
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
@@ -254,7 +260,7 @@ def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarr
     model = build_model(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(model.to(device), test, device)
+    result = evaluate(model.to(device), test, device, cohort=cohort, top_n=top_n)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(state["epoch"]))
                                       for k, v in result.metrics("test").items()])

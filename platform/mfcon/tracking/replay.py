@@ -191,7 +191,8 @@ class Replayer:
         self.points_written += len(metrics)
         self.points_skipped += len(e.get("metrics", ())) - len(metrics)
 
-    def _seen(self, run_id: str, key: str, step: int, ts: int, value: float, per_step: bool) -> bool:
+    def _known(self, run_id: str, key: str) -> dict[int, set[tuple[int, float]]]:
+        """step -> {(timestamp, value)} of a metric on the server: read once, then kept up to date here."""
         known = self._points.get((run_id, key))
         if known is None:
             known = {}
@@ -199,6 +200,10 @@ class Replayer:
                 for m in self.client.get_metric_history(run_id, key):
                     known.setdefault(m.step, set()).add((m.timestamp, m.value))
             self._points[(run_id, key)] = known
+        return known
+
+    def _seen(self, run_id: str, key: str, step: int, ts: int, value: float, per_step: bool) -> bool:
+        known = self._known(run_id, key)
         return step in known if per_step else (ts, value) in known.get(step, ())
 
     def _batches(self, run_id: str, metrics=(), params=(), tags=()) -> None:
@@ -211,16 +216,17 @@ class Replayer:
     def _best(self, e: dict[str, Any]) -> None:
         """A new study best as the next step of ``best_<metric>`` (MLflow shows a metric's highest step) + tags."""
         run_id, key, value = self._run_id(e["run"]), e["key"], float(e["value"])
-        history = self.client.get_metric_history(run_id, key)
-        if any(m.timestamp == e["ts"] and m.value == value for m in history):
+        known = self._known(run_id, key)
+        if any((e["ts"], value) in points for points in known.values()):
             return  # this entry, applied before its ack was written
-        if history and e.get("mode") in ("min", "max"):
-            current = max(history, key=lambda m: (m.step, m.timestamp)).value
+        if known and e.get("mode") in ("min", "max"):
+            current = max(known[max(known)])[1]  # the value MLflow shows: highest step, then latest timestamp
             if math.isfinite(current) and not (value < current if e["mode"] == "min" else value > current):
                 return  # not better than what the run shows (a stale best after a resume must not overwrite it)
-        step = max((m.step for m in history), default=-1) + 1
+        step = max(known, default=-1) + 1
         self.client.log_batch(run_id, metrics=[Metric(key, value, e["ts"], step)],
                               tags=[RunTag("best_trial", e["trial"]), RunTag(key, repr(value))])
+        known.setdefault(step, set()).add((e["ts"], value))
 
     def _file(self, e: dict[str, Any]) -> Path:
         path = self.files_dir / e["file"]

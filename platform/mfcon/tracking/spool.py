@@ -51,6 +51,7 @@ FIRST_PAUSE_S, LONGEST_PAUSE_S = 0.5, 5.0  # backoff between retries
 MAX_ATTEMPTS = 5  # tries of one entry while the server answers; then it is recorded as refused
 JOIN_S = 60.0  # how long close() lets a write in flight finish (the client's own timeout bounds it)
 START_OPS = ("start_parent", "start_child")
+STALE_STAGED_S = 3600.0
 
 
 class SpoolBusy(RuntimeError):
@@ -311,12 +312,18 @@ class Spool:
         return incoming, file.name
 
     def _write(self, record: dict[str, Any], sync: bool) -> None:
+        """One line, whole or not at all (a failed write is cut off again, or the next line would join it)."""
         data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        if sync:
-            os.fsync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            if sync:
+                os.fsync(self._fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(data)
 
     # ------------------------------------------------------------------ waiting
@@ -478,11 +485,17 @@ class Spool:
             shutil.rmtree(self.files_dir / str(seq), ignore_errors=True)
 
     def _drop_files(self, done) -> None:
+        """Copies of uploads whose entries are acked, and stale half-staged ones (a recent one may be a write
+        being staged right now, outside the lock)."""
         if not self.files_dir.is_dir():
             return
         for child in self.files_dir.iterdir():
-            if child.name.startswith(".incoming-") or (child.name.isdigit() and done(int(child.name))):
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            if child.name.isdigit() and done(int(child.name)):
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name.startswith(".incoming-"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - child.stat().st_mtime > STALE_STAGED_S:
+                        child.unlink()
 
 
 def _lock(path: Path) -> int:

@@ -55,6 +55,9 @@ _ENTRY = '"""MLflow models-from-code entry."""\nimport mlflow\nfrom mfcon.servin
          "mlflow.models.set_model(SpeakerEmbedder())\n"
 _QUIET = ("An input example was not provided",)  # we pass an explicit signature instead
 _CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # pyfunc loader of models logged from code
+# Entry files a registered mfcon model may carry. Append when _ENTRY changes, never edit: models logged by
+# earlier versions keep their entry, and must still load.
+_KNOWN_ENTRIES = frozenset({_ENTRY})
 
 
 class UntrustedModelError(ValueError):
@@ -272,7 +275,7 @@ def check_speaker_model(model_dir: Path, model_uri: str = "") -> None:
         problem = "it adds a code folder or a pickled python_model"
     else:
         code_file = model_dir / Path(str(entry)).name
-        if not code_file.is_file() or code_file.read_text() != _ENTRY:
+        if not code_file.is_file() or code_file.read_text() not in _KNOWN_ENTRIES:
             problem = f"its entry file {Path(str(entry)).name} is not mfcon's SpeakerEmbedder entry"
     if problem:
         raise UntrustedModelError(f"{where}: refused: not an mfcon speaker model ({problem}); "

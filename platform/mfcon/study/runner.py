@@ -12,7 +12,6 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from mfcon import storage
 from mfcon.data.corpus.voxceleb import read_trials
@@ -25,6 +24,7 @@ from mfcon.data.shards import (
 )
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
+from mfcon.study.search import StudySearch
 from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
 from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
@@ -115,7 +115,8 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str],
     budget = space.budget
     max_epochs = space.base_config().epochs
     # A space with nothing to search (the baseline) runs its fixed config num_samples times.
-    search = (OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(budget.seed))
+    search = (StudySearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(budget.seed),
+                          max_epochs=max_epochs)
               if space.params else None)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(budget.grace_period, max_epochs),
                               reduction_factor=budget.reduction_factor)

@@ -1,0 +1,64 @@
+"""The study's searcher: Ray's OptunaSearch, telling Optuna what really happened to each trial.
+
+Ray's ``OptunaSearch`` reports a trial that ASHA stopped after one epoch as
+COMPLETE with its epoch-1 value, so TPE ranks early, noisy scores beside final
+ones as if they were equal; and it reads ``result[metric]`` from every result,
+so an epoch without an evaluation ends the study with a KeyError. Here:
+
+* each evaluated epoch is reported as an intermediate value at step = epoch
+  (Tune's ``training_iteration`` restarts at 1 after a restore; the epoch does not);
+* a trial stopped before its last epoch is told to Optuna as PRUNED, so TPE
+  ranks it by how far it got and its value there, as Optuna's own pruning does;
+* a result without the metric (or with a non-finite one) is skipped;
+* a failed trial is FAIL, whatever value it reported last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` that reports epochs as steps and ASHA-stopped trials as pruned."""
+
+    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def _value(self, result: dict | None) -> float | None:
+        value = (result or {}).get(self.metric)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = self._value(result)
+        if value is None:  # an epoch without an evaluation, or a diverged one: nothing to report
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._ot_trials[trial_id].report(value, step)  # a step seen before (a restored trial) is ignored by Optuna
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        value = self._value(result)
+        epoch = int((result or {}).get("epoch", 0))
+        if error:
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif value is None or epoch < self.max_epochs:
+            state, value = optuna.trial.TrialState.PRUNED, None  # ranked by its intermediate values
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as e:  # noqa: BLE001 - the searcher must never end the study
+            log.warning("trial %s: optuna did not take its %s state: %s", trial_id, state.name, e)
+        self._completed_trials.add(trial_id)

@@ -234,3 +234,21 @@ def test_credentials_in_the_tracking_uri_never_reach_the_spool(tmp_path):
     assert pending.count == 2 and "s3cret" not in pending.message() and "alice" not in pending.message()
     files = [f for f in spool_dir(tmp_path, "secret").rglob("*") if f.is_file()]
     assert files and not any("s3cret" in f.name or b"s3cret" in f.read_bytes() for f in files)
+
+
+def test_a_failing_study_marks_its_run_failed_and_never_hides_its_error(running, tmp_path, caplog):
+    with pytest.raises(ValueError, match="no such data"), StudyTracker(running.url, "fails", tmp_path):
+        raise ValueError("no such data")  # e.g. Ray or the Tuner failing before any trial started
+    client = MlflowClient(running.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert run.info.status == "FAILED"
+
+    from mlflow_fixtures import free_port
+
+    started = time.monotonic()
+    gone = f"http://127.0.0.1:{free_port()}"  # the server is gone too: still the study's own error
+    with pytest.raises(ValueError, match="no such data"), StudyTracker(gone, "fails", tmp_path) as tracker:
+        tracker.drain_s = 1.0
+        raise ValueError("no such data")
+    assert time.monotonic() - started < 30
+    assert "mfcon sync --workdir" in caplog.text  # what is left, and how to replay it

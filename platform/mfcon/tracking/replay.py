@@ -51,7 +51,7 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKO
 HEALTH_TIMEOUT_S = 2.0
 REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
             "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND"}
-MODEL_URI_TAG, MODEL_ERROR_TAG = "mfcon.model_uri", "mfcon.model_error"
+MODEL_ERROR_TAG = "mfcon.model_error"  # why a trial has no logged model (promote falls back to its checkpoint)
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 
 
@@ -243,7 +243,7 @@ class Replayer:
 
     def _model(self, e: dict[str, Any]) -> None:
         """The trial's best epoch as a servable pyfunc model (what ``mfcon promote`` registers); at most once."""
-        from mfcon.serving import log_speaker_model
+        from mfcon.serving.embedder import MODEL_URI_TAG, log_speaker_model
 
         run_id = self._run_id(e["run"])
         if MODEL_URI_TAG in self.client.get_run(run_id).data.tags:

@@ -97,6 +97,10 @@ class StudyTracker:
             raise TrackingWriteError(f"{op} of run {run} refused by {self.spool.public_uri}: {self.spool.refusal(seq)}")
 
     def _resolved(self, what: str, value_of) -> str:
+        """An id a caller reads MLflow with: a waiting tracker first lets MLflow take what is spooled (also the
+        study callback's writes: reads after ``tuner.fit()`` see every trial), unless the server is away."""
+        if self.wait_s > 0:
+            self.spool.flush(self.wait_s)
         value = value_of()
         if value is None:
             self.spool.flush(self.wait_s or WAIT_S)

@@ -319,13 +319,9 @@ class Row:
     argv: Callable[[Case], list[object]]  # the command, after setup broke the copies
     expect: str  # regex the one error message must match: it names the file / line / field
     setup: Callable[[Case], None] = lambda case: None
-    xfail: str = ""  # the fix this row waits for (owner's file; patch in the report)
     timeout_s: float = 0  # > 0: the command must have answered by then (a bad input fails fast)
 
 
-TRIALS_FIX = "data/corpus/voxceleb.py: read_trials refuses repeated, self- and contradictory pairs (patch in report)"
-SHARD_FIX = "data/shards.py: verify_shards checks each shard's Parquet schema (patch in the report)"
-ROOT_FIX = "data/shards.py: manifest entries must be file names inside the data folder (patch in the report)"
 ERRORS = [
     # trial lists (mfcon prepare into an existing data folder)
     Row("trials-missing-file", lambda c: c.prepare(c.tmp / "no-such-list.txt"),
@@ -337,12 +333,11 @@ ERRORS = [
     Row("trials-unknown-utterance", lambda c: c.prepare(c.trials_with("0 id10001/vid00/00001.wav id99999/x/1.wav")),
         r"bad-trials\.txt:\d+: audio file .*id99999/x/1\.wav does not exist"),
     Row("trials-duplicate-pair", lambda c: c.prepare(c.trials_with(c.inputs.trials.read_text().splitlines()[0])),
-        r"bad-trials\.txt:\d+: .*listed twice \(first on line 1\)", xfail=TRIALS_FIX),
+        r"bad-trials\.txt:\d+: .*listed twice \(first on line 1\)"),
     Row("trials-pair-with-itself", lambda c: c.prepare(c.trials_with(
-        "1 id10001/vid00/00001.wav id10001/vid00/00001.wav")), r"bad-trials\.txt:\d+: .*pairs .* with itself",
-        xfail=TRIALS_FIX),
+        "1 id10001/vid00/00001.wav id10001/vid00/00001.wav")), r"bad-trials\.txt:\d+: .*pairs .* with itself"),
     Row("trials-contradictory-labels", lambda c: c.prepare(c.trials_with(_swapped(c.inputs.trials, relabel=True))),
-        r"bad-trials\.txt:\d+: .*label 0 contradicts line 1", xfail=TRIALS_FIX),
+        r"bad-trials\.txt:\d+: .*label 0 contradicts line 1"),
     Row("trials-absolute-path", lambda c: c.prepare(c.trials_with("1 /etc/passwd id10001/vid00/00001.wav")),
         r"bad-trials\.txt:\d+: .*'/etc/passwd' must be a path relative to the corpus root"),
     Row("trials-dotdot-path", lambda c: c.prepare(c.trials_with("1 ../wav/id10001/vid00/00001.wav "
@@ -352,19 +347,18 @@ ERRORS = [
     Row("shard-wrong-checksum", lambda c: c.study(), r"dev-00000\.parquet: corrupted \(sha256", setup=_flip_byte),
     Row("shard-truncated", lambda c: c.study(), r"dev-00000\.parquet: corrupted \(sha256", setup=_truncate),
     Row("shard-truncated-sha-recomputed", lambda c: c.study(), r"dev-00000\.parquet: .*(Parquet|schema|columns)",
-        setup=lambda c: (_truncate(c), c.rehash("dev-00000.parquet")), xfail=SHARD_FIX),
+        setup=lambda c: (_truncate(c), c.rehash("dev-00000.parquet"))),
     Row("shard-foreign-schema", lambda c: c.study(), r"dev-00000\.parquet: .*(schema|columns)",
-        setup=_foreign_schema, xfail=SHARD_FIX),
+        setup=_foreign_schema),
     Row("shard-pickled-objects-train", lambda c: c.train(),
         r"train-00000\.parquet: columns .*features: extension<ray\.data\.arrow_pickled_object",
-        setup=_pickled_features, xfail="data/local.py + data/shards.py: LocalShardData checks the shards' schemas "
-                                       "before training (patch in the report)"),
+        setup=_pickled_features),
     Row("manifest-missing", lambda c: c.study(), r"manifest\.json: no manifest",
         setup=lambda c: (c.data / "manifest.json").unlink()),
     Row("manifest-shard-outside-folder", lambda c: c.study(), r"manifest\.json.*\.\./outside\.parquet",
-        setup=_shard_outside, xfail=ROOT_FIX),
+        setup=_shard_outside),
     Row("manifest-trials-outside-folder", lambda c: c.study(), r"manifest\.json.*\.\./outside\.txt",
-        setup=_trials_outside, xfail=ROOT_FIX),
+        setup=_trials_outside),
     # search spaces (refused when loaded: before the tracking store is opened or Ray starts)
     Row("space-unknown-key", lambda c: c.study(c.space_with("budget:", "budgett:")),
         r"bad-space\.yaml: invalid configuration\n\s+budgett: Extra inputs are not permitted"),
@@ -388,8 +382,7 @@ ERRORS = [
     Row("space-eval-every-2", lambda c: c.study(c.space_with("epochs: 2", "epochs: 2\n  eval_every: 2")),
         r"bad-space\.yaml: base\.eval_every: a study scores the dev list every epoch"),
     Row("space-more-workers-than-cpus", lambda c: c.study(c.space_with("num_workers: 1", "num_workers: 4096")),
-        r"bad-space\.yaml: resources\.num_workers: 4096 workers .* but .* has \d+",
-        xfail="study/runner.py: run_study calls spaces.check_fits_cluster before Ray starts (patch in the report)"),
+        r"bad-space\.yaml: resources\.num_workers: 4096 workers .* but .* has \d+"),
     # tracking stores and models
     Row("tracking-server-unreachable", lambda c: c.study(None, "--tracking-uri", f"http://127.0.0.1:{c.closed_port}"),
         r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"),
@@ -397,9 +390,7 @@ ERRORS = [
         r"MLflow tracking store mlfow://typo cannot be opened"),
     Row("tracking-db-down", lambda c: ["verify", "a.wav", "b.wav", "--workdir", c.workdir, "--tracking-uri",
                                        f"postgresql+psycopg2://mfcon@127.0.0.1:{c.closed_port}/mlflow"],
-        r"postgresql\+psycopg2://mfcon@127\.0\.0\.1:\d+/mlflow .*(unreachable|refused)", timeout_s=20,
-        xfail="tracking/store.py: check_tracking_uri probes a database's host:port before MLflow's minutes of "
-              "retries (patch in the report)"),
+        r"postgresql\+psycopg2://mfcon@127\.0\.0\.1:\d+/mlflow .*(unreachable|refused)", timeout_s=20),
     Row("verify-unknown-model-alias", lambda c: ["verify", c.inputs.corpus / "id10001/vid00/00001.wav",
                                                  c.inputs.corpus / "id10001/vid00/00002.wav", "--model",
                                                  "models:/mfcon-speaker@no-such-alias", "--workdir", c.workdir],
@@ -447,8 +438,7 @@ def _run(row: Row, argv: list[object]) -> tuple[int, str, str]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize("row", [pytest.param(r, id=r.name, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)]
-                                              if r.xfail else []) for r in ERRORS])
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.name) for r in ERRORS])
 def test_bad_input_is_one_clear_error_and_changes_nothing(row: Row, inputs: Inputs, tmp_path, no_ray):
     data, workdir, checkpoints = tmp_path / "data", tmp_path / "runs", tmp_path / "ckpt"
     shutil.copytree(inputs.data, data)

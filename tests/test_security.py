@@ -307,8 +307,6 @@ def test_trial_lists_cannot_name_files_outside_the_corpus(data, tmp_path):
             read_trials(listing, root=corpus)
 
 
-@pytest.mark.xfail(strict=True, reason="data/shards.py: manifest entries must be file names inside the data folder "
-                                       "(patch in the report)")
 @pytest.mark.parametrize("field", ["shard", "trials"])
 def test_manifest_entries_cannot_name_files_outside_the_data_folder(field, data, tmp_path):
     _, prepared = data

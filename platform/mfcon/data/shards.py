@@ -34,7 +34,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from mfcon import storage
 from mfcon.config import FeatureConfig, format_validation_error
@@ -68,10 +75,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _name_in_folder(value: str) -> str:
+    """A manifest names files directly in its data folder: a path out of it ('..', '/', absolute) is refused."""
+    if value in ("", ".", "..") or "/" in value or "\\" in value or ":" in value:
+        raise ValueError(f"{value!r} must be a file name inside the data folder (no '/', '..' or absolute path)")
+    return value
+
+
 class ShardEntry(_Model):
     file: str  # name relative to the data folder
     rows: int
     sha256: str
+
+    @field_validator("file")
+    @classmethod
+    def _file_inside(cls, value: str) -> str:
+        return _name_in_folder(value)
 
 
 class SplitInfo(_Model):
@@ -106,6 +125,11 @@ class Manifest(_Model):
     created_at: str
     source: str  # corpus root the shards were computed from
     augmentation: AugmentConfig | None = None  # train-split augmentation; absent = none
+
+    @field_validator("trials")
+    @classmethod
+    def _trials_inside(cls, value: dict[str, str]) -> dict[str, str]:
+        return {split: _name_in_folder(name) for split, name in value.items()}
 
     @model_serializer(mode="wrap")
     def _omit_no_augmentation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -263,8 +287,10 @@ def shard_paths(data_dir: str | Path, split: str, manifest: Manifest | None = No
 
 
 def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> None:
-    """Recompute every shard's sha256; raise ShardIntegrityError naming each missing or changed shard."""
+    """Recompute every shard's sha256 and read its Parquet footer; raise ShardIntegrityError naming each missing,
+    changed, unreadable or foreign shard (a matching sha256 proves nothing when the manifest was rewritten too)."""
     manifest = manifest or read_manifest(data_dir)
+    expected = shard_schema(manifest.feature_config.num_mel_bins)
     problems, bad = [], []
     for split, info in manifest.splits.items():
         for entry in info.shards:
@@ -273,11 +299,39 @@ def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> Non
                 problems.append(f"{path}: missing ({split} shard listed in {MANIFEST_NAME})")
             elif (digest := storage.sha256(path)) != entry.sha256:
                 problems.append(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}...)")
+            elif (problem := _schema_problem(path, expected)) is not None:
+                problems.append(f"{path}: {problem}")
             else:
                 continue
             bad.append(str(path))
     if problems:
         raise ShardIntegrityError("shard integrity check failed:\n  " + "\n  ".join(problems), bad)
+
+
+def check_shard_schemas(data_dir: str | Path, manifest: Manifest | None = None) -> None:
+    """Read every shard's Parquet footer (cheap, no sha256): raise ShardIntegrityError naming each one that is
+    not readable or not an mfcon shard. ``mfcon train`` calls it before building a model."""
+    manifest = manifest or read_manifest(data_dir)
+    expected = shard_schema(manifest.feature_config.num_mel_bins)
+    problems = [(path, problem) for split in manifest.splits for path in shard_paths(data_dir, split, manifest)
+                if storage.is_file(path) and (problem := _schema_problem(path, expected)) is not None]
+    if problems:
+        raise ShardIntegrityError("shard check failed:\n  " + "\n  ".join(f"{p}: {why}" for p, why in problems),
+                                  [str(p) for p, _ in problems])
+
+
+def _schema_problem(path: str, expected: pa.Schema) -> str | None:
+    """Why the file at ``path`` is not a shard of ``expected``'s layout, or None when it is."""
+    fs, local = storage.resolve(path)
+    try:
+        schema = pq.read_schema(local, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        return f"not a readable Parquet file (truncated?): {e}"
+    if not schema.equals(expected, check_metadata=False):
+        found = ", ".join(f"{f.name}: {f.type}" for f in schema)
+        return (f"columns ({found}) are not an mfcon shard's (schema version {SCHEMA_VERSION}: "
+                f"{', '.join(expected.names)})")
+    return None
 
 
 def features_from_column(column: pa.ChunkedArray | pa.Array | np.ndarray) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from mfcon.data.shards import (
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.search import StudySearch
-from mfcon.study.spaces import DefineByRun, SearchSpace, load_search_space
+from mfcon.study.spaces import DefineByRun, SearchSpace, check_fits_cluster, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
 from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
 
@@ -67,6 +67,17 @@ def study_paths(workdir: str | Path, name: str) -> dict[str, str]:
 # whose resources never come, instead of hanging the study.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
+
+
+def local_cpus() -> float:
+    """The CPUs ``ray.init(address="local")`` will detect (cgroup limits included), without starting Ray."""
+    return float(ray._private.utils.get_num_cpus())  # internal, like the reaper's GCS accessor: Ray is pinned
+
+
+def local_gpus() -> float:
+    import torch
+
+    return float(torch.cuda.device_count())
 
 
 def init_ray(address: str | None) -> None:
@@ -169,6 +180,8 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     check_tracking_uri(uri)  # before any training starts
     verify_shards(data_dir)
     runtime = build_runtime(space, data_dir, paths["train"])  # input errors surface before anything is written
+    if address is None and not ray.is_initialized():  # the private local Ray: its size is known before it starts
+        check_fits_cluster(space, local_cpus(), local_gpus(), space_path, "this machine (the private local Ray)")
     can_restore = tune.Tuner.can_restore(paths["experiment"])
     if can_restore and not resume:
         raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "

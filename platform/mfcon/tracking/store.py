@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.tracking import MlflowClient
 
@@ -51,6 +54,15 @@ def resolve_tracking_uri(explicit: str | None, workdir: str | Path) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
 
 
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # default ports of database stores
+_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*):[^\s/@]*@")
+
+
+def masked(text: str) -> str:
+    """``scheme://user:***@host``: every URI password in ``text`` hidden, for messages and logs."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast: a server that does not answer, or a store that cannot be opened, stops the study here."""
     if uri.startswith(("http://", "https://")):
@@ -58,18 +70,33 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 if resp.status != 200:
-                    raise TrackingUnavailable(f"MLflow tracking server {uri} answered {resp.status} on /health")
+                    raise TrackingUnavailable(f"MLflow tracking server {masked(uri)} answered {resp.status} on /health")
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); "
+            raise TrackingUnavailable(f"MLflow tracking server {masked(uri)} is unreachable ({reason}); "
                                       "start it, or drop --tracking-uri to use the embedded SQLite store") from None
         return
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    _probe_database(uri, timeout_s)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure to open the store means the same to a user
-        raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be opened: {e}") from None
+        raise TrackingUnavailable(f"MLflow tracking store {masked(uri)} cannot be opened: {masked(str(e))}") from None
+
+
+def _probe_database(uri: str, timeout_s: float) -> None:
+    """A database store whose host:port takes no connection: fail now, not after MLflow's minutes of retries."""
+    parts = urlsplit(uri)
+    port = parts.port or _DB_PORTS.get(parts.scheme.split("+")[0])
+    if not parts.hostname or port is None:  # sqlite, a unix socket (?host=/run/postgresql), an unknown scheme
+        return
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise TrackingUnavailable(f"MLflow tracking store {masked(uri)} is unreachable ({parts.hostname}:{port}: "
+                                  f"{e.strerror or e}); start the database or fix --tracking-uri") from None
 
 
 def artifact_root_for(uri: str, workdir: str | Path) -> str | None:

@@ -80,17 +80,25 @@ def _parse_line(path: str, lineno: int, line: str) -> TrialPair:
 
 
 def read_trials(path: str | Path, root: str | Path | None = None) -> list[TrialPair]:
-    """Parse ``<0|1> <enroll> <test>`` lines (blank lines skipped); with ``root``, check every file exists."""
+    """Parse ``<0|1> <enroll> <test>`` lines (blank lines skipped); with ``root``, check every file exists.
+
+    Refused with the file and line: a trial listed twice (it would weigh twice
+    in the EER), an utterance paired with itself (a free perfect score), and
+    one pair with both labels (in either order: cosine scoring is symmetric).
+    """
     path = storage.describe(path)
     try:
         lines = storage.read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise TrialListError(f"{path}: cannot read trial list ({err})") from err
     trials: list[TrialPair] = []
+    seen: dict[tuple[str, str], int] = {}  # (enroll, test) -> first line
+    labels: dict[frozenset[str], tuple[int, int]] = {}  # unordered pair -> (label, first line)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         trial = _parse_line(path, lineno, line)
+        _check_unique(path, lineno, line, trial, seen, labels)
         if root is not None:
             for utt in (trial.enroll, trial.test):
                 if not (Path(root) / utt).is_file():
@@ -99,6 +107,22 @@ def read_trials(path: str | Path, root: str | Path | None = None) -> list[TrialP
     if not trials:
         raise TrialListError(f"{path}: trial list is empty")
     return trials
+
+
+def _check_unique(path: object, lineno: int, line: str, trial: TrialPair, seen: dict[tuple[str, str], int],
+                  labels: dict[frozenset[str], tuple[int, int]]) -> None:
+    where = f"{path}:{lineno}: {line.strip()!r}"
+    if trial.enroll == trial.test:
+        raise TrialListError(f"{where}: pairs {trial.enroll} with itself")
+    if (trial.enroll, trial.test) in seen:
+        raise TrialListError(f"{where}: this trial is listed twice (first on line {seen[trial.enroll, trial.test]}); "
+                             "each trial must appear once")
+    pair = frozenset((trial.enroll, trial.test))
+    if pair in labels and labels[pair][0] != trial.label:
+        raise TrialListError(f"{where}: label {trial.label} contradicts line {labels[pair][1]}, which gives the same "
+                             f"pair label {labels[pair][0]}")
+    seen[trial.enroll, trial.test] = lineno
+    labels.setdefault(pair, (trial.label, lineno))
 
 
 def write_trials(path: str | Path, trials: Iterable[TrialPair]) -> None:

@@ -517,3 +517,24 @@ def test_no_default_store_was_touched(ladder, store):
     """Every call went to the store it was given: MLflow's default ./mlflow.db was never created."""
     assert not (store.cwd / "mlflow.db").exists() and not (store.cwd / "mlruns").exists()
     assert mlflow.active_run() is None
+
+
+def test_asnorm_promotion_stores_its_cohort_and_verify_scores_exactly_as_promotion_did(ladder, store, corpus):
+    """AS-norm end to end: promote scores the test list with a training-speaker cohort, the version carries the
+    cohort (checksummed .npy), and verify applies it: the same scores, pair by pair."""
+    name = "mfcon-asnorm"
+    r = promote("main", store.uri, model_name=name, data_dir=store.data, n_boot=200, score_norm="asnorm", top_n=3)
+    tags = _tags(store, r.version, name)
+    assert tags["score_norm"] == "asnorm" and tags["score_top_n"] == "3" and tags["score_cohort"].startswith("runs:/")
+    assert r.challenger.cohort.shape == (len(read_manifest(store.data).speakers), r.challenger.mean.shape[0])
+    plain = promote("main", store.uri, model_name="mfcon-plain", data_dir=store.data, n_boot=200)
+    assert not np.allclose(plain.challenger.scores, r.challenger.scores)  # the cohort changed the scores
+    eval_set = read_eval_set(store.data, "test")
+    pairs = [(corpus.root / t.enroll, corpus.root / t.test) for t in eval_set.trials]
+    served = verify_pairs(pairs, model_uri=f"models:/{name}@champion", tracking_uri=store.uri)
+    np.testing.assert_allclose([v.score for v in served], r.challenger.scores, atol=1e-4)
+    assert {v.threshold for v in served} == {r.challenger.threshold}
+    # A cohort changed after promotion is refused, not silently used.
+    store.client.set_model_version_tag(name, r.version, "score_cohort_sha256", "0" * 64)
+    with pytest.raises(RegistryError, match="does not match its sha256"):
+        verify_pairs(pairs[:1], model_uri=f"models:/{name}/{r.version}", tracking_uri=store.uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -108,7 +109,8 @@ def test_evaluate_with_a_cohort_scores_the_same_trials_differently(small_data):
     model = build_model(tiny_model_config())
     dev = read_eval_set(small_data, "dev")
     plain = evaluate(model, dev)
-    normed = evaluate(model, dev, cohort=read_cohort(small_data), top_n=5)
+    normed = evaluate(model, dataclasses.replace(dev, cohort=read_cohort(small_data), top_n=5))
+    assert read_eval_set(small_data, "dev", "asnorm", 5).score_norm == "asnorm(top_n=5)" and dev.score_norm == "mean"
     assert np.array_equal(plain.labels, normed.labels)
     assert not np.allclose(plain.scores, normed.scores)
     assert 0.0 <= normed.eer <= 1.0

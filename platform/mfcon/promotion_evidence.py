@@ -17,8 +17,9 @@ evidence, recorded on the registered version (tag ``evidence``):
   champion by the paired cluster bootstrap
   (:func:`mfcon.metrics.bootstrap_eer_difference`).
 
-Scores are :func:`mfcon.serving.centered_cosine` of the registered pyfunc's
-embeddings (the scoring contract shared with :func:`mfcon.serving.verify`).
+Scores are :class:`mfcon.score_norm.TrialScorer` scores of the registered
+pyfunc's embeddings: centred cosine, AS-normalised when the eval set carries a
+cohort (the scoring contract shared with :func:`mfcon.serving.verify`).
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ from mfcon.metrics import (
     equal_error_rate,
 )
 from mfcon.names import SELECTION_METRICS, RegistryError
+from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
 from mfcon.scoring import EvalSet
 from mfcon.serving import (
     MODEL_URI_TAG,
     SpeakerEmbedder,
-    centered_cosine,
     embedder_of,
     load_embedder,
     log_speaker_model,
@@ -79,6 +80,8 @@ class Scored:
     threshold: float
     mean: np.ndarray  # (E,) float32: subtracted before cosine
     eer_ci: tuple[float, float] = (math.nan, math.nan)
+    cohort: np.ndarray | None = None  # (S, E) AS-norm cohort of this model's embeddings, when the scoring uses one
+    top_n: int = DEFAULT_TOP_N
 
 
 @dataclass
@@ -167,20 +170,22 @@ def challenger_model_uri(client: MlflowClient, trial: StudyTrial, data_dir: Path
 # ---------------------------------------------------------------- scoring
 
 def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path) -> Scored:
-    """Embed the eval split, score every trial with ``centered_cosine`` (== score_trials), EER + threshold."""
+    """Embed the eval split, score every trial as ``score_trials`` does (its cohort: AS-norm), EER + threshold."""
     data_cfg = read_manifest(data_dir).feature_config
     if model.feature_config != data_cfg:
         raise RegistryError(f"{data_dir}: features were prepared with {data_cfg}, the model expects "
                             f"{model.feature_config}; prepare the data with the model's feature config")
     emb = model.embed_features(eval_set.features)  # (N, E)
-    mean = emb.mean(axis=0)
+    cohort = (speaker_cohort(model.embed_features(eval_set.cohort.features), eval_set.cohort.speakers)
+              if eval_set.cohort is not None else None)
+    scorer = TrialScorer(emb.mean(axis=0), cohort, eval_set.top_n)
     index = {u: i for i, u in enumerate(eval_set.utt_ids)}
     a = emb[[index[t.enroll] for t in eval_set.trials]]
     b = emb[[index[t.test] for t in eval_set.trials]]
-    scores = centered_cosine(a, b, mean)
+    scores = scorer.score(a, b)
     labels = np.array([t.label for t in eval_set.trials], dtype=np.int64)
     eer, threshold = equal_error_rate(scores, labels)
-    return Scored(scores, labels, 100.0 * eer, threshold, mean)
+    return Scored(scores, labels, 100.0 * eer, threshold, scorer.mean, cohort=cohort, top_n=eval_set.top_n)
 
 
 def score_model(model_uri: str, tracking_uri: str, eval_set: EvalSet, data_dir: Path) -> Scored:

@@ -71,7 +71,9 @@ from mfcon.promotion_evidence import (
     score_model,
 )
 from mfcon.promotion_gate import gate
+from mfcon.score_norm import DEFAULT_TOP_N
 from mfcon.serving import open_registry, use_tracking_uri
+from mfcon.serving.verify import store_cohort
 from mfcon.tracking import ROLE_TAG, code_version, find_runs
 
 __all__ = [
@@ -125,7 +127,7 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
 
 def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metric: str = SELECTION_METRICS[0],
             data_dir: str | Path | None = None, force: bool = False, n_boot: int = 1000, seed: int = 0,
-            confidence: float = 0.95) -> PromotionResult:
+            confidence: float = 0.95, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> PromotionResult:
     """Register the study's challenger; make it ``champion`` if significantly better on the test list (or forced).
 
     ``metric`` (a dev metric) picks the best trial, or the replica to register;
@@ -136,7 +138,7 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
     data_dir = storage.normalize(data_dir)  # a local folder or an object-store URI
     client = open_registry(tracking_uri)
     exp_id, trials = finished_trials(client, study, metric)
-    eval_set = read_eval_set(data_dir, TEST_SPLIT)
+    eval_set = read_eval_set(data_dir, TEST_SPLIT, score_norm, top_n)  # champion and challenger scored alike
     groups = np.array([t.enroll.split("/")[0] for t in eval_set.trials])
     notes: list[str] = []
     ev = gather_evidence(client, study, trials, metric, eval_set, data_dir, tracking_uri, notes)
@@ -161,6 +163,8 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
                          decision.reason, data_hash, study_tags.get("mfcon.code_version") or code_version(),
                          confidence, n_boot, len(eval_set.trials), len(set(groups)))
     version = _register(client, model_name, ev.model_uri, ev.trial.run_id, tags)
+    if challenger.cohort is not None:
+        store_cohort(client, model_name, version, ev.trial.run_id, challenger.cohort)
     if decision.promote:
         if champ_version:
             client.set_registered_model_alias(model_name, PREVIOUS, champ_version)
@@ -189,12 +193,17 @@ def _version_tags(study: str, ev: Evidence, metric: str, champ: Scored | None, c
         f"trial_{metric}": repr(trial.value), "eer": f"{chal.eer:.4f}",
         "eer_ci_low": f"{chal.eer_ci[0]:.4f}", "eer_ci_high": f"{chal.eer_ci[1]:.4f}",
         "eer_threshold": repr(float(chal.threshold)), "score_mean": json.dumps([float(x) for x in chal.mean]),
-        "scoring": "cosine(emb - score_mean); accept if score >= eer_threshold",
+        "score_norm": "mean" if chal.cohort is None else "asnorm",
+        "scoring": ("cosine(emb - score_mean); accept if score >= eer_threshold" if chal.cohort is None else
+                    f"asnorm(cosine(emb - score_mean), cohort - score_mean, top_n={chal.top_n}); "
+                    "accept if score >= eer_threshold"),
         "evidence": ev.kind, "evidence_detail": ev.detail, "eval_split": TEST_SPLIT,
         "n_trials": str(n_trials), "n_speakers": str(n_speakers),
         "confidence": str(confidence), "n_boot": str(n_boot), "data_manifest_sha256": data_hash,
         "code_version": code, "promoted": str(promoted).lower(), "forced": str(forced).lower(), "decision": reason,
     }
+    if chal.cohort is not None:
+        tags["score_top_n"] = str(chal.top_n)
     if ev.kind == REPLICATION:
         tags.update({"replication_run_id": ev.replication_run_id, "replication_config": ev.config,
                      "n_seeds": str(len(ev.models)), "seed_eers": json.dumps([round(m.eer, 4) for m in ev.models])})

@@ -21,10 +21,26 @@ from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
 
 
 @dataclass
+class CohortSet:
+    """Training-speaker utterances whose embeddings make the AS-norm cohort (never dev or test speakers)."""
+
+    features: list[np.ndarray]
+    speakers: list[str]
+
+
+@dataclass
 class EvalSet:
+    """A trial list, its utterances' features, and how its trials are scored (AS-norm when it has a cohort)."""
+
     utt_ids: list[str]
     features: list[np.ndarray]  # each (T, F)
     trials: list[TrialPair]
+    cohort: CohortSet | None = None
+    top_n: int = DEFAULT_TOP_N
+
+    @property
+    def score_norm(self) -> str:
+        return f"asnorm(top_n={self.top_n})" if self.cohort is not None else "mean"
 
 
 @dataclass
@@ -71,14 +87,6 @@ def extract_embeddings(model: torch.nn.Module, features: Sequence[np.ndarray], d
     return np.stack(out).astype(np.float32)
 
 
-@dataclass
-class CohortSet:
-    """Training-speaker utterances whose embeddings make the AS-norm cohort (never dev or test speakers)."""
-
-    features: list[np.ndarray]
-    speakers: list[str]
-
-
 def score_trials(utt_ids: Sequence[str], embeddings: np.ndarray, trials: Sequence[TrialPair],
                  subtract_mean: bool = True, cohort: np.ndarray | None = None,
                  top_n: int = DEFAULT_TOP_N) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +108,11 @@ def embed_cohort(model: torch.nn.Module, cohort: CohortSet, device: torch.device
 
 
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, device: torch.device | str = "cpu",
-             max_frames: int | None = None, cohort: CohortSet | None = None,
-             top_n: int = DEFAULT_TOP_N) -> EvalResult:
-    """EER and minDCF of ``eval_set``'s trials; mean-subtracted cosine, AS-normalised when a ``cohort`` is given."""
+             max_frames: int | None = None) -> EvalResult:
+    """EER and minDCF of ``eval_set``'s trials; mean-subtracted cosine, AS-normalised when it has a cohort."""
     emb = extract_embeddings(model, eval_set.features, device, max_frames=max_frames)
-    cohort_emb = embed_cohort(model, cohort, device, max_frames) if cohort is not None else None
-    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort_emb, top_n=top_n)
+    cohort = embed_cohort(model, eval_set.cohort, device, max_frames) if eval_set.cohort is not None else None
+    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort, top_n=eval_set.top_n)
     eer, threshold = equal_error_rate(scores, labels)
     return EvalResult(eer=float(eer), eer_threshold=float(threshold),
                       min_dcf_01=float(min_dcf(scores, labels, p_target=0.01)[0]),

@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from mfcon.cli.common import add_store_options, tracking_uri
+from mfcon.cli.common import add_score_norm_options, add_store_options, tracking_uri
 from mfcon.names import DEFAULT_MODEL, SELECTION_METRICS
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    add_score_norm_options(p)
     p.set_defaults(func=_promote)
 
 
@@ -40,7 +41,8 @@ def _promote(args: argparse.Namespace) -> None:
     if not args.study or not args.data:
         raise RegistryError("promote needs --study NAME and --data DIR (or --rollback)")
     result = promote(args.study, tracking_uri(args), model_name=args.model_name, metric=args.metric,
-                     data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed)
+                     data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed,
+                     score_norm=args.score_norm, top_n=args.top_n)
     print(format_promotion(result))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from mfcon.data.corpus.voxceleb import read_trials
 from mfcon.data.shards import (
     EVAL_SPLITS,
+    check_shard_schemas,
     features_from_column,
     load_split,
     read_manifest,
@@ -17,17 +18,22 @@ from mfcon.data.shards import (
     shard_paths,
     trials_path,
 )
+from mfcon.score_norm import DEFAULT_TOP_N, SCORE_NORMS
 from mfcon.scoring import CohortSet, EvalSet
 
 
-def read_eval_set(data_dir: str | Path, split: str) -> EvalSet:
-    """The ``dev`` or ``test`` split and its trial list, as stored beside the manifest."""
+def read_eval_set(data_dir: str | Path, split: str, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> EvalSet:
+    """The ``dev`` or ``test`` split and its trial list, as stored beside the manifest; ``score_norm="asnorm"``
+    attaches the AS-norm cohort (:func:`read_cohort`), so every scorer of this set normalises alike."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"no trial list for split {split!r}; evaluation splits are {EVAL_SPLITS}")
+    if score_norm not in SCORE_NORMS:
+        raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
     manifest = read_manifest(data_dir)
     arrays = load_split(data_dir, split, manifest)
     return EvalSet(utt_ids=list(arrays.utt_ids), features=list(arrays.features),
-                   trials=read_trials(trials_path(data_dir, split, manifest)))
+                   trials=read_trials(trials_path(data_dir, split, manifest)),
+                   cohort=read_cohort(data_dir) if score_norm == "asnorm" else None, top_n=top_n)
 
 
 def read_cohort(data_dir: str | Path, utts_per_speaker: int = 3, max_speakers: int | None = None,
@@ -70,6 +76,7 @@ class LocalShardData:
     def __init__(self, data_dir: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.data_dir = data_dir
         self.manifest = read_manifest(self.data_dir)
+        check_shard_schemas(self.data_dir, self.manifest)  # a foreign shard is an input error, not a crash mid-epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_classes = len(self.manifest.speakers)
         self.rows_per_worker = self.manifest.splits["train"].rows // world_size

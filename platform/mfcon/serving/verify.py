@@ -6,7 +6,11 @@ the mean embedding of the promotion's eval set (:func:`centered_cosine`), as
 :func:`mfcon.scoring.score_trials` scores a trial list. That mean is stored on
 the registered version (tag ``score_mean``, JSON floats, exact float32 round
 trip) together with the EER threshold of those scores (``eer_threshold``), so
-a single pair is scored exactly as the trial list was.
+a single pair is scored exactly as the trial list was. A version promoted with
+AS-norm (tag ``score_norm=asnorm``) also carries its cohort: the training
+speakers' embeddings as an ``.npy`` artifact (tags ``score_cohort``,
+``score_cohort_sha256``, ``score_top_n``), applied by the same
+:class:`mfcon.score_norm.TrialScorer`.
 
 A ``models:/name@alias`` or ``models:/name/N`` URI is pinned to its version
 first (:func:`pin_model_uri`), so what scored is named exactly.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +38,11 @@ from mlflow.tracking import MlflowClient
 
 from mfcon.data.audio import load_audio
 from mfcon.data.corpus.voxceleb import AUDIO_EXTENSIONS
-from mfcon.files import atomic_path
+from mfcon.files import atomic_path, file_sha256
 from mfcon.names import DEFAULT_MODEL_URI, RegistryError
+from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, centered_cosine  # noqa: F401 - re-exported
 from mfcon.serving.embedder import SpeakerEmbedder, embedder_of, load_embedder
-from mfcon.tracking import TrackingUnavailable, check_tracking_uri
+from mfcon.tracking import TrackingUnavailable, check_tracking_uri, no_artifact_progress_bars
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -58,6 +64,12 @@ class ServedModel:
     version: str | None
     threshold: float | None
     mean: np.ndarray | None
+    cohort: np.ndarray | None = None  # AS-norm cohort (S, E) when the version was promoted with one
+    top_n: int = DEFAULT_TOP_N
+
+    @property
+    def scorer(self) -> TrialScorer:
+        return TrialScorer(self.mean, self.cohort, self.top_n)
 
 
 # ---------------------------------------------------------------- which model version
@@ -93,20 +105,49 @@ def load_served_model(model_uri: str = DEFAULT_MODEL_URI, tracking_uri: str | No
     pinned, version, tags = pin_model_uri(model_uri, tracking_uri)
     threshold = float(tags["eer_threshold"]) if "eer_threshold" in tags else None
     mean = np.asarray(json.loads(tags["score_mean"]), dtype=np.float32) if "score_mean" in tags else None
-    return ServedModel(embedder_of(load_embedder(pinned, tracking_uri)), pinned, version, threshold, mean)
+    cohort = load_cohort(tags, tracking_uri, pinned)
+    return ServedModel(embedder_of(load_embedder(pinned, tracking_uri)), pinned, version, threshold, mean, cohort,
+                       int(tags.get("score_top_n", DEFAULT_TOP_N)))
+
+
+# ---------------------------------------------------------------- the AS-norm cohort of a version
+
+COHORT_DIR = "scoring"
+
+
+def store_cohort(client: MlflowClient, model_name: str, version: str, run_id: str, cohort: np.ndarray) -> str:
+    """Log a version's AS-norm cohort beside its run (plain .npy, no pickle) and point the version at it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, f"cohort-{model_name}-v{version}.npy")
+        np.save(path, np.asarray(cohort, dtype=np.float32), allow_pickle=False)
+        digest = file_sha256(path)
+        client.log_artifact(run_id, str(path), artifact_path=COHORT_DIR)
+    uri = f"runs:/{run_id}/{COHORT_DIR}/{path.name}"
+    client.set_model_version_tag(model_name, version, "score_cohort", uri)
+    client.set_model_version_tag(model_name, version, "score_cohort_sha256", digest)
+    return uri
+
+
+def load_cohort(tags: dict[str, str], tracking_uri: str | None, model_uri: str) -> np.ndarray | None:
+    """The version's cohort when it was promoted with AS-norm; its sha256 must match what promotion stored."""
+    if tags.get("score_norm") != "asnorm":
+        return None
+    if "score_cohort" not in tags:
+        raise RegistryError(f"{model_uri} was promoted with AS-norm but has no score_cohort tag; promote it again")
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=tags["score_cohort"], dst_path=tmp,
+                                                        tracking_uri=tracking_uri)
+        except (MlflowException, OSError) as e:
+            raise RegistryError(f"{model_uri}: AS-norm cohort {tags['score_cohort']} cannot be read ({e})") from None
+        if file_sha256(local) != tags.get("score_cohort_sha256"):
+            raise RegistryError(f"{model_uri}: AS-norm cohort {tags['score_cohort']} does not match its sha256 tag")
+        return np.load(local, allow_pickle=False)
 
 
 # ---------------------------------------------------------------- scoring and embedding
-
-def centered_cosine(emb_a: np.ndarray, emb_b: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
-    """Row-paired cosine after subtracting ``mean``: the same float32 arithmetic as ``score_trials``."""
-    a, b = (np.asarray(e, dtype=np.float32) for e in (emb_a, emb_b))
-    if mean is not None:
-        a, b = a - mean, b - mean
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(min=1e-12)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(min=1e-12)
-    return (a * b).sum(axis=1)
-
 
 def list_audio_inputs(inputs: str | Path) -> list[tuple[str, Path]]:
     """A folder (every wav/flac below it, utt id = relative posix path) or a list file (one path per line,
@@ -177,7 +218,7 @@ def verify_pairs(pairs: Sequence[tuple[str | Path, str | Path]], model_uri: str 
     index = {f: i for i, f in enumerate(files)}
     a = emb[[index[str(x)] for x, _ in pairs]]
     b = emb[[index[str(y)] for _, y in pairs]]
-    scores = centered_cosine(a, b, served.mean)
+    scores = served.scorer.score(a, b)
     return [VerifyResult(float(s), threshold, bool(s >= threshold), served.model_uri) for s in scores]
 
 

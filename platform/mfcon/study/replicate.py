@@ -33,12 +33,12 @@ from ray import tune
 
 from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
-from mfcon.data.local import read_cohort, read_eval_set
+from mfcon.data.local import read_eval_set
 from mfcon.metrics import BootstrapResult
 from mfcon.models.mfa_conformer import build_model
 from mfcon.plots import replication_plot
 from mfcon.score_norm import DEFAULT_TOP_N, ScoreNormName
-from mfcon.scoring import CohortSet, EvalSet, evaluate
+from mfcon.scoring import EvalSet, evaluate
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
 from mfcon.study.plot_logging import log_figures
@@ -180,8 +180,8 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     failed = [r for r in grid if r.error is not None]
     if failed:
         print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
-    cohort = read_cohort(data_dir) if score_norm == "asnorm" else None
-    result = score_replicas(tracker, replicas, data_dir, n_boot, confidence, cohort=cohort, top_n=top_n)
+    test = read_eval_set(data_dir, "test", score_norm, top_n)
+    result = score_replicas(tracker, replicas, test, n_boot, confidence)
     tracker.finish("FINISHED")
     return result
 
@@ -208,11 +208,10 @@ def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, .
             failure_config=tune.FailureConfig(max_failures=space.resources.max_failures)))
 
 
-def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_dir: str, n_boot: int,
-                   confidence: float, cohort: CohortSet | None = None,
-                   top_n: int = DEFAULT_TOP_N) -> ReplicationResult:
+def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], test: EvalSet, n_boot: int,
+                   confidence: float) -> ReplicationResult:
     """Every finished replica's best checkpoint on the test list; verdicts logged on the replication run."""
-    client, test = tracker.client, read_eval_set(data_dir, "test")
+    client = tracker.client
     runs = find_runs(client, tracker.experiment_id, **{"mlflow.parentRunId": tracker.parent_run_id})
     by_index = {int(r.data.params["replica.index"]): r for r in runs if "replica.index" in r.data.params}
     scores: dict[str, list[np.ndarray]] = {}
@@ -222,7 +221,7 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_di
         run = by_index.get(index)
         if run is None or run.data.tags.get(STATE_TAG) != "completed":
             continue
-        result = _score_on_test(client, run.info.run_id, test, cohort, top_n)
+        result = _score_on_test(client, run.info.run_id, test)
         if result is None:
             continue
         scores.setdefault(replica.label, []).append(result)
@@ -243,12 +242,11 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], data_di
     out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
                             len(set(groups)), int(replicas[0].config["epochs"]))
     _log_replication(client, out)
-    client.set_tag(out.run_id, "mfcon.score_norm", f"asnorm(top_n={top_n})" if cohort is not None else "mean")
+    client.set_tag(out.run_id, "mfcon.score_norm", test.score_norm)
     return out
 
 
-def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, cohort: CohortSet | None = None,
-                   top_n: int = DEFAULT_TOP_N) -> np.ndarray | None:
+def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarray | None:
     """The replica's exported best-dev-epoch weights scored on the test list; ``test_*`` metrics on its run."""
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
@@ -260,7 +258,7 @@ def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, cohort: Coh
     model = build_model(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(model.to(device), test, device, cohort=cohort, top_n=top_n)
+    result = evaluate(model.to(device), test, device)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(state["epoch"]))
                                       for k, v in result.metrics("test").items()])

@@ -8,14 +8,12 @@ epoch's metrics exactly once, equal to what Tune recorded.
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from mfcon.study import runner
 from mfcon.study.runner import run_study, study_paths
 from mfcon.tracking import TRIAL_METRICS, open_spool, spool_dir
 from mfcon.tracking.replay import CLIENT_ENV
@@ -24,9 +22,6 @@ from mlflow.tracking import MlflowClient
 from mlflow_fixtures import MlflowServer
 
 pytestmark = pytest.mark.slow
-# Until study/runner.py spools the end of a study (summary through the tracker, bounded drain), an outage that
-# overlaps that end fails the study in MlflowClient.log_dict (patch in the report).
-RUNNER_SPOOLS_ITS_END = "tracker.log_dict(" in inspect.getsource(runner.run_study)
 
 OUTAGES, DOWN_S, UP_S = 3, 3.0, 6.0  # server down >= DOWN_S (plus its restart), then up >= UP_S
 
@@ -91,8 +86,6 @@ def tune_history(experiment_dir: str) -> dict[str, dict[str, list[tuple[int, flo
     return out
 
 
-@pytest.mark.xfail(not RUNNER_SPOOLS_ITS_END, strict=False,
-                   reason="study/runner.py still writes the study summary straight to MLflow (patch in the report)")
 def test_study_survives_three_tracking_outages_and_logs_every_epoch_once(ray_local_2cpu, small_data, tmp_path):
     assert DOWN_S > retry_window_s()
     server = MlflowServer(tmp_path / "server-store")

@@ -190,32 +190,30 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     if not can_restore:
         storage.write_bytes(paths["space"], space_bytes)
         storage.write_text(paths["info"], json.dumps({"space": paths["space"], "data": data_dir, "tracking_uri": uri}))
-    tracker = StudyTracker(uri, space.name, workdir)
-    with storage.local_copy(paths["space"]) as local_space:
-        tracker.log_study_inputs(local_space, space.base, manifest_hash(data_dir))
+    # A failure from here on marks the study run FAILED (KILLED on Ctrl-C) without hiding the error; the end
+    # waits a bounded time for the tracking spool to drain and says how to replay what is left (mfcon sync).
+    with StudyTracker(uri, space.name, workdir) as tracker:
+        with storage.local_copy(paths["space"]) as local_space:
+            tracker.log_study_inputs(local_space, space.base, manifest_hash(data_dir))
 
-    init_ray(address)
-    runtime = with_gpu_decision(runtime)
-    remove_orphaned_placement_groups()
-    # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if can_restore:
-        tuner = tune.Tuner.restore(paths["experiment"], trainable=make_trainable(space, runtime),
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples)
-    try:
+        init_ray(address)
+        runtime = with_gpu_decision(runtime)
+        remove_orphaned_placement_groups()
+        # Tune's newer console output ignores the reporter's columns: keep the table with eer and min_dcf.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        if can_restore:
+            tuner = tune.Tuner.restore(paths["experiment"], trainable=make_trainable(space, runtime),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples)
         grid = tuner.fit()
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    summary = summarize(grid, space, uri, paths["experiment"])
-    if summary.best_trial is not None and summary.best_metric is not None:
-        # The callback's running best restarts after a resume; the end state is the best over every trial.
-        tracker.log_best(summary.best_trial, summary.best_metric, space.metric)
-    tracker.client.log_dict(tracker.parent_run_id, json.loads(summary.to_json()), "study_summary.json")
-    _log_study_plots(uri, space.name)
-    tracker.finish("FINISHED")
+        summary = summarize(grid, space, uri, paths["experiment"])
+        if summary.best_trial is not None and summary.best_metric is not None:
+            tracker.log_best(summary.best_trial, summary.best_metric, space.metric, mode=space.mode)
+        tracker.log_dict(json.loads(summary.to_json()), "study_summary.json")
+        if tracker.flush():  # the plots read the study back from MLflow
+            _log_study_plots(uri, space.name)
+        tracker.finish("FINISHED")
     return summary
 
 

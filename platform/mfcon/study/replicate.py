@@ -171,18 +171,19 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     data_dir = info["data"]
     replicas = plan_replicas(space, top_configurations(space, uri, top_k), seeds)
     root = storage.join(study_paths(workdir, study)["root"], "replication")
-    tracker = StudyTracker(uri, study, workdir, role="replication")
-    init_ray(address)
-    remove_orphaned_placement_groups()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    runtime = with_gpu_decision(build_runtime(space, data_dir, storage.join(root, "train")))
-    grid = _tuner(space, runtime, replicas, root, uri, workdir).fit()
-    failed = [r for r in grid if r.error is not None]
-    if failed:
-        print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
-    test = read_eval_set(data_dir, "test", score_norm, top_n)
-    result = score_replicas(tracker, replicas, test, n_boot, confidence)
-    tracker.finish("FINISHED")
+    runtime = build_runtime(space, data_dir, storage.join(root, "train"))  # input errors before anything runs
+    # An error marks the replication run FAILED without hiding it; the end drains the tracking spool.
+    with StudyTracker(uri, study, workdir, role="replication") as tracker:
+        init_ray(address)
+        remove_orphaned_placement_groups()
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        grid = _tuner(space, with_gpu_decision(runtime), replicas, root, uri, workdir).fit()
+        failed = [r for r in grid if r.error is not None]
+        if failed:
+            print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
+        test = read_eval_set(data_dir, "test", score_norm, top_n)
+        result = score_replicas(tracker, replicas, test, n_boot, confidence)
+        tracker.finish("FINISHED")
     return result
 
 

@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/promotion_gate.py
 	$(PY) bench/run.py
 	$(PY) bench/tracking_load.py
+	$(PY) bench/recipe_parity.py --workdir bench/results/recipe_parity
 
 clean:
 	rm -rf demo_out runs test-artifacts .pytest_cache

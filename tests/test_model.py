@@ -114,7 +114,9 @@ def test_relative_attention_matches_formula():
     got = attn(x, mask, pos)
 
     dk = d // heads
-    split = lambda y: y.view(2, t, heads, dk)  # noqa: E731
+    def split(y):
+        return y.view(2, t, heads, dk)
+
     q, k, v = split(attn.linear_q(x)), split(attn.linear_k(x)), split(attn.linear_v(x))
     want = torch.zeros(2, t, heads, dk)
     for bi in range(2):

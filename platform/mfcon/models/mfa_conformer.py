@@ -60,12 +60,12 @@ class MFAConformer(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> ModelOutput:
         """feats (B, T, n_mels) fp32 (autocast is fine); lengths (B,) real frames, None = all T."""
-        lengths = self._check_inputs(feats, lengths)
+        lengths = self._padded_lengths(feats, lengths)  # None: no frame is padded, nothing to mask
         feature_maps, mask = self.encoder(feats, lengths)
         x = self.norm(torch.cat(feature_maps, dim=-1))  # (B, T', N*D)
         if x.dtype in _HALF:
             x = x.float()  # pooled std is E[x^2] - mean^2: cancellation would ruin it in 16 bits
-        pooled = self.pool(x, mask)  # (B, 2*N*D)
+        pooled = self.pool(x, None if lengths is None else mask)  # (B, 2*N*D)
         return ModelOutput(self.fc(self.bn(pooled)), feature_maps, mask)
 
     @torch.no_grad()
@@ -80,21 +80,30 @@ class MFAConformer(nn.Module):
             n = 2 * n + 1
         return n
 
-    def _check_inputs(self, feats: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def _padded_lengths(self, feats: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
+        """Checked (B,) lengths, or None when every crop fills all T frames (training crops do).
+
+        One host sync reads the shortest and longest length: it both validates them and lets
+        unpadded batches skip every mask (no measurable time on CPU, but without a mask the
+        absolute-PE attention may use SDPA's flash kernel on GPU).
+        """
         if feats.dim() != 3 or feats.size(-1) != self.cfg.n_mels:
             raise ValueError(f"feats must be (B, T, {self.cfg.n_mels}), got {tuple(feats.shape)}")
         b, t, _ = feats.shape
         if lengths is None:
-            return torch.full((b,), t, dtype=torch.long, device=feats.device)
+            return None
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be ({b},), got {tuple(lengths.shape)}")
         lengths = lengths.to(device=feats.device, dtype=torch.long)
-        bad = (lengths < self.min_frames()) | (lengths > t)
-        if bool(bad.any()):
+        if b == 0:
+            return None
+        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
+        if shortest < self.min_frames() or longest > t:
+            bad = (lengths < self.min_frames()) | (lengths > t)
             raise ValueError(
                 f"lengths must lie in [{self.min_frames()}, {t}] frames (1/{self.cfg.subsampling} "
                 f"subsampling); got {lengths[bad].tolist()}")
-        return lengths
+        return None if shortest == t else lengths
 
 
 def build_model(cfg: ModelConfig | str) -> MFAConformer:

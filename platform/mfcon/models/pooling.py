@@ -2,7 +2,7 @@
 
 Both the main MFA path and the per-block MFCon heads pool with these, so padded
 frames must never leak into a statistic: every pool takes a boolean ``mask``
-(B, T) that is True on real frames.
+(B, T) that is True on real frames, or None when no frame is padded.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ def masked_mean_std(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean and std over time.
 
     x: (B, T, D); weights: (B, T, 1) or (B, T, D), summing to 1 over T.
-    Returns (B, 2D) = concat(mean, std).
+    Returns (B, 2D) = concat(mean, std). E[x^2] is taken as sum((x w) x): the weighted frames
+    are reused, one pass over (B, T, D) fewer than x^2 * w.
     """
-    mean = (x * weights).sum(dim=1)  # (B, D)
-    var = (x.pow(2) * weights).sum(dim=1) - mean.pow(2)
+    xw = x * weights  # (B, T, D)
+    mean = xw.sum(dim=1)  # (B, D)
+    var = (xw * x).sum(dim=1) - mean.pow(2)
     std = var.clamp(min=_EPS).sqrt()
     return torch.cat([mean, std], dim=-1)
 
@@ -38,7 +40,9 @@ class StatsPool(nn.Module):
         super().__init__()
         self.out_dim = 2 * in_dim
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return masked_mean_std(x, x.new_full((1, 1, 1), 1.0 / x.size(1)))
         w = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
         w = w / w.sum(dim=1, keepdim=True).clamp(min=1.0)
         return masked_mean_std(x, w)
@@ -60,9 +64,10 @@ class AttentiveStatsPool(nn.Module):
             nn.Linear(bottleneck, in_dim),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = self.attention(x)  # (B, T, D)
-        scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores.float(), dim=1).to(x.dtype)  # (B, T, D)
         return masked_mean_std(x, weights)
 

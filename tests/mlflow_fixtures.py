@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mfcon.tracking.server import stop_server, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE_FILE = REPO / "search_spaces" / "demo.yaml"  # tiny model: 3 Conformer blocks, 4 epochs
@@ -155,35 +155,9 @@ def _mlflow_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the server's own process group (uvicorn runs as its child), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+# One implementation for the product's own server command and the tests' servers.
+_wait_healthy = wait_healthy
+stop_process_group = stop_server  # SIGTERM the process group, SIGKILL if it lingers
 
 
 class MlflowServer:

@@ -3,6 +3,12 @@
 The loop (``train.loop.fit``) is unchanged; only its data source and hooks
 differ: rows stream from this worker's split of the Parquet shards, and each
 epoch's metrics (with a rank-0 checkpoint) go to ``ray.train.report``.
+
+A restored run first reports its checkpoint's epoch again (marked ``replayed``):
+Ray Train keeps a checkpoint before Tune's driver has seen its result, so a
+driver killed in between would otherwise resume after an epoch that Tune and
+MLflow never got. Consumers that see the epoch twice keep the first (the MLflow
+writer skips epochs it has logged; ASHA and Optuna record a step once).
 """
 
 from __future__ import annotations
@@ -20,23 +26,32 @@ from mfcon.data.ray_source import RayShardData
 from mfcon.train.checkpoint import RAY_CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mfcon.train.loop import WorkerContext, fit
 
+REPLAYED = "replayed"  # result key: 1.0 on the restored epoch's repeated result, absent on trained epochs
+
 
 class RayRunHooks:
     """Checkpoints through Ray Train's storage, so Tune restores and ASHA see every epoch."""
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.reported = False
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The latest checkpoint of this Train run (after a worker, node or driver failure), replayed to Tune."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as path:
-            return load_checkpoint(Path(path) / RAY_CHECKPOINT_FILE)
+            state = load_checkpoint(Path(path) / RAY_CHECKPOINT_FILE)
+        self.replay(state)
+        return state
+
+    def replay(self, state: dict[str, Any]) -> None:
+        """Report the restored epoch's metrics once more (every rank: a report is collective), no checkpoint."""
+        metrics = state.get("metrics") or (state.get("history") or [None])[-1]
+        if metrics:
+            ray.train.report({**metrics, REPLAYED: 1.0})
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        self.reported = True
         if state is None:
             ray.train.report(metrics)
             return
@@ -56,10 +71,7 @@ def train_worker(config: dict[str, Any]) -> None:
     data = RayShardData(num_classes=config["num_classes"], train_rows_total=config["train_rows"],
                         frame_shift_ms=config["frame_shift_ms"], trials=config["trials"], world_size=world,
                         seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
-    hooks = RayRunHooks(rank)
-    history = fit(cfg, data, hooks, WorkerContext(rank=rank, world_size=world, device=device,
-                                                  started_at=config.get("trial_started_at")))
-    if not hooks.reported and history:
-        # Restored after its last epoch (the driver died before Tune recorded the trial as done):
-        # nothing to train, but Tune still needs the trial's final result.
-        ray.train.report(history[-1])
+    # Restored after its last epoch (the driver died before Tune recorded the trial as done), the loop
+    # trains nothing: the replayed result is the trial's final one.
+    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device,
+                                                   started_at=config.get("trial_started_at")))

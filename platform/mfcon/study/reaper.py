@@ -121,9 +121,15 @@ class PlacementGroupReaper(Callback):
         self.removed = 0
         self._last = 0.0
 
-    def _reap(self) -> None:
+    def _reap(self, sweep_s: float = 0.0) -> None:
+        """Never raises: Tune stops every trial over a callback's exception, and a GCS call that failed under
+        load is simply made again at the next reap."""
         self._last = time.monotonic()
-        self.removed += remove_orphaned_placement_groups(self.scope)
+        try:
+            self.removed += (sweep_orphans(sweep_s, scope=self.scope) if sweep_s
+                             else remove_orphaned_placement_groups(self.scope))
+        except Exception as e:  # noqa: BLE001
+            log.warning("placement-group reaper: %s; the study goes on", e)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._reap()
@@ -137,7 +143,7 @@ class PlacementGroupReaper(Callback):
 
     def on_experiment_end(self, trials, **info):
         """The last trials' controllers die after Tune has moved on: sweep until they are gone."""
-        self.removed += sweep_orphans(settle_s=10.0, scope=self.scope)
+        self._reap(sweep_s=10.0)
 
 
 def sweep_orphans(settle_s: float = 10.0, poll_s: float = 0.5, scope: ReapScope | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +37,28 @@ def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
     if "loss.mfcon_blocks" in params and params["loss.mfcon_blocks"] == "":
         params["loss.mfcon_blocks"] = "none"
     return params
+
+
+ERROR_TAG = "mfcon.error"  # on a failed trial's run: what went wrong, e.g. "NonFiniteLossError: loss became nan ..."
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def failure_reason(trial) -> str | None:
+    """The line of a failed trial's traceback (Tune's error.txt) that says what went wrong: its last
+    "SomeError: message" line, module path dropped, e.g. "NonFiniteLossError: loss became nan at epoch 1 step 2
+    (margin nan, mfcon 0)"; the last line of the text when no line looks like an exception.
+
+    Read from the driver's copy (``trial.error_file``): when ``on_trial_error`` runs, Tune has written it there
+    but not yet synced it to the experiment's storage, which is what ``trial.get_error()`` reads."""
+    try:
+        local = trial.error_file
+        text = Path(local).read_text() if local and Path(local).exists() else str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - no error file: nothing to say
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [m.group(1) for m in map(_ERROR_LINE.match, lines) if m]
+    reason = (named or lines or [None])[-1]
+    return reason[:5000] if reason else None
 
 
 def never_raises(hook):
@@ -160,4 +183,8 @@ class MLflowStudyCallback(Callback):
 
     @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):
+        key = self.runs.key(trial.trial_id)
+        reason = failure_reason(trial)
+        if reason and self.runs.tracker.spool.started(key):
+            self.runs.tracker.write("log", key, tags={ERROR_TAG: reason})
         self._finish(trial, "failed")

@@ -89,3 +89,29 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
         ),
     )
     trainer.fit()
+    let_tune_take_the_last_result()
+
+
+def let_tune_take_the_last_result(settle_s: float = 1.0, poll_s: float = 0.1, timeout_s: float = 600.0) -> None:
+    """Return from the trial function only once Tune has taken Train's last result.
+
+    Ray 2.60's Tune/Train glue (``ray/train/_internal/session.py``, ``_get_result_from_queues``) moves each
+    Train result from the inter-actor queue into the trial's one-slot result queue with a blocking put, in
+    the thread that empties that queue. When the trial function returns, Tune puts its end marker
+    (RESULT_DUPLICATE) into the same slot; if the last epoch's result is still waiting in the inter-actor
+    queue (the driver was slower than the last epoch), the move blocks forever and the trial hangs.
+    Waiting here until both queues have stayed empty for ``settle_s`` lets the move happen first.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    inter_actor = getattr(session, "_inter_actor_queue", None)
+    if inter_actor is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if inter_actor.empty() and session.result_queue.empty():
+            time.sleep(settle_s)
+            if inter_actor.empty() and session.result_queue.empty():
+                return
+        time.sleep(poll_s)

@@ -93,14 +93,17 @@ def test_rel_shift_view_equals_pad_and_reshape():
         rel_shift(torch.randn(2, 3, 11, 20))
 
 
-def test_cpu_attention_equals_sdpa_with_float_mask():
-    """The CPU branch of ``attend_with_bias`` is the math of the SDPA call the CUDA branch makes."""
+def test_cpu_attention_equals_sdpa_branch():
+    """The CPU branch of ``attend_with_bias`` is the math of the SDPA branch CUDA takes, strided bias included."""
     torch.manual_seed(2)
     q, k, v = (torch.randn(3, 2, 13, 8) for _ in range(3))
-    bias = torch.randn(3, 2, 13, 13)
-    bias[:, 1, :, 9:] = float("-inf")  # padded keys of one utterance
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    torch.testing.assert_close(attend_with_bias(q, k, v, bias), want, atol=1e-5, rtol=1e-5)
+    bias = rel_shift(torch.randn(3, 2, 13, 25))  # the strided view the attention passes
+    bias = bias.masked_fill(torch.arange(13) >= 9, float("-inf"))  # padded keys
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.contiguous())
+    torch.testing.assert_close(attend_with_bias(q, k, v, bias, sdpa=False), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend_with_bias(q, k, v, bias, sdpa=True), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend_with_bias(q, k, v, rel_shift(torch.zeros(3, 2, 13, 25)), sdpa=False),
+                               F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_fast_dropout_keeps_the_bernoulli_law():

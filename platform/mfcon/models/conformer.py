@@ -189,16 +189,19 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, sdpa: bool | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d_k) + bias) v over (N, H, T, d_k) inputs and an (N, H, T, T) float bias.
 
-    On CUDA this is SDPA with ``bias`` as its additive mask (its memory-efficient kernel also
-    returns the bias gradient the relative-position term needs). On CPU SDPA falls back to its
-    unfused math path whenever the mask needs a gradient, so the same math is spelled out with
-    fewer passes: one ``add`` scales the content scores and adds the bias, no scaled copies of q and k.
+    ``sdpa`` (default: everywhere but CPU) is SDPA with ``bias`` as its additive mask: on CUDA its
+    memory-efficient kernel also returns the bias gradient the relative-position term needs. On
+    CPU SDPA falls back to its unfused math path whenever the mask needs a gradient, so there the
+    same math is spelled out with fewer passes: one ``add`` scales the content scores and adds the
+    bias, no scaled copies of q and k.
     """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+    if sdpa is None:
+        sdpa = q.device.type != "cpu"
+    if sdpa:  # contiguous: the fused kernels want an aligned mask, not a strided view
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).contiguous(), dropout_p=dropout_p)
     *lead, t, d_k = q.shape
     q3, k3, v3 = (x.reshape(-1, t, d_k) for x in (q, k, v))  # (N H, T, d_k), views of contiguous inputs
     content = torch.bmm(q3, k3.transpose(1, 2))  # (N H, T, T); baddbmm would take twice as long on CPU

@@ -27,15 +27,10 @@ from mfcon.data.augment import (
     AugmentError,
     Recipe,
     Variant,
-    apply_variant,
     augment_config,
-    bank_clip,
     draw_recipe,
-    fit_length,
-    load_bank_audio,
-    reverberate,
-    speed_perturb,
 )
+from mfcon.data.augment_signal import apply_variant, bank_clip, fit_length, load_bank_audio, reverberate, speed_perturb
 from mfcon.data.corpus.noise_banks import coloured_noise, decaying_rir, tone_sequence, write_wav
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 from mfcon.data.corpus.voxceleb import list_utterances

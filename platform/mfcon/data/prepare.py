@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from mfcon import storage
 from mfcon.config import FeatureConfig
 from mfcon.data.audio import AudioError, load_audio
-from mfcon.data.augment import CLEAN, Augmentation, AugmentConfig, apply_variant
+from mfcon.data.augment import CLEAN, Augmentation, AugmentConfig
+from mfcon.data.augment_signal import apply_variant
 from mfcon.data.corpus.voxceleb import (
     list_utterances,
     read_trials,

@@ -7,7 +7,7 @@ of the shards), "eval" is read whole by rank 0.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import ray.data

@@ -71,7 +71,7 @@ class CorpusSpec(BaseModel):
     trials_per_utt: int = Field(3, ge=1)  # target trials per enrolment utterance, plus as many non-targets
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CorpusSpec":
+    def _consistent(self) -> CorpusSpec:
         if self.n_test_speakers >= self.n_speakers:
             raise ValueError(f"n_test_speakers ({self.n_test_speakers}) must be < n_speakers ({self.n_speakers})")
         if self.max_seconds < self.min_seconds:

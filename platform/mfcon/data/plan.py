@@ -96,15 +96,19 @@ class ShardTask:
     feature_config: FeatureConfig
     dither_seed: int
     plan: str  # fingerprint of all of the above + audio sizes/mtimes
+    feature_dtype: str = "float32"  # how the shard stores features (float16: compact); in the fingerprint
 
 
 def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig, rows_per_shard: int, seed: int,
-                augment: Augmentation | None = None) -> tuple[dict[str, int], list[ShardTask]]:
+                augment: Augmentation | None = None,
+                feature_dtype: str = "float32") -> tuple[dict[str, int], list[ShardTask]]:
     """Deterministic shard plan: (speaker -> index over train speakers, tasks in order).
 
     ``augment`` adds speed-perturbed speakers (indices after the originals) and
     augmented copies to train only; the train rows are shuffled with ``seed``
     after expansion, so a shard mixes speakers, speeds and copies.
+    ``feature_dtype`` (float32 or float16) is part of every fingerprint, so a
+    re-run with another dtype rebuilds every shard rather than mixing dtypes.
     """
     base = sorted({u.speaker for u in splits["train"]})
     speakers = augment.speakers(base) if augment else {s: i for i, s in enumerate(base)}
@@ -121,7 +125,7 @@ def plan_shards(splits: dict[str, list[Utterance]], feature_cfg: FeatureConfig, 
             file = f"{split}-{n:05d}.parquet"
             dither_seed = int.from_bytes(hashlib.sha256(f"{seed}/{file}".encode()).digest()[:4], "little")
             tasks.append(ShardTask(split, file, rows, feature_cfg, dither_seed,
-                                   _fingerprint(file, rows, feature_cfg, dither_seed)))
+                                   _fingerprint(file, rows, feature_cfg, dither_seed, feature_dtype), feature_dtype))
     return speakers, tasks
 
 
@@ -140,13 +144,17 @@ def _stats(paths: list[str]) -> list[tuple[int, int]]:
     return stats
 
 
-def _fingerprint(file: str, rows: tuple[ShardRow, ...], cfg: FeatureConfig, dither_seed: int) -> str:
+def _fingerprint(file: str, rows: tuple[ShardRow, ...], cfg: FeatureConfig, dither_seed: int,
+                 feature_dtype: str = "float32") -> str:
     """sha256 of what the shard holds. A shard without augmented rows hashes exactly as before augmentation
-    existed, so folders prepared then still resume; one with them adds the recipes and their bank files."""
+    existed, so folders prepared then still resume; one with them adds the recipes and their bank files.
+    Likewise a float32 shard hashes as before feature dtypes existed; any other dtype is added."""
     blob: list = [SCHEMA_VERSION, file, cfg.model_dump(), dither_seed, [r[:4] for r in rows],
                   _stats([r.path for r in rows])]
     variants = [r.variant for r in rows]
     if any(v != CLEAN for v in variants):
         banks = sorted({s for v in variants if v.recipe for s in v.recipe.sources})
         blob += [AUGMENT_VERSION, variants, banks, _stats(banks)]
+    if feature_dtype != "float32":
+        blob += [{"feature_dtype": feature_dtype}]
     return hashlib.sha256(json.dumps(blob).encode()).hexdigest()

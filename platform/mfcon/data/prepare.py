@@ -23,6 +23,12 @@ on any node write their shards straight to the store. A re-run
 with the same inputs keeps every shard whose sidecar fingerprint and sha256
 still match; ``manifest.json`` is written last, then the sidecars are removed.
 
+Compact shards (``feature_dtype="float16"``, ``mfcon prepare --feature-dtype
+float16``) store features as float16 with BYTE_STREAM_SPLIT + zstd, about 0.36x
+the bytes (:mod:`mfcon.data.shards`); readers still get float32. The dtype is
+in every shard's fingerprint and in the manifest: a re-run over a folder of
+the other dtype is refused (or, with ``overwrite``, rebuilt whole), never mixed.
+
 Augmentation (:mod:`mfcon.data.augment`, off by default) adds train rows only:
 speed-perturbed speakers and MUSAN/RIR copies, each drawn into the plan from
 ``(seed, utt_id, copy)``. Its bank folders are checked before anything is
@@ -59,6 +65,7 @@ from mfcon.data.features import compute_fbank
 from mfcon.data.plan import ShardTask, SplitError, hold_out_dev, plan_shards, split_corpus
 from mfcon.data.shards import (
     EVAL_SPLITS,
+    FEATURE_DTYPES,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SPLITS,
@@ -118,7 +125,8 @@ def build_shard(out_dir: str, task: ShardTask) -> dict[str, Any]:
             yield {"utt_id": row.utt_id, "speaker": row.speaker, "speaker_index": row.speaker_index, "features": feats}
 
     path = storage.join(out_dir, task.file)
-    entry = write_shard(path, rows(), num_mel_bins=cfg.num_mel_bins, metadata={PLAN_KEY: task.plan})
+    entry = write_shard(path, rows(), num_mel_bins=cfg.num_mel_bins, metadata={PLAN_KEY: task.plan},
+                        feature_dtype=task.feature_dtype)
     record = {"plan": task.plan, "entry": entry.model_dump(), "rows": len(task.utterances),
               "skipped": [{"path": p, "reason": r} for p, r in skipped.items()]}
     storage.write_text(sidecar_path(out_dir, task.file), json.dumps(record, indent=1))
@@ -137,7 +145,8 @@ def _init_worker() -> None:
 
 # ---------------------------------------------------------------- resume
 
-def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask], overwrite: bool) -> None:
+def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask], overwrite: bool,
+                    feature_dtype: str = "float32") -> None:
     """Turn an existing manifest into sidecars (so its shards can be reused), then remove it.
 
     Removing it first means an interrupted re-run never leaves a manifest that
@@ -157,6 +166,10 @@ def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask]
         raise ManifestError(
             f"{path}: prepared with a different feature config ({old.feature_config.model_dump()} vs "
             f"{feature_cfg.model_dump()}); pass overwrite=True or choose another folder")
+    if old.feature_dtype != feature_dtype and not overwrite:
+        raise ManifestError(
+            f"{path}: prepared with feature_dtype {old.feature_dtype}, this run asks for {feature_dtype}; a folder "
+            "never mixes the two: choose another folder, or pass overwrite=True to rebuild every shard")
     by_file = {t.file: t for t in tasks}
     for info in old.splits.values():
         for entry in info.shards:
@@ -290,7 +303,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
                     dev_trials: str | Path | None = None, dev_speakers: int | None = None, dev_trials_per_utt: int = 3,
                     feature_cfg: FeatureConfig = DEFAULT_FEATURES, rows_per_shard: int = 256, num_workers: int = 2,
                     seed: int = 0, progress: bool = True, overwrite: bool = False,
-                    augment: AugmentConfig | None = None) -> Manifest:
+                    augment: AugmentConfig | None = None, feature_dtype: str = "float32") -> Manifest:
     """Prepare train/dev/test shards for ``corpus_root`` in ``out_dir``; return the manifest.
 
     The dev set is ``dev_trials`` (a trial list over speakers disjoint from the
@@ -302,6 +315,11 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     guard. Refuses an ``out_dir`` whose manifest used another feature config
     unless ``overwrite`` (then every shard is rebuilt).
 
+    ``feature_dtype="float16"`` writes compact shards (about 0.36x the bytes;
+    readers still get float32) and records ``feature_dtype`` in the manifest;
+    an ``out_dir`` prepared with the other dtype is refused unless
+    ``overwrite`` (then every shard is rebuilt).
+
     ``augment`` adds augmented copies and speed-perturbed speakers to the train
     split only (:mod:`mfcon.data.augment`); its MUSAN/RIR folders are checked
     (AugmentError naming the folder) before anything is written.
@@ -311,6 +329,8 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
     if (dev_trials is None) == (dev_speakers is None):
         raise SplitError("give exactly one of dev_trials (a dev trial list) or dev_speakers (hold out N training "
                          "speakers): a study selects on dev, and test stays unseen until the verdict")
@@ -330,9 +350,9 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
                 if dev_trials is not None else
                 DevProtocol(source="held_out_speakers", speakers=dev_speakers, trials_per_utt=dev_trials_per_utt,
                             seed=seed))
-    speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed, augmentation)
+    speakers, tasks = plan_shards(splits, feature_cfg, rows_per_shard, seed, augmentation, feature_dtype)
     storage.makedirs(out)
-    _adopt_manifest(out, feature_cfg, tasks, overwrite)
+    _adopt_manifest(out, feature_cfg, tasks, overwrite, feature_dtype)
 
     records = {t.file: r for t in tasks if (r := _finished(out, t)) is not None}
     todo = [t for t in tasks if t.file not in records]
@@ -342,6 +362,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
             records[record["entry"]["file"]] = record
 
     manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol)
+    manifest = manifest.model_copy(update={"feature_dtype": feature_dtype})
     if augmentation is not None:
         manifest = manifest.model_copy(update={"augmentation": augmentation.config})
     lost = _skipped_utt_ids(tasks, records)

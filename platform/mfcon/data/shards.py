@@ -16,6 +16,14 @@ frames of one utterance are one contiguous float32 buffer, so readers get
 (T, F) numpy views without copying (``features_from_column``), and Ray Data
 crops them zero-copy.
 
+Compact shards (``prepare --feature-dtype float16``, manifest
+``feature_dtype: "float16"``) store ``list<fixed_size_list<float16, F>>``,
+written with BYTE_STREAM_SPLIT + zstd for the feature column (about 0.36x the
+bytes of float32 + snappy; docs/performance_shards.md). Readers still get
+(T, F) float32 arrays: ``features_from_column`` converts each column chunk
+once. A manifest without ``feature_dtype`` is float32, and a shard whose
+feature type is not the manifest's is refused, naming the file.
+
 A data folder is a *location* (:mod:`mfcon.storage`): a local path or an
 object-store URI such as ``s3://bucket/vox1``; shard paths in a study are
 locations too, so every node streams them from the same place. Every file is
@@ -57,6 +65,13 @@ EVAL_SPLITS = ("dev", "test")  # splits with a trial list; dev is what a search 
 def trials_name(split: str) -> str:
     return f"trials-{split}.txt"
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: the unit Ray Data reads and shuffles
+
+FeatureDtype = Literal["float32", "float16"]
+FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16")  # float32: today's shards; float16: compact
+_ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+_FEATURES_LEAF = "features.list.element.list.element"  # the Parquet column path of the feature values
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger features would become inf
+COMPACT_ZSTD_LEVEL = 6  # float16 shards: zstd 6 is within 0.1% of 9-12 in size, reads as fast as 1-3
 
 
 class ShardIntegrityError(ValueError):
@@ -125,6 +140,7 @@ class Manifest(_Model):
     created_at: str
     source: str  # corpus root the shards were computed from
     augmentation: AugmentConfig | None = None  # train-split augmentation; absent = none
+    feature_dtype: FeatureDtype = "float32"  # how shards store features; absent = float32 (readers get float32)
 
     @field_validator("trials")
     @classmethod
@@ -132,11 +148,14 @@ class Manifest(_Model):
         return {split: _name_in_folder(name) for split, name in value.items()}
 
     @model_serializer(mode="wrap")
-    def _omit_no_augmentation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """No ``augmentation`` key without augmentation: such manifests stay what older readers accept."""
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``augmentation`` key without augmentation and no ``feature_dtype`` key for float32: such manifests
+        stay byte-identical to what older mfcon wrote and accepts (same ``manifest_hash``)."""
         data = handler(self)
         if data.get("augmentation") is None:
             data.pop("augmentation", None)
+        if data.get("feature_dtype") == "float32":
+            data.pop("feature_dtype", None)
         return data
 
 
@@ -155,30 +174,70 @@ class SplitArrays:
 
 # ---------------------------------------------------------------- writing
 
-def shard_schema(num_mel_bins: int = 80, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """Arrow schema of a version-1 shard; ``num_mel_bins`` comes from the FeatureConfig."""
+def _check_dtype(feature_dtype: str) -> str:
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    return feature_dtype
+
+
+def shard_schema(num_mel_bins: int = 80, metadata: Mapping[str, str] | None = None,
+                 feature_dtype: str = "float32") -> pa.Schema:
+    """Arrow schema of a shard; ``num_mel_bins`` comes from the FeatureConfig, ``feature_dtype`` from the
+    manifest (float32, or float16 for compact shards)."""
+    value_type = _ARROW_DTYPES[_check_dtype(feature_dtype)]
     fields = [
         pa.field("utt_id", pa.string(), nullable=False),
         pa.field("speaker", pa.string(), nullable=False),
         pa.field("speaker_index", pa.int32(), nullable=False),
         pa.field("num_frames", pa.int32(), nullable=False),
-        pa.field("features", pa.list_(pa.list_(pa.float32(), num_mel_bins)), nullable=False),
+        pa.field("features", pa.list_(pa.list_(value_type, num_mel_bins)), nullable=False),
     ]
     meta = {"mfcon.schema_version": str(SCHEMA_VERSION), **(metadata or {})}
     return pa.schema(fields, metadata=meta)
 
 
+def manifest_schema(manifest: Manifest) -> pa.Schema:
+    """The shard schema a manifest promises: its bins and its ``feature_dtype``."""
+    return shard_schema(manifest.feature_config.num_mel_bins, feature_dtype=manifest.feature_dtype)
+
+
+def writer_options(feature_dtype: str = "float32") -> dict[str, Any]:
+    """``pq.ParquetWriter`` options for a shard. float32: pyarrow's defaults (snappy, dictionary pages), as
+    shards were always written. float16: the feature values BYTE_STREAM_SPLIT (no dictionary) + zstd, which
+    shrank float16 shards a further ~15% at about the same read speed (docs/performance_shards.md)."""
+    if _check_dtype(feature_dtype) == "float32":
+        return {}
+    return {"compression": "zstd", "compression_level": COMPACT_ZSTD_LEVEL,
+            "use_dictionary": ["utt_id", "speaker", "speaker_index", "num_frames"],
+            "use_byte_stream_split": [_FEATURES_LEAF]}
+
+
+def schema_feature_dtype(schema: pa.Schema) -> str | None:
+    """``float32``/``float16`` for a shard-like schema's feature values, None if there is no such column."""
+    try:
+        value = schema.field("features").type.value_type.value_type
+    except (KeyError, AttributeError):
+        return None
+    return next((name for name, t in _ARROW_DTYPES.items() if value == t), str(value))
+
+
 def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows ``{utt_id, speaker, speaker_index, features (T, F)}`` -> Arrow table (one copy of the frames)."""
-    bins = schema.field("features").type.value_type.list_size
+    inner = schema.field("features").type.value_type
+    bins, value_type = inner.list_size, inner.value_type
     feats = [np.ascontiguousarray(r["features"], dtype=np.float32) for r in rows]
     for r, x in zip(rows, feats):
         if x.ndim != 2 or x.shape[1] != bins:
             raise ValueError(f"{r['utt_id']}: features must be (T, {bins}), got {x.shape}")
+        if value_type == pa.float16() and x.size and float(np.abs(x).max()) > FLOAT16_MAX:
+            raise ValueError(f"{r['utt_id']}: features exceed the float16 range (|x| > {FLOAT16_MAX:g}); "
+                             "prepare with feature_dtype float32")
     frames = np.array([x.shape[0] for x in feats], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int32)
     flat = np.concatenate(feats).reshape(-1) if feats else np.zeros(0, np.float32)  # (sum T * F,)
-    column = pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat), bins))
+    flat = flat.astype(value_type.to_pandas_dtype(), copy=False)  # float16: round to nearest
+    column = pa.ListArray.from_arrays(pa.array(offsets),
+                                      pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), bins))
     return pa.Table.from_arrays([
         pa.array([str(r["utt_id"]) for r in rows], pa.string()),
         pa.array([str(r["speaker"]) for r in rows], pa.string()),
@@ -189,7 +248,7 @@ def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bins: int = 80,
-                metadata: Mapping[str, str] | None = None) -> ShardEntry:
+                metadata: Mapping[str, str] | None = None, feature_dtype: str = "float32") -> ShardEntry:
     """Stream ``rows`` into a Parquet shard at ``path`` atomically; return its manifest entry.
 
     Rows are dicts ``{utt_id, speaker, speaker_index, features: (T, F) float32}``
@@ -197,17 +256,18 @@ def write_shard(path: str | Path, rows: Iterable[Mapping[str, Any]], num_mel_bin
     to ``<name>.tmp-<pid>``, which is removed if anything raises, and renamed to
     ``path`` only once complete. ``metadata`` goes into the Parquet schema
     metadata (``prepare`` stores the shard's plan fingerprint there).
+    ``feature_dtype="float16"`` writes a compact shard (:func:`writer_options`).
 
     >>> import tempfile
     >>> row = {"utt_id": "id1/v/1.wav", "speaker": "id1", "speaker_index": 0, "features": np.zeros((3, 80), np.float32)}
     >>> write_shard(Path(tempfile.mkdtemp()) / "train-00000.parquet", [row]).rows
     1
     """
-    schema = shard_schema(num_mel_bins, metadata)
+    schema = shard_schema(num_mel_bins, metadata, feature_dtype)
     count = 0
     with storage.staged_file(path) as tmp:
         with open(tmp, "wb") as sink:
-            writer = pq.ParquetWriter(sink, schema)
+            writer = pq.ParquetWriter(sink, schema, **writer_options(feature_dtype))
             try:
                 batch: list[Mapping[str, Any]] = []
                 for row in rows:
@@ -290,7 +350,7 @@ def verify_shards(data_dir: str | Path, manifest: Manifest | None = None) -> Non
     """Recompute every shard's sha256 and read its Parquet footer; raise ShardIntegrityError naming each missing,
     changed, unreadable or foreign shard (a matching sha256 proves nothing when the manifest was rewritten too)."""
     manifest = manifest or read_manifest(data_dir)
-    expected = shard_schema(manifest.feature_config.num_mel_bins)
+    expected = manifest_schema(manifest)
     problems, bad = [], []
     for split, info in manifest.splits.items():
         for entry in info.shards:
@@ -312,7 +372,7 @@ def check_shard_schemas(data_dir: str | Path, manifest: Manifest | None = None) 
     """Read every shard's Parquet footer (cheap, no sha256): raise ShardIntegrityError naming each one that is
     not readable or not an mfcon shard. ``mfcon train`` calls it before building a model."""
     manifest = manifest or read_manifest(data_dir)
-    expected = shard_schema(manifest.feature_config.num_mel_bins)
+    expected = manifest_schema(manifest)
     problems = [(path, problem) for split in manifest.splits for path in shard_paths(data_dir, split, manifest)
                 if storage.is_file(path) and (problem := _schema_problem(path, expected)) is not None]
     if problems:
@@ -328,19 +388,32 @@ def _schema_problem(path: str, expected: pa.Schema) -> str | None:
     except (pa.ArrowInvalid, OSError) as e:
         return f"not a readable Parquet file (truncated?): {e}"
     if not schema.equals(expected, check_metadata=False):
-        found = ", ".join(f"{f.name}: {f.type}" for f in schema)
-        return (f"columns ({found}) are not an mfcon shard's (schema version {SCHEMA_VERSION}: "
-                f"{', '.join(expected.names)})")
+        return _mismatch(schema, expected)
     return None
 
 
+def _mismatch(schema: pa.Schema, expected: pa.Schema) -> str:
+    """Why ``schema`` is not ``expected``: a feature dtype other than the manifest's is said so plainly."""
+    found_dtype, want_dtype = schema_feature_dtype(schema), schema_feature_dtype(expected)
+    if found_dtype != want_dtype and found_dtype in FEATURE_DTYPES and schema.equals(
+            shard_schema(expected.field("features").type.value_type.list_size, feature_dtype=found_dtype),
+            check_metadata=False):
+        return (f"features are stored as {found_dtype} but {MANIFEST_NAME} says feature_dtype {want_dtype} "
+                "(a shard of another prepare run?); prepare the data again")
+    found = ", ".join(f"{f.name}: {f.type}" for f in schema)
+    return (f"columns ({found}) are not an mfcon shard's (schema version {SCHEMA_VERSION}: "
+            f"{', '.join(expected.names)})")
+
+
 def features_from_column(column: pa.ChunkedArray | pa.Array | np.ndarray) -> list[np.ndarray]:
-    """``features`` column -> one (T, F) float32 array per row, zero-copy for Arrow input.
+    """``features`` column -> one (T, F) float32 array per row, zero-copy for float32 Arrow input.
 
     Accepts a ChunkedArray (``pq.read_table``), an Array (one record batch, as
     Ray Data's ``batch_format="pyarrow"`` gives), or a numpy object array of
     per-row frames (``batch_format="numpy"``). Arrow-backed results are
     read-only views into the column's buffers: copy before writing into them.
+    A float16 (compact) column is converted to float32 once per chunk, and the
+    rows are read-only views into that conversion.
     """
     if isinstance(column, np.ndarray):
         return [_frames_from_numpy(x) for x in column]
@@ -353,6 +426,9 @@ def features_from_column(column: pa.ChunkedArray | pa.Array | np.ndarray) -> lis
         offsets = chunk.offsets.to_numpy()  # (N + 1,) into chunk.values, slice-aware
         frames = chunk.values  # FixedSizeListArray, unsliced
         flat = frames.flatten().to_numpy(zero_copy_only=True).reshape(-1, bins)  # (sum T, F)
+        if flat.dtype != np.float32:  # compact shards: one conversion per chunk
+            flat = flat.astype(np.float32)
+            flat.flags.writeable = False
         out.extend(flat[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
     return out
 
@@ -374,13 +450,12 @@ def load_split(data_dir: str | Path, split: str, manifest: Manifest | None = Non
     """Read all shards of ``split`` (manifest order) into memory."""
     manifest = manifest or read_manifest(data_dir)
     paths = shard_paths(data_dir, split, manifest)
-    bins = manifest.feature_config.num_mel_bins
-    expected = shard_schema(bins)
+    expected = manifest_schema(manifest)
     tables = [read_shard_table(p) for p in paths]
     for path, t in zip(paths, tables):
         if not t.schema.equals(expected, check_metadata=False):
-            raise ValueError(f"{path}: columns {t.schema.types} do not match shard schema version {SCHEMA_VERSION} "
-                             f"with {bins} bins")
+            raise ValueError(f"{path}: {_mismatch(t.schema, expected)} "
+                             f"({manifest.feature_config.num_mel_bins} bins, {manifest.feature_dtype})")
     table = pa.concat_tables(tables) if tables else expected.empty_table()
     return SplitArrays(
         utt_ids=table.column("utt_id").to_pylist(),

@@ -11,7 +11,7 @@ import pytest
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.spaces import load_search_space
 from mfcon.tracking import find_runs, open_spool, spool_dir
-from mfcon.tracking.spool import read_lines
+from mfcon.tracking.spool_file import read_lines
 from mfcon.train.checkpoint import RAY_CHECKPOINT_FILE
 from mlflow.tracking import MlflowClient
 

@@ -20,7 +20,7 @@ import pytest
 from mfcon.cli import tracking as tracking_cli
 from mfcon.cli.common import run as run_command
 from mfcon.tracking import SpoolBusy, StudyTracker, TrackingWriteError, TrialRuns, spool_dir
-from mfcon.tracking.spool import read_lines
+from mfcon.tracking.spool_file import read_lines
 from mfcon.tracking.sync import sync_study
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import MlflowServer, epoch_result

@@ -17,7 +17,7 @@ import pytest
 from mfcon.study.runner import run_study, study_paths
 from mfcon.tracking import TRIAL_METRICS, open_spool, spool_dir
 from mfcon.tracking.replay import CLIENT_ENV
-from mfcon.tracking.spool import read_lines
+from mfcon.tracking.spool_file import read_lines
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import MlflowServer
 

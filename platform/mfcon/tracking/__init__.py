@@ -9,7 +9,8 @@ or stops a study.
 
 from mfcon.tracking.records import StudyNotFound, StudyRecord, TrialRecord, load_study, read_replication
 from mfcon.tracking.runs import TRIAL_METRICS, StudyTracker, TrialRuns, flatten
-from mfcon.tracking.spool import PendingWrites, SpoolBusy, TrackingWriteError, open_spool, spool_dir
+from mfcon.tracking.spool import PendingWrites, TrackingWriteError, open_spool
+from mfcon.tracking.spool_file import SpoolBusy, spool_dir
 from mfcon.tracking.store import (
     PLOTS_DIR,
     REPLICATION_FILE,

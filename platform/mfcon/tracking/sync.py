@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfcon.tracking.spool import read_lines, spool_at, spool_dir
+from mfcon.tracking.spool import spool_at
+from mfcon.tracking.spool_file import read_lines, spool_dir
 
 
 class NoSpool(ValueError):

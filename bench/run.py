@@ -1,8 +1,9 @@
 """Benchmarks, reported as ratios measured in one run (never as timed tests).
 
 1. Feature preparation: utterances/s with 2 workers vs 1 on the same corpus.
-2. Study overhead: per-trial start-up (trial requested -> first training step) vs time
-   spent training, read from a study's MLflow store (run the demo first).
+2. Study overhead: per-trial start-up (Tune's request -> first training step) vs time
+   spent training, read from a study's MLflow store (run the demo first); bench/trial_startup.py
+   breaks it down by stage and compares the workers' data readers.
 
     .venv/bin/python bench/run.py [--speakers 40 --utts 10] [--workdir demo_out/runs]
 """

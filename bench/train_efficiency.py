@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib
 import json
 import multiprocessing
@@ -58,6 +57,7 @@ from mfcon.data.batching import CropBatch
 from mfcon.losses.multiscale import SpeakerObjective
 from mfcon.models.mfa_conformer import build_model
 from mfcon.study.spaces import load_search_space
+from mfcon.train.heap import keep_freed_memory
 from mfcon.train.loop import TrainModule, WorkerContext, _train_step, build_optimizer
 
 SPACES = {"paper": REPO / "search_spaces" / "mfcon.yaml", "tiny": REPO / "search_spaces" / "demo.yaml"}
@@ -202,21 +202,6 @@ def count_flops(step: TrainStep) -> None:
 
 # ---------------------------------------------------------------- heap policy
 
-
-def keep_freed_memory() -> bool:
-    """glibc malloc: serve big blocks from the heap and never give freed memory back to the OS.
-
-    By default glibc maps every block over its mmap threshold (at most 32 MiB) with its own
-    ``mmap`` and unmaps it on free, so each large activation of every step page-faults its
-    memory in again (the kernel zeroes every page). ``mallopt(M_MMAP_MAX, 0)`` and
-    ``mallopt(M_TRIM_THRESHOLD, -1)`` (documented: -1 disables trimming) keep it mapped;
-    the process keeps its peak footprint instead. False where libc is not glibc.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 # ---------------------------------------------------------------- variants, one process per heap policy

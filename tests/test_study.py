@@ -25,7 +25,7 @@ name: {name}
 base:
   model_preset: tiny
   epochs: {epochs}
-  data: {{speakers_per_batch: 4, utts_per_speaker: 2, crop_seconds: 1.0}}
+  data: {{speakers_per_batch: 4, utts_per_speaker: 2, crop_seconds: 1.0, reader: {reader}}}
   optim: {{lr: 0.003, warmup_steps: 2}}
 params:
   loss.mfcon_weight: {{type: loguniform, low: 0.01, high: 1.0}}
@@ -36,10 +36,11 @@ resources: {{num_workers: {workers}, cpus_per_worker: 1}}
 """
 
 
-def write_space(tmp_path: Path, name: str, epochs=3, samples=4, concurrent=2, workers=1, extra: str = "") -> Path:
+def write_space(tmp_path: Path, name: str, epochs=3, samples=4, concurrent=2, workers=1, extra: str = "",
+                reader: str = "files") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(SPACE.format(name=name, epochs=epochs, samples=samples, concurrent=concurrent, workers=workers,
-                                 extra=extra))
+                                 extra=extra, reader=reader))
     return path
 
 
@@ -54,10 +55,12 @@ def trial_runs(workdir: Path, study: str):
 
 def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu, small_data, tmp_path):
     """8 trials, ASHA stops some: their leaked placement groups must not starve later trials."""
-    # A learning rate from "barely trains" to "trains": epoch-1 dev EERs spread out instead of tying, so trials
-    # worse than the running median exist whatever order a loaded machine finishes them in, and ASHA stops them.
+    # Known-bad and known-good trials: lr 1e-7 leaves the seeded initial weights as they are (every such trial
+    # scores the untrained model's dev EER), lr 3e-3 trains (strictly lower EER after an epoch). TPE's seeded
+    # random start draws bad, good, bad, bad: whichever of the first two finishes epoch 1 first, the third
+    # (bad) trial reaches epoch 1 with a good one recorded before it, which is worse than ASHA's cutoff.
     space = write_space(tmp_path, "asha8", epochs=2, samples=8, concurrent=2,
-                        extra="\n  optim.lr: {type: loguniform, low: 1.0e-7, high: 0.01}")
+                        extra="\n  optim.lr: {type: categorical, choices: [1.0e-7, 0.003]}")
     summary = run_study(space, small_data, workdir=tmp_path)
     assert summary.num_trials == 8
     assert summary.states.get("failed", 0) == 0, summary.states
@@ -92,8 +95,9 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
 
 
 def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small_data, tmp_path):
-    one = run_study(write_space(tmp_path, "w1", epochs=2, samples=1, concurrent=1, workers=1), small_data,
-                    workdir=tmp_path)
+    # One worker through Ray Data (data.reader: ray_data), two reading their shares of the files directly.
+    one = run_study(write_space(tmp_path, "w1", epochs=2, samples=1, concurrent=1, workers=1, reader="ray_data"),
+                    small_data, workdir=tmp_path)
     two = run_study(write_space(tmp_path, "w2", epochs=2, samples=1, concurrent=1, workers=2), small_data,
                     workdir=tmp_path)
     assert one.states == {"completed": 1} and two.states == {"completed": 1}
@@ -105,6 +109,12 @@ def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small
     # Same recipe, half the steps per worker each: the result agrees with one worker up to noise.
     assert two.best_metric < 45.0 and one.best_metric < 45.0
     assert abs(two.best_metric - one.best_metric) < 15.0
+    # Start-up is logged stage by stage, counted from Tune's request, on the first epoch only.
+    for study in ("w1", "w2"):
+        metrics = trial_runs(tmp_path, study)[2][0].data.metrics
+        stages = [metrics[f"startup_{s}_seconds"] for s in ("request", "workers", "setup", "first_batch")]
+        assert all(s >= 0 for s in stages) and stages[1] > 0
+        assert metrics["startup_seconds"] == pytest.approx(sum(stages), abs=1e-3)
 
 
 def test_unreachable_tracking_server_fails_before_any_training(small_data, tmp_path):

@@ -154,6 +154,10 @@ class DataConfig(Strict):
     ``positives``: a speaker's K crops come from K different utterances
     (``utterances``) or are K random crops of one utterance (``views``, two
     views of one recording as in the MFCon authors' training set).
+
+    ``reader``: how a study's Ray Train workers get their rows: ``files`` (each
+    worker reads its share of the shards directly; no pipeline to start) or
+    ``ray_data`` (a Ray Data split of the shards). Local training reads files.
     """
 
     speakers_per_batch: int = Field(16, ge=2)
@@ -161,6 +165,7 @@ class DataConfig(Strict):
     crop_seconds: float = Field(2.0, gt=0)
     eval_max_seconds: float | None = Field(None, gt=0)
     shuffle_buffer_rows: int = Field(2048, ge=1)
+    reader: Literal["files", "ray_data"] = "files"
     positives: Positives = "utterances"
     spec_augment: SpecAugmentConfig = SpecAugmentConfig()
 

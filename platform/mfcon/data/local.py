@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mfcon.data.corpus.voxceleb import read_trials
+from mfcon.data.shard_stream import ShardStream
 from mfcon.data.shards import (
     EVAL_SPLITS,
     check_shard_schemas,
@@ -71,9 +72,10 @@ def read_cohort(data_dir: str | Path, utts_per_speaker: int = 3, max_speakers: i
 
 
 class LocalShardData:
-    """Implements ``train.loop.TrainData`` over a shard folder; shards are dealt round-robin to ranks."""
+    """Implements ``train.loop.TrainData`` over a shard folder (row groups dealt to ranks: ``ShardStream``)."""
 
-    def __init__(self, data_dir: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, data_dir: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 buffer_rows: int = 2048):
         self.data_dir = data_dir
         self.manifest = read_manifest(self.data_dir)
         check_shard_schemas(self.data_dir, self.manifest)  # a foreign shard is an input error, not a crash mid-epoch
@@ -81,19 +83,12 @@ class LocalShardData:
         self.num_classes = len(self.manifest.speakers)
         self.rows_per_worker = self.manifest.splits["train"].rows // world_size
         self.frame_shift_ms = self.manifest.feature_config.frame_shift_ms
+        self.stream = ShardStream(shard_paths(self.data_dir, "train", self.manifest), rank=rank,
+                                  world_size=world_size, seed=seed, buffer_rows=buffer_rows)
         self._eval: EvalSet | None = None
 
     def train_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        paths = shard_paths(self.data_dir, "train")
-        for i in rng.permutation(len(paths)):
-            if i % self.world_size != self.rank:
-                continue
-            table = read_shard_table(paths[i], columns=["features", "speaker_index"])
-            feats = features_from_column(table.column("features"))
-            labels = table.column("speaker_index").to_numpy()
-            for j in rng.permutation(len(feats)):
-                yield feats[j], int(labels[j])
+        return self.stream.rows(epoch)
 
     def eval_set(self) -> EvalSet | None:
         if self._eval is None:

@@ -74,6 +74,17 @@ def never_raises(hook):
     return guarded
 
 
+def with_request_time(result: dict[str, Any], requested_at: float | None) -> dict[str, Any]:
+    """The trial's start-up counted from Tune's request: the worker counts from the trial function's start
+    (``startup_started_at``); the time before it (placement, the trial's actor, its imports), seen only by
+    the driver, is ``startup_request_seconds``."""
+    started_at = result.get("startup_started_at")
+    if requested_at is None or not isinstance(started_at, (int, float)) or "startup_seconds" not in result:
+        return result
+    wait = max(0.0, started_at - requested_at)
+    return {**result, "startup_request_seconds": wait, "startup_seconds": result["startup_seconds"] + wait}
+
+
 class MLflowStudyCallback(Callback):
     """Child run per trial (params, per-epoch metrics, final state, best checkpoint); best so far on the parent.
 
@@ -94,6 +105,7 @@ class MLflowStudyCallback(Callback):
         self._runs: TrialRuns | None = None
         self._checkpoints: dict[str, list[tuple[float, int, str]]] = {}  # trial -> (metric, epoch, checkpoint dir)
         self._study_best: float | None = None
+        self._requested_at: dict[str, float] = {}  # trial -> wall clock when Tune first had it pending
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -119,13 +131,22 @@ class MLflowStudyCallback(Callback):
         return self._runs
 
     @never_raises
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.time()
+        for trial in trials:
+            if trial.status == "PENDING":  # a new trial: Tune is about to ask for its resources
+                self._requested_at.setdefault(trial.trial_id, now)
+
+    @never_raises
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._requested_at.setdefault(trial.trial_id, time.time())
         params = self.params_of(trial.config) if self.params_of else trial_params(self.space, trial.config)
         self.runs.start(trial.trial_id, params)
 
     @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.runs.log_epoch(trial.trial_id, result, int(time.time() * 1000))
+        self.runs.log_epoch(trial.trial_id, with_request_time(result, self._requested_at.get(trial.trial_id)),
+                            int(time.time() * 1000))
         value = result.get(self.space.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             if result.get("checkpoint_path"):

@@ -14,7 +14,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
-from mfcon.data.ray_source import read_shards
 from mfcon.study.resources import cluster_use_gpu
 from mfcon.study.spaces import SearchSpace, trial_config
 from mfcon.study.worker import train_worker
@@ -57,10 +56,16 @@ def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
 
 def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
     """Build and fit this Tune trial's TorchTrainer (Train V2: the trial function owns the trainer)."""
+    # Start-up is counted from here; the driver adds the time from Tune's request to this function's start.
+    started_at = time.time()
     res = runtime.space.resources
     trial_id = ray.tune.get_context().get_trial_id()
     gpu = runtime.use_gpu if runtime.use_gpu is not None else use_gpu(res.use_gpu)
-    datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.dev_shards)}
+    datasets = None
+    if cfg.data.reader == "ray_data":
+        from mfcon.data.ray_source import read_shards  # Ray Data starts only for a trial that uses it
+
+        datasets = {"train": read_shards(runtime.train_shards), "eval": read_shards(runtime.dev_shards)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -69,14 +74,16 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
             "train_rows": runtime.train_rows,
             "frame_shift_ms": runtime.frame_shift_ms,
             "trials": list(runtime.dev_trials),
+            "train_shards": list(runtime.train_shards),
+            "dev_shards": list(runtime.dev_shards),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
-            "trial_started_at": time.time(),  # start-up overhead = first training step - this
+            "trial_started_at": started_at,  # start-up overhead = first training step - this
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpu,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
         run_config=ray.train.RunConfig(
             # Deterministic name: a restored trial finds its own checkpoints again.
             name=f"{runtime.space.name}-{trial_id}",

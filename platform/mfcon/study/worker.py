@@ -1,8 +1,9 @@
-"""What each Ray Train worker runs: the local training loop, fed by Ray Data.
+"""What each Ray Train worker runs: the local training loop, fed from the Parquet shards.
 
 The loop (``train.loop.fit``) is unchanged; only its data source and hooks
-differ: rows stream from this worker's split of the Parquet shards, and each
-epoch's metrics (with a rank-0 checkpoint) go to ``ray.train.report``.
+differ: rows come from this worker's share of the shards (read directly, or
+through Ray Data when ``data.reader`` is ``ray_data``), and each epoch's
+metrics (with a rank-0 checkpoint) go to ``ray.train.report``.
 
 A restored run first reports its checkpoint's epoch again (marked ``replayed``):
 Ray Train keeps a checkpoint before Tune's driver has seen its result, so a
@@ -14,6 +15,7 @@ writer skips epochs it has logged; ASHA and Optuna record a step once).
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,9 @@ import ray.train.torch
 import torch
 
 from mfcon.config import TrainConfig
-from mfcon.data.ray_source import RayShardData
+from mfcon.data.shard_stream import WorkerShardData
 from mfcon.train.checkpoint import RAY_CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from mfcon.train.loop import WorkerContext, fit
+from mfcon.train.loop import TrainData, WorkerContext, fit
 
 REPLAYED = "replayed"  # result key: 1.0 on the restored epoch's repeated result, absent on trained epochs
 
@@ -62,16 +64,29 @@ class RayRunHooks:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (``TorchTrainer(train_worker, ...)``)."""
+    entered_at = time.time()
     cfg = TrainConfig.model_validate(config["train_config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    data = RayShardData(num_classes=config["num_classes"], train_rows_total=config["train_rows"],
-                        frame_shift_ms=config["frame_shift_ms"], trials=config["trials"], world_size=world,
-                        seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
+    marks = dict(config.get("startup_marks") or {})
+    marks["workers"] = entered_at
     # Restored after its last epoch (the driver died before Tune recorded the trial as done), the loop
     # trains nothing: the replayed result is the trial's final one.
-    fit(cfg, data, RayRunHooks(rank), WorkerContext(rank=rank, world_size=world, device=device,
-                                                   started_at=config.get("trial_started_at")))
+    fit(cfg, worker_data(cfg, config, rank, world), RayRunHooks(rank),
+        WorkerContext(rank=rank, world_size=world, device=device, started_at=config.get("trial_started_at"),
+                      startup_marks=marks))
+
+
+def worker_data(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int) -> TrainData:
+    """This worker's rows: its share of the shard files, or of the TorchTrainer's Ray Data datasets."""
+    common = {"num_classes": config["num_classes"], "train_rows_total": config["train_rows"],
+              "frame_shift_ms": config["frame_shift_ms"], "trials": config["trials"], "world_size": world}
+    if cfg.data.reader == "ray_data":
+        from mfcon.data.ray_source import RayShardData  # imports Ray Data: only when it is used
+
+        return RayShardData(**common, seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
+    return WorkerShardData(config["train_shards"], config["dev_shards"], **common, rank=rank, seed=cfg.seed,
+                           buffer_rows=cfg.data.shuffle_buffer_rows)

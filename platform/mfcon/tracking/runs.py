@@ -206,7 +206,9 @@ class TrialRuns:
     def log_epoch(self, trial_id: str, result: dict[str, Any], timestamp_ms: int) -> None:
         """The epoch's metrics, stepped by epoch; an epoch the run already has is not logged again."""
         epoch = int(result.get("epoch", 0))
-        metrics = [[k, float(result[k]), timestamp_ms, epoch] for k in TRIAL_METRICS
+        names = [*TRIAL_METRICS, *(k for k in result if k.startswith("startup_") and k.endswith("_seconds")
+                                   and k not in TRIAL_METRICS)]  # the start-up breakdown, stage by stage
+        metrics = [[k, float(result[k]), timestamp_ms, epoch] for k in names
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
         if epoch >= 1 and metrics:
             self.tracker.write("log", self.key(trial_id), metrics=metrics, per_step=True)

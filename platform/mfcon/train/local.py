@@ -49,5 +49,5 @@ def format_epoch(m: dict[str, float]) -> str:
 
 def train_local(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = True,
                 echo: bool = True) -> list[dict[str, float]]:
-    data = LocalShardData(data_dir, seed=cfg.seed)
+    data = LocalShardData(data_dir, seed=cfg.seed, buffer_rows=cfg.data.shuffle_buffer_rows)
     return fit(cfg, data, LocalRunHooks(out_dir, resume=resume, echo=echo))

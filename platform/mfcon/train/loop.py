@@ -24,6 +24,7 @@ from mfcon.losses.multiscale import LossParts, SpeakerObjective
 from mfcon.models.mfa_conformer import build_model
 from mfcon.scoring import EvalSet, evaluate
 from mfcon.train.checkpoint import restore_training_state, training_state
+from mfcon.train.heap import keep_freed_memory
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +65,9 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     started_at: float | None = None  # wall clock when the run was requested: start-up overhead is measured from it
+    # Wall-clock marks of start-up stages after ``started_at`` (e.g. "workers": this worker began); the first
+    # epoch reports the time between consecutive marks as startup_<mark>_seconds (see ``startup_metrics``).
+    startup_marks: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -187,8 +191,19 @@ def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainD
                "mfcon_loss": float(sums[2]), "lr": float(run.scheduler.get_last_lr()[0]),
                "train_seconds": time.perf_counter() - started}
     if ctx.started_at is not None and first and first_step_at is not None:
-        metrics["startup_seconds"] = first_step_at - ctx.started_at
+        metrics.update(startup_metrics(ctx.started_at, {**ctx.startup_marks, "first_batch": first_step_at}))
     return metrics
+
+
+def startup_metrics(started_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """``startup_seconds`` (last mark - ``started_at``), the stage durations between consecutive marks (in the
+    order given) and ``startup_started_at`` (wall clock), so a driver that knows an earlier start can extend it."""
+    out = {"startup_seconds": max(marks.values()) - started_at, "startup_started_at": started_at}
+    previous = started_at
+    for name, at in marks.items():
+        out[f"startup_{name}_seconds"] = at - previous
+        previous = at
+    return out
 
 
 def evaluate_epoch(cfg: TrainConfig, model: nn.Module, data: TrainData, epoch: int,
@@ -208,11 +223,14 @@ def evaluate_epoch(cfg: TrainConfig, model: nn.Module, data: TrainData, epoch: i
 def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext | None = None) -> list[dict[str, float]]:
     """Train ``cfg.epochs`` epochs, evaluating and reporting (with a checkpoint) after each."""
     ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
+    if ctx.device.type == "cpu":
+        keep_freed_memory()
     run = build_training(cfg, data, ctx)
     module = run.module
     start_epoch, best_eer, history = restore_training_state(
         hooks.load_checkpoint(), module.model, module.objective, run.optimizer, run.scheduler)
     runner = distribute(module, ctx)
+    ctx.startup_marks.setdefault("setup", time.time())  # model, optimizer, checkpoint and process group ready
     for epoch in range(start_epoch, cfg.epochs + 1):
         metrics = train_epoch(cfg, run, runner, data, epoch, ctx, first=epoch == start_epoch)
         eval_metrics, eval_scores = evaluate_epoch(cfg, module.model, data, epoch, ctx)

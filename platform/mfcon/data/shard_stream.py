@@ -1,0 +1,141 @@
+"""Training rows for one data-parallel worker, read straight from its share of the Parquet shards.
+
+A study worker needs nothing from a data pipeline but its rows in a shuffled
+order: starting Ray Data for that cost every trial several seconds and extra
+actor processes (a split coordinator, a streaming executor) before the first
+step. Here each worker opens the shard files itself (local, memory-mapped, or
+streamed from an object store through :mod:`mfcon.storage`).
+
+The unit of work is a Parquet row group (``ROW_GROUP_ROWS`` rows). Every epoch
+all ranks draw the same permutation of all units and deal it round-robin, so
+the ranks' shares are disjoint, cover the split, and differ in size by at most
+one row group (even with fewer shards than workers). Each worker then reads its
+units shard by shard (each file opened once per epoch) through a shuffle buffer
+of ``buffer_rows`` rows, as Ray Data's local shuffle did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mfcon import storage
+from mfcon.data.shards import features_from_column, read_shard_table
+from mfcon.scoring import EvalSet
+
+TRAIN_COLUMNS = ["features", "speaker_index"]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    shard: int  # index into the split's shard list
+    group: int  # row group within that shard
+
+
+def open_shard(location: str) -> pq.ParquetFile:
+    """A shard for reading row groups: memory-mapped when local, streamed from the object store otherwise."""
+    fs, path = storage.resolve(location)
+    if storage.is_remote(location):
+        return pq.ParquetFile(fs.open_input_file(path))
+    return pq.ParquetFile(path, memory_map=True)
+
+
+def row_groups(paths: Sequence[str]) -> list[RowGroup]:
+    """Every row group of the split, in shard order (one footer read per shard)."""
+    units = []
+    for shard, location in enumerate(paths):
+        units.extend(RowGroup(shard, g) for g in range(open_shard(location).metadata.num_row_groups))
+    return units
+
+
+def deal(units: Sequence[RowGroup], rank: int, world_size: int, seed: int, epoch: int) -> list[RowGroup]:
+    """This rank's units for ``epoch``: the same permutation on every rank, dealt round-robin, then grouped by
+    shard (in the permuted order of first appearance) so a worker opens each file once."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units))
+    mine = [units[i] for i in order[rank::world_size]]
+    first_seen: dict[int, int] = {}
+    for position, unit in enumerate(mine):
+        first_seen.setdefault(unit.shard, position)
+    return sorted(mine, key=lambda u: (first_seen[u.shard], u.group))
+
+
+def shuffled(rows: Iterator[tuple[np.ndarray, int]], buffer_rows: int,
+             rng: np.random.Generator) -> Iterator[tuple[np.ndarray, int]]:
+    """A shuffle buffer: once it holds ``buffer_rows`` rows, each new row replaces a random one, which goes out."""
+    buffer: list[tuple[np.ndarray, int]] = []
+    for row in rows:
+        if len(buffer) < buffer_rows:
+            buffer.append(row)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], row = row, buffer[i]
+        yield row
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tuple[np.ndarray, int]]:
+    """The rows of ``units`` in order, (frames (T, F) float32 view, speaker index); one open file at a time."""
+    current, handle = -1, None
+    for unit in units:
+        if unit.shard != current:
+            current, handle = unit.shard, open_shard(paths[unit.shard])
+        table = handle.read_row_group(unit.group, columns=TRAIN_COLUMNS)
+        feats = features_from_column(table.column("features"))
+        labels = table.column("speaker_index").to_numpy()
+        yield from zip(feats, labels.tolist())
+
+
+class ShardStream:
+    """One worker's training rows, epoch by epoch (``TrainData.train_rows``)."""
+
+    def __init__(self, paths: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 buffer_rows: int = 2048):
+        self.paths = list(paths)
+        self.rank, self.world_size, self.seed, self.buffer_rows = rank, world_size, seed, buffer_rows
+        self._units: list[RowGroup] | None = None
+
+    def units(self, epoch: int) -> list[RowGroup]:
+        if self._units is None:
+            self._units = row_groups(self.paths)
+        return deal(self._units, self.rank, self.world_size, self.seed, epoch)
+
+    def rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
+        return shuffled(read_units(self.paths, self.units(epoch)), self.buffer_rows, rng)
+
+
+def read_eval_shards(paths: Sequence[str], trials: Sequence) -> EvalSet:
+    """A whole evaluation split (dev) and its trial list, read by the worker that scores it."""
+    utt_ids: list[str] = []
+    features: list[np.ndarray] = []
+    for location in paths:
+        table = read_shard_table(location, columns=["utt_id", "features"])
+        utt_ids.extend(table.column("utt_id").to_pylist())
+        features.extend(features_from_column(table.column("features")))
+    return EvalSet(utt_ids=utt_ids, features=features, trials=list(trials))
+
+
+class WorkerShardData:
+    """``train.loop.TrainData`` of a study worker: its share of the train shards, and the dev split for rank 0."""
+
+    def __init__(self, train_shards: Sequence[str], dev_shards: Sequence[str], trials: Sequence, *,
+                 num_classes: int, train_rows_total: int, frame_shift_ms: float, rank: int, world_size: int,
+                 seed: int, buffer_rows: int):
+        self.num_classes = num_classes
+        self.rows_per_worker = train_rows_total // world_size
+        self.frame_shift_ms = frame_shift_ms
+        self.stream = ShardStream(train_shards, rank=rank, world_size=world_size, seed=seed, buffer_rows=buffer_rows)
+        self.dev_shards, self.trials = list(dev_shards), trials
+        self._eval: EvalSet | None = None
+
+    def train_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+        return self.stream.rows(epoch)
+
+    def eval_set(self) -> EvalSet | None:
+        if self._eval is None:
+            self._eval = read_eval_shards(self.dev_shards, self.trials)
+        return self._eval

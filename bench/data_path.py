@@ -22,8 +22,8 @@
    over the train shards (1x) and over 10 byte-for-byte copies of them under new names (10x), and prints
    its peak resident set (``VmHWM``; ``ru_maxrss`` is recorded too, but Linux carries it over ``execve``
    from the forking parent); the 10x / 1x ratio (goal <= 1.1) with the default shuffle buffer (2048 rows)
-   and with ``--small-buffer`` rows. ``files_copy`` is a what-if, not product code: the files reader with
-   each row copied out of its Arrow row group before the shuffle buffer. For ``ray_data`` this is the
+   and with ``--small-buffer`` rows (the files reader copies each row out of its Arrow row group, so a row
+   waiting in the shuffle buffer does not keep its whole row group alive). For ``ray_data`` this is the
    consuming process only: Ray Data reads in Ray worker processes and hands blocks through the object store.
 
     RAY_AUTH_MODE=disabled .venv/bin/python bench/data_path.py [--data DIR] [--workdir DIR] [--reps 5]
@@ -330,11 +330,6 @@ def rss_child(reader_name: str, paths_file: str, buffer_rows: int, crop: int) ->
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     split = Split(paths, [], 0)  # the readers below use its paths only
     after_imports = peak_rss_kib()
-    if reader_name == "files_copy":  # what-if, not product code: each row copied out of its row group
-        from mfcon.data import shard_stream  # before the shuffle buffer, so no row pins a row group
-
-        read_units = shard_stream.read_units
-        shard_stream.read_units = lambda paths, units: ((np.array(f), s) for f, s in read_units(paths, units))
     if reader_name == "ray_data":
         import ray
 
@@ -392,9 +387,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-crops", type=int, default=16, help="crops of the timed paper steps (0: skip)")
     ap.add_argument("--paper-steps", type=int, default=2)
     ap.add_argument("--small-buffer", type=int, default=128, help="shuffle buffer rows of the second RSS series")
-    ap.add_argument("--rss-readers", nargs="*", default=["files", "files_copy", "ray_data"],
-                    choices=["files", "files_copy", "ray_data"],
-                    help="files_copy: the files reader with each row copied before the shuffle buffer (a what-if)")
+    ap.add_argument("--rss-readers", nargs="*", default=["files", "ray_data"], choices=["files", "ray_data"])
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -78,7 +78,7 @@ def shuffled(rows: Iterator[tuple[np.ndarray, int]], buffer_rows: int,
 
 
 def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tuple[np.ndarray, int]]:
-    """The rows of ``units`` in order, (frames (T, F) float32 view, speaker index); one open file at a time."""
+    """The rows of ``units`` in order, (frames (T, F) float32, speaker index); one open file at a time."""
     current, handle = -1, None
     for unit in units:
         if unit.shard != current:
@@ -86,7 +86,8 @@ def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tupl
         table = handle.read_row_group(unit.group, columns=TRAIN_COLUMNS)
         feats = features_from_column(table.column("features"))
         labels = table.column("speaker_index").to_numpy()
-        yield from zip(feats, labels.tolist())
+        # A copy per row: a view would keep its whole row group alive while the row waits in the shuffle buffer.
+        yield from ((np.array(f, dtype=np.float32, copy=True), label) for f, label in zip(feats, labels.tolist()))
 
 
 class ShardStream:

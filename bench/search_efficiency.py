@@ -32,7 +32,7 @@ Per arm: the best dev EER reached (minimum over every reported epoch, as the stu
 ranks trials), the best EER of a trial that ran all its epochs, and the trial-epochs needed to
 get within 5% (relative) of the best EER reached by any arm in that seed.
 
-    .venv/bin/python bench/search_efficiency.py [--budget 48] [--seeds 0 1 2] [--data SHARDS]
+    .venv/bin/python bench/search_efficiency.py [--budget 24] [--seeds 0 1 2] [--data SHARDS]
         [--workdir DIR] [--json bench/results/search_efficiency.json]
 """
 
@@ -343,7 +343,8 @@ def time_one_epoch(space, data_dir: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=int, default=48, help="trial-epochs per arm (48 = 12 full 4-epoch trials)")
+    p.add_argument("--budget", type=int, default=24,
+                   help="trial-epochs per arm (24 = 6 full 4-epoch trials: about 35 min on the loaded 2-core box)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--data", help="prepared demo shards to reuse (default: make the demo corpus under --workdir)")

@@ -30,7 +30,8 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/trial_startup.py --rounds 2 --json bench/results/trial_startup.json
 	$(PY) bench/shard_size.py --json bench/results/shard_size.json
-	RAY_AUTH_MODE=disabled $(PY) bench/data_path.py --json bench/results/data_path.json
+	$(PY) bench/data_path.py --json bench/results/data_path.json
+	$(PY) bench/search_efficiency.py --json bench/results/search_efficiency.json
 	$(PY) bench/tracking_load.py
 	$(PY) bench/train_efficiency.py --crops paper=32 --reps 9 --json bench/results/train_efficiency.json
 	$(PY) bench/recipe_parity.py --workdir bench/results/recipe_parity

@@ -26,7 +26,7 @@
    waiting in the shuffle buffer does not keep its whole row group alive). For ``ray_data`` this is the
    consuming process only: Ray Data reads in Ray worker processes and hands blocks through the object store.
 
-    RAY_AUTH_MODE=disabled .venv/bin/python bench/data_path.py [--data DIR] [--workdir DIR] [--reps 5]
+    .venv/bin/python bench/data_path.py [--data DIR] [--workdir DIR] [--reps 5]
         [--wide 6] [--paper-crops 16] [--feature-dtype float32] [--json bench/results/data_path.json]
 """
 
@@ -51,7 +51,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "platform"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np
 import pyarrow as pa

@@ -12,7 +12,7 @@ trial, trained and scored on the dev list), with the demo study's search space
                per-epoch intermediate values.
 
 The searcher and scheduler are built as ``mfcon.study.runner.make_tuner`` builds them:
-``DefineByRun(space)``, ``runner._tpe(seed)`` (TPE, 4 start-up trials, multivariate),
+``DefineByRun(space)``, ``runner.tpe_sampler(seed)`` (TPE, 4 start-up trials, multivariate),
 ``ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period, reduction_factor)`` from the
 space's budget, ``max_concurrent_trials`` from the space (2). Trials are sampled until the arm has
 spent B trial-epochs (``TrialEpochBudget``, a Tune stopper that counts reported epochs across
@@ -181,28 +181,23 @@ def bench_trial(config: dict[str, Any], space, data_dir: str) -> None:
 
 
 def make_search(arm: str, space, seed: int):
-    """The searcher and scheduler of ``arm``, built as ``mfcon.study.runner.make_tuner`` builds the study's."""
+    """The searcher and scheduler of ``arm``; the study's own are ``mfcon.study.runner``'s ``study_search`` and
+    ``study_scheduler`` (what ``make_tuner`` uses)."""
     import optuna
-    from mfcon.study.runner import _tpe
-    from mfcon.study.search import StudySearch
+    from mfcon.study.runner import study_scheduler, study_search, tpe_sampler
     from mfcon.study.spaces import DefineByRun
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    budget, max_epochs = space.budget, space.base_config().epochs
     if arm == "random":
         return (OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode,
                              sampler=optuna.samplers.RandomSampler(seed=seed)), None)
     if arm == "tpe_asha_ray":
-        search = OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(seed))
+        search = OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=tpe_sampler(seed))
     elif arm == "tpe_asha":
-        search = StudySearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(seed),
-                             max_epochs=max_epochs)
+        search = study_search(space, seed)
     else:
         raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(budget.grace_period, max_epochs),
-                              reduction_factor=budget.reduction_factor)
-    return search, scheduler
+    return search, study_scheduler(space)
 
 
 def run_arm(arm: str, space, seed: int, data_dir: Path, budget: int, storage: Path) -> dict[str, Any]:

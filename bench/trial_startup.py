@@ -33,8 +33,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "platform"))
 
-from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus  # noqa: E402
-from mfcon.data.prepare import prepare_dataset  # noqa: E402
+from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
+from mfcon.data.prepare import prepare_dataset
 
 STAGES = ("request", "function", "workers", "setup", "first_batch")
 READERS = ("files", "ray_data")
@@ -62,7 +62,7 @@ def space_for(reader: str, work: Path) -> Path:
 def run_study(space: Path, data: Path, runs: Path, name: str, trials: int | None) -> float:
     cmd = [sys.executable, "-m", "mfcon.cli", "study", "--space", str(space), "--data", str(data),
            "--workdir", str(runs), "--name", name] + (["--num-samples", str(trials)] if trials else [])
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
     started = time.perf_counter()
     with open(runs / f"{name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -86,7 +86,7 @@ def trial_startups(runs: Path, name: str) -> list[dict[str, float]]:
 
 
 def summarize(trials: list[dict[str, float]]) -> dict:
-    med = lambda key: round(statistics.median(t[key] for t in trials), 2)  # noqa: E731
+    med = lambda key: round(statistics.median(t[key] for t in trials), 2)
     total_start, total_train = sum(t["startup"] for t in trials), sum(t["train"] for t in trials)
     return {"trials": len(trials), "median_startup_s": med("startup"), "median_train_s": med("train"),
             "startup_share": round(total_start / (total_start + total_train), 3),

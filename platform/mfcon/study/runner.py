@@ -124,13 +124,9 @@ def make_trainable(space: SearchSpace, runtime: StudyRuntime):
 def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str], tracking_uri: str,
                workdir: str, num_samples: int) -> tune.Tuner:
     budget = space.budget
-    max_epochs = space.base_config().epochs
     # A space with nothing to search (the baseline) runs its fixed config num_samples times.
-    search = (StudySearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=_tpe(budget.seed),
-                          max_epochs=max_epochs)
-              if space.params else None)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(budget.grace_period, max_epochs),
-                              reduction_factor=budget.reduction_factor)
+    search = study_search(space, budget.seed) if space.params else None
+    scheduler = study_scheduler(space)
     stop = {"time_total_s": budget.trial_time_budget_s} if budget.trial_time_budget_s else None
     return tune.Tuner(
         make_trainable(space, runtime),
@@ -156,10 +152,23 @@ def param_columns(space: SearchSpace) -> dict[str, str] | None:
     return {n: n.rsplit(".", 1)[-1] for n in names} or None
 
 
-def _tpe(seed: int):
+def tpe_sampler(seed: int):
     import optuna
 
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+
+
+def study_search(space: SearchSpace, seed: int) -> StudySearch:
+    """The study's searcher: TPE over the space, ASHA-stopped trials told to Optuna as pruned."""
+    return StudySearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=tpe_sampler(seed),
+                       max_epochs=space.base_config().epochs)
+
+
+def study_scheduler(space: SearchSpace) -> ASHAScheduler:
+    """ASHA over epochs, with the space's grace period and reduction factor."""
+    max_epochs = space.base_config().epochs
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.budget.grace_period, max_epochs),
+                         reduction_factor=space.budget.reduction_factor)
 
 
 def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdir: str | Path = "runs",

@@ -5,9 +5,10 @@ reader and round, alternating (files, ray_data, files, ...), each as its own `mf
 own private local Ray, and reads every trial's start-up metrics back from MLflow:
 
     startup_seconds                Tune's request -> first training step (the goal: <= 10 s median)
-      startup_request_seconds      request -> the trial's process started (placement, actor process)
-      startup_function_seconds     process start -> trial function running (imports, unpickling)
-      startup_workers_seconds      trial function -> Train worker running (controller, worker group, torch)
+      startup_request_seconds      request -> the trial function running (placement, the trial's actor
+                                   process, its imports, unpickling the study's runtime)
+      startup_workers_seconds      trial function -> Train worker running (TorchTrainer, its controller
+                                   actor, the worker group's actors, the process group)
       startup_setup_seconds        worker -> model, optimizer, checkpoint, process group ready
       startup_first_batch_seconds  -> the first batch is ready (the data path's start)
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO / "platform"))
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 from mfcon.data.prepare import prepare_dataset
 
-STAGES = ("request", "function", "workers", "setup", "first_batch")
+STAGES = ("request", "workers", "setup", "first_batch")
 READERS = ("files", "ray_data")
 
 

@@ -44,6 +44,15 @@ def test_fewer_shards_than_workers_still_feeds_every_worker(tmp_path):
     assert all(_labels(ShardStream(paths, rank=r, world_size=4, seed=0), epoch=1) for r in range(4))
 
 
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_fewer_row_groups_than_workers_are_sliced_between_them(tmp_path, world):
+    paths = _write_split(tmp_path, [20])  # one row group of 20 rows
+    shares = [_labels(ShardStream(paths, rank=r, world_size=world, seed=0, buffer_rows=4), epoch=1)
+              for r in range(world)]
+    assert all(shares) and sorted(x for s in shares for x in s) == list(range(20))
+    assert max(map(len, shares)) - min(map(len, shares)) <= -(-20 // world)
+
+
 def test_rows_are_shuffled_reproducibly_and_differently_each_epoch(tmp_path):
     paths = _write_split(tmp_path, [ROW_GROUP_ROWS * 2, ROW_GROUP_ROWS * 2])
     stream = ShardStream(paths, seed=3, buffer_rows=100)

@@ -6,10 +6,11 @@ actor processes (a split coordinator, a streaming executor) before the first
 step. Here each worker opens the shard files itself (local, memory-mapped, or
 streamed from an object store through :mod:`mfcon.storage`).
 
-The unit of work is a Parquet row group (``ROW_GROUP_ROWS`` rows). Every epoch
-all ranks draw the same permutation of all units and deal it round-robin, so
-the ranks' shares are disjoint, cover the split, and differ in size by at most
-one row group (even with fewer shards than workers). Each worker then reads its
+The unit of work is a Parquet row group (``ROW_GROUP_ROWS`` rows), or a slice of
+one when the split has fewer row groups than ranks. Every epoch all ranks draw
+the same permutation of all units and deal it round-robin, so the ranks' shares
+are disjoint, cover the split, and differ in size by at most one unit (even
+with fewer shards, or row groups, than workers). Each worker then reads its
 units shard by shard (each file opened once per epoch) through a shuffle buffer
 of ``buffer_rows`` rows, as Ray Data's local shuffle did.
 """
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mfcon import storage
@@ -33,6 +35,14 @@ TRAIN_COLUMNS = ["features", "speaker_index"]
 class RowGroup:
     shard: int  # index into the split's shard list
     group: int  # row group within that shard
+    part: int = 0  # which of ``parts`` contiguous slices of the row group (a split with fewer groups than ranks)
+    parts: int = 1
+
+    def rows_of(self, table: pa.Table) -> pa.Table:
+        if self.parts == 1:
+            return table
+        bounds = np.linspace(0, table.num_rows, self.parts + 1).astype(int)
+        return table.slice(bounds[self.part], bounds[self.part + 1] - bounds[self.part])
 
 
 def open_shard(location: str) -> pq.ParquetFile:
@@ -43,11 +53,15 @@ def open_shard(location: str) -> pq.ParquetFile:
     return pq.ParquetFile(path, memory_map=True)
 
 
-def row_groups(paths: Sequence[str]) -> list[RowGroup]:
-    """Every row group of the split, in shard order (one footer read per shard)."""
+def row_groups(paths: Sequence[str], world_size: int = 1) -> list[RowGroup]:
+    """Every row group of the split, in shard order (one footer read per shard); when there are fewer groups
+    than ranks, each group is cut into slices so that every rank still gets rows."""
     units = []
     for shard, location in enumerate(paths):
         units.extend(RowGroup(shard, g) for g in range(open_shard(location).metadata.num_row_groups))
+    if 0 < len(units) < world_size:
+        parts = -(-world_size // len(units))
+        units = [RowGroup(u.shard, u.group, p, parts) for u in units for p in range(parts)]
     return units
 
 
@@ -83,7 +97,7 @@ def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tupl
     for unit in units:
         if unit.shard != current:
             current, handle = unit.shard, open_shard(paths[unit.shard])
-        table = handle.read_row_group(unit.group, columns=TRAIN_COLUMNS)
+        table = unit.rows_of(handle.read_row_group(unit.group, columns=TRAIN_COLUMNS))
         feats = features_from_column(table.column("features"))
         labels = table.column("speaker_index").to_numpy()
         # A copy per row: a view would keep its whole row group alive while the row waits in the shuffle buffer.
@@ -101,7 +115,7 @@ class ShardStream:
 
     def units(self, epoch: int) -> list[RowGroup]:
         if self._units is None:
-            self._units = row_groups(self.paths)
+            self._units = row_groups(self.paths, self.world_size)
         return deal(self._units, self.rank, self.world_size, self.seed, epoch)
 
     def rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:

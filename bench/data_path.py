@@ -332,7 +332,7 @@ def rss_child(reader_name: str, paths_file: str, buffer_rows: int, crop: int) ->
     if reader_name == "ray_data":
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         reader = RayDataReader(split, buffer_rows)
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
         import ray
 
         t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         timings["ray_init_s"] = time.perf_counter() - t

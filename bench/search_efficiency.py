@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data": str(data), "budget": args.budget, "seeds": args.seeds, "arms": args.arms,
                 "epoch_s": time_one_epoch(space, data)}
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "platform")}})
         runs = []
         done = work / f"runs-budget{args.budget}.jsonl"  # finished runs: a rerun with the same --workdir skips them

@@ -37,7 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -56,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from machine_facts import machine_facts
 from mfcon.data.batching import SpeakerBalancedBatcher
 from mfcon.data.shard_stream import ShardStream
 from mfcon.data.shards import ROW_GROUP_ROWS, read_manifest, schema_feature_dtype, shard_paths, writer_options
@@ -74,16 +74,7 @@ Row = tuple[np.ndarray, int]
 
 
 def machine_info() -> dict:
-    import pyarrow
-    import ray
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "torch": torch.__version__, "pyarrow": pyarrow.__version__,
-            "ray": ray.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+    return {**machine_facts("torch", "pyarrow", "ray", "numpy"), "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------- data

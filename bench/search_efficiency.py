@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -120,17 +119,9 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 def machine() -> dict[str, Any]:
-    import optuna
-    import ray
-    import torch
+    from machine_facts import machine_facts
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__}
+    return machine_facts("torch", "ray", "optuna")
 
 
 # ---------------------------------------------------------------- data

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "platform"))
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from machine_facts import machine_facts
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 from mfcon.data.local import read_eval_set
 from mfcon.data.prepare import prepare_dataset
@@ -51,13 +50,7 @@ SPLITS = ("train", "dev", "test")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_1m_start": round(os.getloadavg()[0], 1),
-            "python": platform.python_version(), "torch": torch.__version__, "pyarrow": pa.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+    return {**machine_facts("torch", "pyarrow", "numpy"), "torch_threads": torch.get_num_threads()}
 
 
 def folder_size(data: Path) -> dict:

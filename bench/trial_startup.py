@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "platform"))
 
+from machine_facts import machine_facts
 from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 from mfcon.data.prepare import prepare_dataset
 
@@ -96,13 +96,7 @@ def summarize(trials: list[dict[str, float]]) -> dict:
 
 
 def machine() -> dict:
-    import ray
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), host.processor())
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": host.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "load_average": os.getloadavg()}
+    return machine_facts("torch", "ray")
 
 
 def main() -> int:

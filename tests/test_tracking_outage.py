@@ -114,12 +114,16 @@ def test_study_survives_three_tracking_outages_and_logs_every_epoch_once(ray_loc
         trial_ids = sorted(c.data.tags["mfcon.trial_id"] for c in children)
         assert len(children) == 2 and len(set(trial_ids)) == 2, trial_ids  # one run per trial
         logged = {c.data.tags["mfcon.trial_id"]: {k: sorted((m.step, m.value) for m in client.get_metric_history(
-            c.info.run_id, k)) for k in TRIAL_METRICS} for c in children}
+            c.info.run_id, k)) for k in (*TRIAL_METRICS, "startup_request_seconds")} for c in children}
         recorded = tune_history(study_paths(tmp_path / "work", "outage")["experiment"])
         assert sorted(recorded) == trial_ids
         for trial, metrics in recorded.items():
-            for key, points in metrics.items():
-                assert logged[trial][key] == points, (trial, key)  # every epoch, exactly once, Tune's values
+            # The driver adds the wait from Tune's request to the worker's start-up before logging it.
+            (_, request_s), = logged[trial]["startup_request_seconds"]
+            metrics["startup_seconds"] = [(e, v + request_s) for e, v in metrics["startup_seconds"]]
+            for key, points in metrics.items():  # every epoch, exactly once, Tune's values
+                assert [e for e, _ in logged[trial][key]] == [e for e, _ in points], (trial, key)
+                assert [v for _, v in logged[trial][key]] == pytest.approx([v for _, v in points]), (trial, key)
             assert [e for e, _ in metrics["dev_eer"]] == list(range(1, 5))
         for child in children:
             assert child.data.tags["mfcon.trial_state"] == "completed" and child.info.status == "FINISHED"

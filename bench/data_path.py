@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # a study worker's CPU training thread; the consumer is single-threaded
     keep_freed_memory()  # as fit() does in a worker
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, load average {info['load_average_1min']}")
+    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, load average {info['load_average_1m']}")
     print(f"python {info['python']}, torch {info['torch']} ({info['torch_threads']} thread), "
           f"pyarrow {info['pyarrow']}, ray {info['ray']}, numpy {info['numpy']}", flush=True)
 
@@ -531,7 +531,7 @@ def summarize(shapes, series, tiny_times, tiny_cpu, tiny_batch, paper, rss, spli
 
 
 def print_report(r: dict) -> None:
-    print(f"\nload average: {r['machine']['load_average_1min']} at the start, {r['load_average_end']:.1f} at the end")
+    print(f"\nload average: {r['machine']['load_average_1m']} at the start, {r['load_average_end']:.1f} at the end")
     print(f"\n{'shape':<6} {'reader':<11} {'batches/s':>9} {'steady':>8} {'1st batch s':>11} "
           f"{'/consumed':>9} {'files/this':>10} {'x5 if step >= s':>15} {'(steady)':>8} {'per CPU s':>9}")
     for shape, per in r["delivered"].items():

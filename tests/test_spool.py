@@ -252,3 +252,22 @@ def test_a_failing_study_marks_its_run_failed_and_never_hides_its_error(running,
         raise ValueError("no such data")
     assert time.monotonic() - started < 30
     assert "mfcon sync --workdir" in caplog.text  # what is left, and how to replay it
+
+
+def test_a_model_write_cut_short_by_an_outage_leaves_the_run_finished(tmp_path):
+    """Logging a model reopens the run; an attempt an outage interrupts leaves it RUNNING. The replayed
+    write ends with the trial's final status, whatever state the aborted attempt left behind."""
+    from mfcon.serving.embedder import MODEL_URI_TAG
+    from mfcon.tracking.replay import Replayer
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("s"))
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_tag(run.info.run_id, MODEL_URI_TAG, "models:/m-1")  # the model itself went in before the outage
+    client.update_run(run.info.run_id, status="RUNNING")  # ...but the attempt never put the status back
+    replayer = Replayer(uri, "s", tmp_path)
+    replayer.remember({"s/t0": (run.info.run_id, None)})
+    replayer.apply({"op": "model", "run": "s/t0", "feature_config": {}, "status": "FINISHED"})
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -195,7 +195,7 @@ class MLflowStudyCallback(Callback):
             if weights and state in ("completed", "pruned"):
                 # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers); a model
                 # that cannot be logged leaves the tag mfcon.model_error, and promote falls back to the checkpoint.
-                self.runs.log_model(trial.trial_id, weights, self.feature_config)
+                self.runs.log_model(trial.trial_id, weights, self.feature_config, state=state)
 
     @never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -246,15 +246,16 @@ class Replayer:
         from mfcon.serving.embedder import MODEL_URI_TAG, log_speaker_model
 
         run_id = self._run_id(e["run"])
-        if MODEL_URI_TAG in self.client.get_run(run_id).data.tags:
-            return
-        try:
-            log_speaker_model(self.client, run_id, self._file(e), e["feature_config"])
-        except Exception as err:  # the checkpoint is logged already; promote falls back to it
-            if not self.reachable():
-                raise
-            log.warning("run %s: model not logged (%s); promote falls back to its checkpoint", run_id, err)
-            self.client.set_tag(run_id, MODEL_ERROR_TAG, str(err)[:5000])
+        if MODEL_URI_TAG not in self.client.get_run(run_id).data.tags:
+            try:
+                log_speaker_model(self.client, run_id, self._file(e), e["feature_config"])
+            except Exception as err:  # the checkpoint is logged already; promote falls back to it
+                if not self.reachable():
+                    raise
+                log.warning("run %s: model not logged (%s); promote falls back to its checkpoint", run_id, err)
+                self.client.set_tag(run_id, MODEL_ERROR_TAG, str(err)[:5000])
+        if e.get("status"):  # an attempt cut short by an outage left the reopened run RUNNING
+            self.client.set_terminated(run_id, status=e["status"])
 
     def _plots(self, e: dict[str, Any]) -> None:
         """DET curve and score histograms of a trial's best epoch, drawn here (off Tune's event loop)."""

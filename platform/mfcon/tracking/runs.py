@@ -231,11 +231,16 @@ class TrialRuns:
         np.savez(buffer, scores=np.asarray(scores), labels=np.asarray(labels))
         self.tracker.write("plots", self.key(trial_id), file=("scores.npz", buffer.getvalue()))
 
-    def log_model(self, trial_id: str, weights_file: str | Path, feature_config: dict[str, Any]) -> None:
-        """The trial's best weights as a servable pyfunc model (``mfcon.serving.log_speaker_model``)."""
+    def log_model(self, trial_id: str, weights_file: str | Path, feature_config: dict[str, Any],
+                  state: str | None = None) -> None:
+        """The trial's best weights as a servable pyfunc model (``mfcon.serving.log_speaker_model``).
+
+        ``state`` is the trial's final state: logging a model reopens the run, and an attempt cut short by
+        an outage leaves it RUNNING, so the replayed write ends by setting the run's final status again."""
         config = (feature_config.model_dump(mode="json") if hasattr(feature_config, "model_dump")
                   else dict(feature_config))
-        self.tracker.write("model", self.key(trial_id), file=Path(weights_file), feature_config=config)
+        status = {"status": TRIAL_STATUS.get(state, "KILLED")} if state else {}
+        self.tracker.write("model", self.key(trial_id), file=Path(weights_file), feature_config=config, **status)
 
     def run_id(self, trial_id: str) -> str | None:
         self.tracker.spool.flush(self.tracker.wait_s or WAIT_S)

@@ -1,6 +1,6 @@
 """Promotion rates of the gate under the biased and the dev/test protocol, on synthetic scores (no training).
 
-Each row simulates N studies (see mfcon.promotion_gate): a pool of systems, the
+Each row simulates N studies (see mfcon.promotion.gate): a pool of systems, the
 best picked on the test list itself ("same list") or on a speaker-disjoint dev
 list ("dev -> test"), then gated against an equally good champion on the test
 list (paired cluster bootstrap, promote iff the CI upper bound < 0).
@@ -19,12 +19,12 @@ import time
 import numpy as np
 
 try:
-    from mfcon.promotion_gate import TrialModel, simulate_promotions
+    from mfcon.promotion.gate import TrialModel, simulate_promotions
 except ImportError:  # not installed: run from the checkout
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
-    from mfcon.promotion_gate import TrialModel, simulate_promotions
+    from mfcon.promotion.gate import TrialModel, simulate_promotions
 
 PROTOCOLS = {"same": "same list (select+gate on test)", "dev": "dev-selected, test-gated"}
 

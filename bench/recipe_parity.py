@@ -47,7 +47,7 @@ from mfcon.data.corpus.voxceleb import list_utterances
 from mfcon.data.local import read_eval_set
 from mfcon.data.prepare import prepare_dataset
 from mfcon.models.mfa_conformer import build_model
-from mfcon.scoring import EvalSet, evaluate
+from mfcon.evaluation.scoring import EvalSet, evaluate
 from mfcon.study.spaces import load_search_space
 from mfcon.train.checkpoint import BEST_FILE, load_checkpoint
 from mfcon.train.local import train_local

@@ -37,9 +37,9 @@ from mfcon.data.corpus.synthetic import CorpusSpec, make_corpus
 from mfcon.data.local import read_eval_set
 from mfcon.data.prepare import prepare_dataset
 from mfcon.data.shards import features_from_column, read_manifest, read_shard_table, shard_paths
-from mfcon.metrics import bootstrap_seeded_eer_difference
+from mfcon.evaluation.metrics import bootstrap_seeded_eer_difference
 from mfcon.models.mfa_conformer import build_model
-from mfcon.scoring import evaluate
+from mfcon.evaluation.scoring import evaluate
 from mfcon.study.spaces import load_search_space
 from mfcon.train.checkpoint import BEST_FILE, load_checkpoint
 from mfcon.train.local import train_local

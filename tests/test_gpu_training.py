@@ -14,7 +14,7 @@ import pytest
 import torch
 from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
-from mfcon.scoring import EvalSet
+from mfcon.evaluation.scoring import EvalSet
 from mfcon.train.checkpoint import restore_training_state
 from mfcon.train.loop import WorkerContext, build_training, fit, resolve_amp_dtype
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from mfcon.metrics import (
+from mfcon.evaluation.metrics import (
     BootstrapResult,
     _System,
     bootstrap_eer_difference,

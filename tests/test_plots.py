@@ -16,7 +16,7 @@ import matplotlib
 import numpy as np
 import pytest
 from mfcon import plots
-from mfcon.metrics import det_curve, equal_error_rate
+from mfcon.evaluation.metrics import det_curve, equal_error_rate
 from mfcon.report import ReportError, write_report
 from mfcon.study.optuna_rebuild import build_optuna_study, load_space
 from mfcon.study.plot_logging import log_study_plots, log_trial_plots

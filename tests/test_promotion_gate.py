@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mfcon.metrics import BootstrapResult
-from mfcon.promotion_gate import (
+from mfcon.evaluation.metrics import BootstrapResult
+from mfcon.promotion.gate import (
     GateDecision,
     TrialModel,
     gate,

@@ -37,10 +37,10 @@ from mfcon.data.audio import load_audio
 from mfcon.data.local import read_eval_set
 from mfcon.data.prepare import prepare_dataset
 from mfcon.data.shards import manifest_hash, read_manifest
-from mfcon.metrics import equal_error_rate
+from mfcon.evaluation.metrics import equal_error_rate
 from mfcon.models.mfa_conformer import build_model
-from mfcon.registry import RegistryError, finished_trials, promote, rollback
-from mfcon.scoring import evaluate, extract_embeddings, score_trials
+from mfcon.promotion.registry import RegistryError, finished_trials, promote, rollback
+from mfcon.evaluation.scoring import evaluate, extract_embeddings, score_trials
 from mfcon.serving import (
     MODEL_URI_TAG,
     embed,

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from mfcon.score_norm import adaptive_snorm, speaker_cohort
+from mfcon.evaluation.score_norm import adaptive_snorm, speaker_cohort
 
 
 def _cos(a, b) -> float:
@@ -69,7 +69,7 @@ def test_speaker_cohort_is_the_unit_mean_per_speaker():
 
 def test_score_trials_with_a_cohort_is_asnorm_of_the_centred_embeddings():
     from mfcon.data.corpus.voxceleb import TrialPair
-    from mfcon.scoring import score_trials
+    from mfcon.evaluation.scoring import score_trials
 
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(12, 8)).astype(np.float32)
@@ -103,7 +103,7 @@ def test_evaluate_with_a_cohort_scores_the_same_trials_differently(small_data):
     from mfcon.config import tiny_model_config
     from mfcon.data.local import read_cohort, read_eval_set
     from mfcon.models.mfa_conformer import build_model
-    from mfcon.scoring import evaluate
+    from mfcon.evaluation.scoring import evaluate
 
     torch.manual_seed(0)
     model = build_model(tiny_model_config())

@@ -177,7 +177,7 @@ def test_data_config_is_strict_about_the_nested_section():
 def test_tiny_run_with_spec_augment_and_views_trains_and_scores_dev_unaugmented(small_data, tmp_path):
     from mfcon.data.local import read_eval_set
     from mfcon.models.mfa_conformer import build_model
-    from mfcon.scoring import evaluate
+    from mfcon.evaluation.scoring import evaluate
     from mfcon.train.checkpoint import load_checkpoint
     from mfcon.train.local import train_local
 

@@ -9,7 +9,7 @@ from mfcon.cli import main as cli_main
 from mfcon.config import TrainConfig, apply_overrides
 from mfcon.data.local import LocalShardData, read_eval_set
 from mfcon.models.mfa_conformer import build_model
-from mfcon.scoring import evaluate
+from mfcon.evaluation.scoring import evaluate
 from mfcon.train.checkpoint import load_checkpoint
 from mfcon.train.local import LocalRunHooks, train_local
 from mfcon.train.loop import fit

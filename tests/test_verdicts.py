@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mfcon.metrics import BootstrapResult, equal_error_rate
-from mfcon.verdicts import ConfigVerdict, format_table, replicate_verdicts, significance, verdict_line
+from mfcon.evaluation.metrics import BootstrapResult, equal_error_rate
+from mfcon.evaluation.verdicts import ConfigVerdict, format_table, replicate_verdicts, significance, verdict_line
 
 
 def _scores(rng, labels, separation, seeds):

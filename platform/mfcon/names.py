@@ -1,7 +1,7 @@
 """Names the CLI, the registry and serving share; importing this module loads neither MLflow nor torch.
 
 The ``mfcon`` command builds its parser (defaults, choices) from these, so
-``mfcon --help`` stays fast, and :mod:`mfcon.registry` and :mod:`mfcon.serving`
+``mfcon --help`` stays fast, and :mod:`mfcon.promotion.registry` and :mod:`mfcon.serving`
 use the very same objects, so there is no copy to keep equal.
 """
 

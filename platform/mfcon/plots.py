@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mfcon.metrics import det_curve, equal_error_rate
+from mfcon.evaluation.metrics import det_curve, equal_error_rate
 
 TRIAL_PLOTS = ("det", "score_histogram")
 STUDY_PLOTS = ("optimization_history", "param_importances", "slice")

@@ -10,7 +10,7 @@ from mfcon.cli.common import add_score_norm_options, add_store_options, tracking
 from mfcon.names import DEFAULT_MODEL, SELECTION_METRICS
 
 if TYPE_CHECKING:
-    from mfcon.registry import PromotionResult, Scored
+    from mfcon.promotion.registry import PromotionResult, Scored
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from mfcon.registry import RegistryError, promote, rollback
+    from mfcon.promotion.registry import RegistryError, promote, rollback
 
     if args.rollback:
         r = rollback(tracking_uri(args), args.model_name)

@@ -19,8 +19,8 @@ from mfcon.data.shards import (
     shard_paths,
     trials_path,
 )
-from mfcon.score_norm import DEFAULT_TOP_N, SCORE_NORMS
-from mfcon.scoring import CohortSet, EvalSet
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N, SCORE_NORMS
+from mfcon.evaluation.scoring import CohortSet, EvalSet
 
 
 def read_eval_set(data_dir: str | Path, split: str, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> EvalSet:

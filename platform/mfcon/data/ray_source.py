@@ -14,7 +14,7 @@ import ray.data
 import ray.train
 
 from mfcon.data.shards import features_from_column
-from mfcon.scoring import EvalSet
+from mfcon.evaluation.scoring import EvalSet
 
 
 def read_shards(paths: tuple[str, ...]) -> ray.data.Dataset:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from mfcon import storage
 from mfcon.data.shards import features_from_column, read_shard_table
-from mfcon.scoring import EvalSet
+from mfcon.evaluation.scoring import EvalSet
 
 TRAIN_COLUMNS = ["features", "speaker_index"]
 

@@ -9,8 +9,8 @@
 
 Embeddings are L2-normalised model outputs. Scores are cosine similarities
 after subtracting a mean embedding (:func:`centered_cosine`), as
-:func:`mfcon.scoring.score_trials` scores a trial list; the registry
-(:mod:`mfcon.registry`, which imports this package, never the reverse) stores
+:func:`mfcon.evaluation.scoring.score_trials` scores a trial list; the registry
+(:mod:`mfcon.promotion.registry`, which imports this package, never the reverse) stores
 that mean with each registered version.
 
 Logged models import ``from mfcon.serving import SpeakerEmbedder``: keep that

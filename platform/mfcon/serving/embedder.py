@@ -44,7 +44,7 @@ from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 from mfcon.config import FeatureConfig, ModelConfig
 from mfcon.data.features import compute_fbank
 from mfcon.models.mfa_conformer import build_model
-from mfcon.scoring import extract_embeddings
+from mfcon.evaluation.scoring import extract_embeddings
 from mfcon.tracking import no_artifact_progress_bars
 from mfcon.train.checkpoint import CheckpointError, load_checkpoint
 

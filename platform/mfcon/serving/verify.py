@@ -1,16 +1,16 @@
 """Using a model: verify recordings, embed audio files, and resolve which model version does it.
 
-Scoring contract (shared with :func:`mfcon.registry.promote`): embeddings from
+Scoring contract (shared with :func:`mfcon.promotion.registry.promote`): embeddings from
 the registered pyfunc (:mod:`mfcon.serving.embedder`), cosine after subtracting
 the mean embedding of the promotion's eval set (:func:`centered_cosine`), as
-:func:`mfcon.scoring.score_trials` scores a trial list. That mean is stored on
+:func:`mfcon.evaluation.scoring.score_trials` scores a trial list. That mean is stored on
 the registered version (tag ``score_mean``, JSON floats, exact float32 round
 trip) together with the EER threshold of those scores (``eer_threshold``), so
 a single pair is scored exactly as the trial list was. A version promoted with
 AS-norm (tag ``score_norm=asnorm``) also carries its cohort: the training
 speakers' embeddings as an ``.npy`` artifact (tags ``score_cohort``,
 ``score_cohort_sha256``, ``score_top_n``), applied by the same
-:class:`mfcon.score_norm.TrialScorer`.
+:class:`mfcon.evaluation.score_norm.TrialScorer`.
 
 A ``models:/name@alias`` or ``models:/name/N`` URI is pinned to its version
 first (:func:`pin_model_uri`), so what scored is named exactly.
@@ -40,7 +40,7 @@ from mfcon.data.audio import load_audio
 from mfcon.data.corpus.voxceleb import AUDIO_EXTENSIONS
 from mfcon.files import atomic_path, file_sha256
 from mfcon.names import DEFAULT_MODEL_URI, RegistryError
-from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, centered_cosine  # noqa: F401 - re-exported
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N, TrialScorer, centered_cosine  # noqa: F401 - re-exported
 from mfcon.serving.embedder import SpeakerEmbedder, embedder_of, load_embedder
 from mfcon.tracking import TrackingUnavailable, check_tracking_uri, no_artifact_progress_bars
 

@@ -6,7 +6,7 @@ Replication answers the user's question honestly: the top-K configurations (by
 dev metric) and the baseline with otherwise identical settings (MFCon weight 0)
 are each retrained with S seeds for the same epochs, as one Ray Tune grid of Ray
 Train trials, and every model is scored on the held-out **test** list, which no
-search has seen. The verdict (:mod:`mfcon.verdicts`) is the difference of seed
+search has seen. The verdict (:mod:`mfcon.evaluation.verdicts`) is the difference of seed
 means with a CI over enrollment speakers and seeds.
 
 MLflow: a ``replication`` parent run in the study's experiment, a ``replica``
@@ -34,11 +34,11 @@ from ray import tune
 from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
 from mfcon.data.local import read_eval_set
-from mfcon.metrics import BootstrapResult
+from mfcon.evaluation.metrics import BootstrapResult
 from mfcon.models.mfa_conformer import build_model
 from mfcon.plots import replication_plot
-from mfcon.score_norm import DEFAULT_TOP_N, ScoreNormName
-from mfcon.scoring import EvalSet, evaluate
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N, ScoreNormName
+from mfcon.evaluation.scoring import EvalSet, evaluate
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
 from mfcon.study.plot_logging import log_figures
@@ -69,7 +69,7 @@ from mfcon.tracking import (
     no_artifact_progress_bars,
 )
 from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
-from mfcon.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
+from mfcon.evaluation.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
 
 BASELINE = "baseline"
 REPLICA_KEYS = ("replica.index", "replica.label", "replica.seed")
@@ -243,7 +243,7 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], test: E
     out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
                             len(set(groups)), int(replicas[0].config["epochs"]))
     _log_replication(client, out)
-    client.set_tag(out.run_id, "mfcon.score_norm", test.score_norm)
+    client.set_tag(out.run_id, "mfcon.evaluation.score_norm", test.score_norm)
     return out
 
 

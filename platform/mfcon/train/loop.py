@@ -22,7 +22,7 @@ from mfcon.config import ModelConfig, OptimConfig, TrainConfig
 from mfcon.data.batching import CropBatch, SpeakerBalancedBatcher
 from mfcon.losses.multiscale import LossParts, SpeakerObjective
 from mfcon.models.mfa_conformer import build_model
-from mfcon.scoring import EvalSet, evaluate
+from mfcon.evaluation.scoring import EvalSet, evaluate
 from mfcon.train.checkpoint import restore_training_state, training_state
 from mfcon.train.heap import keep_freed_memory
 

@@ -1,23 +1,23 @@
 """What ``mfcon promote`` judges: the challenger model(s), scored on the held-out test list.
 
 The challenger is chosen on the dev list and judged on the test list, which no
-selection has seen (see :mod:`mfcon.promotion_gate` for why). Two kinds of
+selection has seen (see :mod:`mfcon.promotion.gate` for why). Two kinds of
 evidence, recorded on the registered version (tag ``evidence``):
 
 * ``replication``: the study has a replication (:mod:`mfcon.study.replicate`)
   with a best MFCon configuration (``best``, chosen by mean dev EER, never by
   test). Every seed model of that configuration is scored on the test list and
   all of them are compared with the champion
-  (:func:`mfcon.metrics.bootstrap_seeded_eer_difference`: mean EER over the
+  (:func:`mfcon.evaluation.metrics.bootstrap_seeded_eer_difference`: mean EER over the
   seeds minus the champion's, resampling enrollment speakers and seeds). The
   version registered is the seed whose run has the lowest dev selection metric
   (dev picks the model).
 * ``study_trial``: no usable replication. The study's best finished trial by
   the dev selection metric, re-scored on the test list, compared with the
   champion by the paired cluster bootstrap
-  (:func:`mfcon.metrics.bootstrap_eer_difference`).
+  (:func:`mfcon.evaluation.metrics.bootstrap_eer_difference`).
 
-Scores are :class:`mfcon.score_norm.TrialScorer` scores of the registered
+Scores are :class:`mfcon.evaluation.score_norm.TrialScorer` scores of the registered
 pyfunc's embeddings: centred cosine, AS-normalised when the eval set carries a
 cohort (the scoring contract shared with :func:`mfcon.serving.verify`).
 """
@@ -36,15 +36,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mfcon.data.shards import read_manifest
-from mfcon.metrics import (
+from mfcon.evaluation.metrics import (
     BootstrapResult,
     bootstrap_eer_difference,
     bootstrap_seeded_eer_difference,
     equal_error_rate,
 )
 from mfcon.names import SELECTION_METRICS, RegistryError
-from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
-from mfcon.scoring import EvalSet
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
+from mfcon.evaluation.scoring import EvalSet
 from mfcon.serving import (
     MODEL_URI_TAG,
     SpeakerEmbedder,

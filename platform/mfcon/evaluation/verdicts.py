@@ -4,7 +4,7 @@ Pure functions over score arrays (no Ray, MLflow or torch), so the verdict a
 user reads can be checked against formulas. A configuration's result is the
 mean and spread of its test EER/minDCF over training seeds; its comparison with
 the baseline is the difference of seed means with a bootstrap CI that resamples
-enrollment speakers and seeds (:func:`mfcon.metrics.bootstrap_seeded_eer_difference`).
+enrollment speakers and seeds (:func:`mfcon.evaluation.metrics.bootstrap_seeded_eer_difference`).
 A difference whose interval crosses 0 is reported as "not significant", whatever
 its sign: that is the honest answer for a small list or few seeds.
 
@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mfcon.metrics import BootstrapResult, bootstrap_seeded_eer_difference, equal_error_rate, min_dcf
+from mfcon.evaluation.metrics import BootstrapResult, bootstrap_seeded_eer_difference, equal_error_rate, min_dcf
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Evaluation embeds whole utterances (no crops), sorted by length and padded in
 small buckets so masks matter little and batches stay dense. Scores are
 cosine similarities after subtracting the mean evaluation embedding, as the
 MFA-Conformer / MFCon code scores VoxCeleb1-O, optionally AS-normalised against
-a cohort of training speakers (:mod:`mfcon.score_norm`).
+a cohort of training speakers (:mod:`mfcon.evaluation.score_norm`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mfcon.data.corpus.voxceleb import TrialPair
-from mfcon.metrics import equal_error_rate, min_dcf
-from mfcon.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
+from mfcon.evaluation.metrics import equal_error_rate, min_dcf
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
 
 
 @dataclass

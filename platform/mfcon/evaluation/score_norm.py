@@ -12,7 +12,7 @@ highest scores of the enrolment embedding against the cohort, and likewise
 for the test side. The cohort is one embedding per training speaker (the
 mean of its utterances' embeddings, L2-normalised), so no cohort speaker can
 be an evaluation speaker. Every embedding is centred by the same mean before
-cosine scoring, exactly as :func:`mfcon.scoring.score_trials` does.
+cosine scoring, exactly as :func:`mfcon.evaluation.scoring.score_trials` does.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 Aliases only (stages are deprecated in MLflow 3): ``champion`` is the model in
 use, ``previous`` the champion it replaced. :func:`promote` registers a new
 version for every call (tagged ``promoted=true|false``) and moves ``champion``
-per :func:`mfcon.promotion_gate.gate`: when the upper bound of the cluster-
+per :func:`mfcon.promotion.gate.gate`: when the upper bound of the cluster-
 bootstrap CI of EER(challenger) - EER(champion) on the held-out **test** list
 (resampling enrollment speakers) is below 0, or when forced (tag
 ``forced=true``). The dev list picks the challenger, the test list judges it.
 
-Evidence (:mod:`mfcon.promotion_evidence`, tags ``evidence`` and
+Evidence (:mod:`mfcon.promotion.evidence`, tags ``evidence`` and
 ``evidence_detail``): with a replication of the study, its best configuration
 (chosen on dev): all of its seed models are gated, the seed with the lowest dev
 metric is registered (``replication``); without one, the study's best trial by
@@ -16,7 +16,7 @@ the dev selection metric, re-scored on the test list (``study_trial``).
 
 Scoring contract (shared with :func:`mfcon.serving.verify`): embeddings from
 the registered pyfunc, cosine after subtracting the mean embedding of the test
-split, as :func:`mfcon.scoring.score_trials`. That mean is stored on the
+split, as :func:`mfcon.evaluation.scoring.score_trials`. That mean is stored on the
 version (tag ``score_mean``, JSON floats, exact float32 round trip) together
 with the EER threshold of those scores (``eer_threshold``), so a single pair is
 scored exactly as the trial list was. Using a model (verify, embed, loading by
@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 from mfcon import storage
 from mfcon.data.local import read_eval_set
 from mfcon.data.shards import manifest_hash
-from mfcon.metrics import BootstrapResult
+from mfcon.evaluation.metrics import BootstrapResult
 from mfcon.names import (
     CHAMPION,
     DEFAULT_MODEL,
@@ -56,7 +56,7 @@ from mfcon.names import (
     SELECTION_METRICS,
     RegistryError,
 )
-from mfcon.promotion_evidence import (
+from mfcon.promotion.evidence import (
     FINISHED_STATES,
     REPLICATION,
     STUDY_TRIAL,
@@ -70,8 +70,8 @@ from mfcon.promotion_evidence import (
     score_embedder,
     score_model,
 )
-from mfcon.promotion_gate import gate
-from mfcon.score_norm import DEFAULT_TOP_N
+from mfcon.promotion.gate import gate
+from mfcon.evaluation.score_norm import DEFAULT_TOP_N
 from mfcon.serving import open_registry, use_tracking_uri
 from mfcon.serving.verify import store_cohort
 from mfcon.tracking import ROLE_TAG, code_version, find_runs

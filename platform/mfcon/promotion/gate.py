@@ -12,7 +12,7 @@ system, and the test keeps its error rate.
 
 The gate rule (:func:`gate`) is the one ``mfcon promote`` uses: promote iff the
 upper bound of the paired cluster-bootstrap CI of EER(challenger) -
-EER(champion) (:func:`mfcon.metrics.bootstrap_eer_difference`, resampling
+EER(champion) (:func:`mfcon.evaluation.metrics.bootstrap_eer_difference`, resampling
 enrollment speakers) is below 0, or when forced.
 
 Synthetic trial model (:class:`TrialModel`, :func:`synthetic_trials`). A list
@@ -62,7 +62,7 @@ from typing import Literal
 
 import numpy as np
 
-from mfcon.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
+from mfcon.evaluation.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
 
 __all__ = [
     "GateDecision",
@@ -100,7 +100,7 @@ def gate(delta: BootstrapResult | None, force: bool = False, evidence: str | Non
          units: Literal["fraction", "percent"] = "fraction") -> GateDecision:
     """Promote iff the CI of EER(challenger) - EER(champion) lies below 0 (``delta.high < 0``), or ``force``.
 
-    ``delta`` is :func:`mfcon.metrics.bootstrap_eer_difference` of (challenger,
+    ``delta`` is :func:`mfcon.evaluation.metrics.bootstrap_eer_difference` of (challenger,
     champion) on the gating list, or None when there is no champion yet
     (promote). ``evidence`` names the list the difference was measured on (the
     caller knows it, e.g. ``"the held-out test list (1200 trials, 40 speakers)"``)

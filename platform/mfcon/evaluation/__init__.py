@@ -1,0 +1,1 @@
+"""Evaluation: verification metrics, trial scoring, score normalisation and verdicts (pure NumPy/torch)."""

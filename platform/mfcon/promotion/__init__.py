@@ -1,0 +1,1 @@
+"""Promotion: the gate, the evidence it judges, and the model registry (aliases, rollback)."""

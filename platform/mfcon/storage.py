@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,18 +41,62 @@ from mfcon.files import atomic_path
 CHUNK = 1 << 20
 
 
-def is_remote(location: str | Path) -> bool:
-    """True for ``scheme://`` URIs other than ``file://``."""
+# Object stores pyarrow.fs opens from a URI; any other scheme (http://, a typo such as s4://) is an error.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+class StorageURIError(ValueError):
+    """A location that looks like a URI but is not one this module can open (``s3:/b/x``, ``s4://b``, ``s3:///x``)."""
+
+
+def _split_uri(location: str | Path) -> tuple[str, str] | None:
+    """(scheme, rest after ``//``) for an object-store URI, None for a local path; raises on a malformed URI.
+
+    ``s3:/bucket/x`` (one slash), ``s3:bucket/x``, ``s3:///x`` (no bucket) and schemes other than
+    :data:`OBJECT_STORE_SCHEMES` and ``file://`` raise, so a typo never becomes a local folder named ``s3:``.
+    """
     text = str(location)
-    return "://" in text and not text.startswith("file://")
+    match = _SCHEME.match(text)
+    if match is None:
+        return None  # Path("s3://b/x") prints as "s3:/b/x" and is refused below, as the string would be
+    scheme = match.group(1).lower()
+    rest = text[match.end():]
+    known = scheme in OBJECT_STORE_SCHEMES or scheme == "file"
+    if not rest.startswith("//"):
+        if known or rest.startswith("/"):
+            hint = f" (did you mean {scheme}://{rest.lstrip('/')}?)" if known else ""
+            raise StorageURIError(f"{text}: not a valid storage URI{hint}; write scheme://bucket/folder")
+        return None  # a local name with a colon in it ("a:b")
+    if not known:
+        raise StorageURIError(f"{text}: unknown storage scheme {scheme!r}; use a local path or one of "
+                              + ", ".join(f"{s}://" for s in (*OBJECT_STORE_SCHEMES, "file")))
+    if scheme == "file":
+        return None
+    bucket = rest[2:].split("/", 1)[0]
+    if not bucket:
+        raise StorageURIError(f"{text}: a storage URI needs a bucket, e.g. {scheme}://bucket/folder")
+    return scheme, rest[2:]
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for object-store URIs (``s3://``, ``gs://``, ...); False for local paths and ``file://``.
+
+    Raises :class:`StorageURIError` for a malformed URI or an unknown scheme.
+    """
+    return _split_uri(location) is not None
 
 
 def normalize(location: str | Path) -> str:
-    """A canonical location string: URIs without a trailing slash, local paths absolute."""
+    """A canonical location string: URIs without a trailing slash, local paths absolute.
+
+    Raises :class:`StorageURIError` for a malformed URI or an unknown scheme (never a local folder ``s3:``).
+    """
     text = str(location)
-    if is_remote(text):
-        return text.rstrip("/")
-    if text.startswith("file://"):
+    split = _split_uri(location)
+    if split is not None:
+        return f"{split[0]}://{split[1]}".rstrip("/")
+    if _SCHEME.match(text) and text.lower().startswith("file://"):
         text = urlparse(text).path
     return str(Path(text).expanduser().resolve())
 
@@ -95,6 +140,75 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
 def describe(location: str | Path) -> str:
     """How a location appears in messages (the URI itself; never a credential)."""
     return normalize(location)
+
+
+# ---------------------------------------------------------------- where a cluster's nodes can reach
+
+SHARED_FS_ENV = "MFCON_SHARED_FS"  # colon-separated local roots mounted at the same path on every node
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # `ray up` leaves it on the head: this machine heads a cluster
+
+
+class ClusterStorageError(ValueError):
+    """A local path given to a study on a multi-node cluster, where other nodes cannot reach it."""
+
+
+def _this_machine_addresses() -> set[str]:
+    import socket
+
+    import psutil
+
+    found = {"localhost", socket.gethostname()}
+    for addrs in psutil.net_if_addrs().values():
+        found.update(a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+    return found
+
+
+def is_cluster_address(address: str | None, launcher_config: str = LAUNCHER_CONFIG) -> bool:
+    """Whether ``address`` names a Ray cluster whose nodes may be other machines.
+
+    None/"local" (a private Ray) is not. ``ray://`` and a host that is not this machine are. ``auto`` and
+    this machine's own addresses are when this machine is the head of a launcher cluster (``ray up`` wrote
+    ``~/ray_bootstrap_config.yaml``), which is where ``ray job submit`` runs every driver.
+    """
+    if not address or address == "local":
+        return False
+    if address.startswith("ray://"):
+        return True
+    head_here = Path(launcher_config).expanduser().exists()
+    if address == "auto":
+        return head_here
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host.startswith("127.") or host == "::1" or host in _this_machine_addresses():
+        return head_here
+    return True
+
+
+def shared_roots(env: dict[str, str] | None = None) -> list[str]:
+    """The local roots declared shared by every node (``MFCON_SHARED_FS=/nfs/team:/shared``)."""
+    value = (os.environ if env is None else env).get(SHARED_FS_ENV, "")
+    return [str(Path(p).expanduser().resolve()) for p in value.split(":") if p.strip()]
+
+
+def check_cluster_locations(address: str | None, env: dict[str, str] | None = None, **locations: str | Path | None) -> None:
+    """Refuse local paths for a study on a multi-node cluster, before anything starts.
+
+    Every node reads the data and writes checkpoints (Ray Train uploads them from the workers), so on a
+    cluster each of ``locations`` (``data=..., workdir=...``) must be an object-store URI, or a local path
+    under a root declared in ``MFCON_SHARED_FS`` (a filesystem mounted at the same path on every node).
+    Malformed URIs raise :class:`StorageURIError` everywhere (``normalize``).
+    """
+    texts = {name: normalize(loc) for name, loc in locations.items() if loc is not None}
+    if not is_cluster_address(address):
+        return
+    roots = shared_roots(env)
+    local = [f"--{name.replace('_', '-')} {text}" for name, text in texts.items()
+             if not is_remote(text) and not any(text == r or text.startswith(r.rstrip("/") + "/") for r in roots)]
+    if local:
+        raise ClusterStorageError(
+            f"{', '.join(local)}: a local path on this machine, but --address {address} is a cluster whose other "
+            "nodes cannot see it (trials would write checkpoints to their own disks). Use an object-store URI "
+            f"(s3://bucket/folder), or declare a filesystem mounted at the same path on every node: "
+            f"{SHARED_FS_ENV}=/shared/root")
 
 
 # ---------------------------------------------------------------- reading

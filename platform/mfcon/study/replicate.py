@@ -164,6 +164,7 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
                          "one seed cannot show seed-to-seed spread")
     workdir = storage.normalize(workdir)
     info = read_study_info(workdir, study)
+    storage.check_cluster_locations(address, data=info["data"], workdir=workdir)  # before anything starts
     uri = study_tracking_uri(tracking_uri or info.get("tracking_uri"), workdir)
     check_tracking_uri(uri)
     with storage.local_copy(info["space"]) as local_space:

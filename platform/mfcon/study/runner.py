@@ -177,6 +177,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended."""
     workdir = storage.normalize(workdir)
     space_path, data_dir = _resolve_inputs(space_path, data_dir, workdir, study_name, resume)
+    storage.check_cluster_locations(address, data=data_dir, workdir=workdir)  # before anything starts
     with storage.local_copy(space_path) as local_space:
         space = load_search_space(local_space)
         space_bytes = local_space.read_bytes()

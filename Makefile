@@ -3,21 +3,36 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every third-party package at an exact version and hash (extras test + server included): CI and every cluster
+# node install this file, so CI tests exactly what the cluster runs. `make lock` regenerates it from pyproject.toml.
+LOCK := requirements.lock
+UV_VERSION := 0.13.10
 
-.PHONY: demo test system-deps bench clean
+.PHONY: demo test system-deps bench clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# Debian's Chromium + ChromeDriver drive the MLflow UI test (never downloaded by a test tool).
+# The lock for Linux x86_64, Python 3.11 (the cluster image's and CI's), from PyPI; uv lives in its own venv.
+lock:
+	test -x .lock-venv/bin/uv || ($(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q uv==$(UV_VERSION))
+	.lock-venv/bin/uv pip compile pyproject.toml --extra server --extra test --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+		--custom-compile-command "make lock" -o $(LOCK)
+
+# Debian packages the tests drive (never downloaded by a test tool): Chromium + ChromeDriver for the MLflow UI
+# test; OpenSSH server, rsync and PostgreSQL for the cluster rehearsal (tests/test_cluster_rehearsal.py).
+SYSTEM_PACKAGES := chromium chromium-driver openssh-server openssh-client rsync postgresql
 system-deps:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "install Chromium for the UI test: sudo apt-get install -y chromium chromium-driver"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "install the test's system packages: sudo apt-get install -y $(SYSTEM_PACKAGES)"; fi
 
 demo: $(STAMP)
 	$(PY) pipelines/demo.py

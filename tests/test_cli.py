@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from mfcon import names, registry
+from mfcon import names
+from mfcon.promotion import registry
 from mfcon.cli import build_parser, main
 
 COMMANDS = ("make-corpus", "prepare", "train", "study", "replicate", "report", "promote", "verify", "embed",
-            "sync", "tracking-server")
+            "score", "sync", "tracking-server")
 
 
 def _imports_after(code: str) -> set[str]:

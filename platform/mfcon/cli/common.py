@@ -20,8 +20,14 @@ import contextlib
 import os
 import re
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from mfcon import __version__
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*):(?P<password>[^\s/@]*)@")
@@ -44,7 +50,8 @@ def add_score_norm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-norm", choices=("mean", "asnorm"), default="mean",
                    help="mean: cosine after subtracting the mean embedding; asnorm: also adaptive s-norm against "
                         "a cohort of training speakers (3 utterances each)")
-    p.add_argument("--top-n", type=int, default=300, help="AS-norm: cohort scores averaged per side (default 300)")
+    p.add_argument("--top-n", type=positive_int, default=300, metavar="N",
+                   help="AS-norm: the N highest cohort scores averaged per side (capped at the cohort size)")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -120,15 +127,128 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Call the command; mfcon's own input errors and OS errors (a missing or unreadable file) become one
-    message on stderr and exit code 2, never a traceback. Anything else is a bug and keeps its traceback."""
+def _raised_in_mfcon(e: BaseException) -> bool:
+    """The innermost frame that raised ``e`` is mfcon's own code (a deliberate ``raise ValueError(...)``)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("mfcon")
+
+
+def is_input_error(e: BaseException) -> bool:
+    """A mistake in what the user gave (printed as one ``error:`` line, exit 2), not a bug in mfcon.
+
+    mfcon's own ``ValueError``/``RuntimeError`` subclasses, a plain ``ValueError`` raised by mfcon code
+    itself (not deep inside a library), and OS errors (a missing or unreadable file)."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e, (ValueError, RuntimeError)) and type(e).__module__.startswith("mfcon"):
+        return True
+    return type(e) is ValueError and _raised_in_mfcon(e)
+
+
+def error_text(message: str) -> str:
+    """``error: <first line>``; further lines (details, one per field) indented, so exactly one line starts with
+    ``error:``; credentials masked."""
+    lines = redact_credentials(message).strip().splitlines() or ["(no message)"]
+    rest = [line if line[:1].isspace() else f"  {line}" for line in lines[1:] if line.strip()]
+    return "\n".join([f"error: {lines[0]}", *rest])
+
+
+def crash_dir() -> Path:
+    """Where an unexpected error's traceback goes: ``$MFCON_CRASH_DIR``, else ``$XDG_CACHE_HOME/mfcon`` (default
+    ``~/.cache/mfcon``), else the temp folder."""
+    if os.environ.get("MFCON_CRASH_DIR"):
+        return Path(os.environ["MFCON_CRASH_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mfcon"
+
+
+def write_crash_report(e: BaseException, argv: list[str] | None = None) -> Path | None:
+    """The full traceback of an unexpected error in a file (``crash-<time>-<pid>.txt``); None if none can be
+    written anywhere."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    header = f"mfcon {__version__}: {' '.join(argv) if argv is not None else ' '.join(sys.argv)}\n\n"
+    for folder in (crash_dir(), Path(tempfile.gettempdir()) / "mfcon"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{stamp}-{os.getpid()}.txt"
+            path.write_text(redact_credentials(header + text))
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Call the command. An input error (:func:`is_input_error`) becomes one ``error:`` line on stderr and exit
+    code 2, never a traceback; Ctrl-C exits 130; anything else is a bug: one ``error:`` line naming the file that
+    holds its full traceback, exit code 1 (``MFCON_TRACEBACK=1`` prints it instead)."""
     with credentials_out_of_uris(args):
         try:
             args.func(args)
-        except (ValueError, RuntimeError, OSError) as e:
-            if type(e).__module__.startswith("mfcon") or isinstance(e, OSError):
-                print(f"error: {redact_credentials(_message(e))}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - every failure ends as one line
+            if is_input_error(e):
+                print(error_text(_message(e)), file=sys.stderr)
                 return 2
-            raise
+            if os.environ.get("MFCON_TRACEBACK") == "1":
+                raise
+            where = write_crash_report(e, argv)
+            first = redact_credentials(str(e)).strip().splitlines()[:1] or [""]
+            saved = f"the full traceback is in {where}" if where else "no traceback file could be written"
+            print(f"error: unexpected {type(e).__name__}: {first[0]} (a bug in mfcon; {saved})", file=sys.stderr)
+            return 1
     return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it says it already or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or "default:" in text:
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action.default, list) and not action.default:
+            return text
+        shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with mfcon's error shape: one ``error:`` line naming the command and the flag, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value

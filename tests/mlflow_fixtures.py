@@ -86,15 +86,10 @@ class StudyStore:
 
 
 def study_params(space, sampled: dict[str, Any]) -> dict[str, Any]:
-    """Mirror of ``mfcon.study.callbacks.trial_params`` (importing that module pulls in torch and Ray)."""
-    from mfcon.study.spaces import sampled_to_overrides
+    """What the study callback logs for a trial (``mfcon.study.spaces.trial_params``)."""
+    from mfcon.study.spaces import trial_params
 
-    params = dict(sampled)
-    for key, value in sampled_to_overrides(space, sampled).items():
-        params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
-    if params.get("loss.mfcon_blocks") == "":
-        params["loss.mfcon_blocks"] = "none"
-    return params
+    return trial_params(space, sampled)
 
 
 def epoch_result(eer: float, epoch: int) -> dict[str, float]:

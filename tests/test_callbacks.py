@@ -26,8 +26,8 @@ def _checkpoint(tmp_path: Path, name: str, exists: bool = True) -> str:
     return str(path)
 
 
-def _callback(mode: str = "min") -> MLflowStudyCallback:
-    space = load_search_space(REPO / "search_spaces" / "demo.yaml").model_copy(update={"mode": mode})
+def _callback() -> MLflowStudyCallback:
+    space = load_search_space(REPO / "search_spaces" / "demo.yaml")
     return MLflowStudyCallback("sqlite:///unused.db", "unused", space, {})
 
 
@@ -40,10 +40,29 @@ def test_best_existing_checkpoint_wins_and_ties_go_to_the_later_epoch(tmp_path):
     assert cb.best_checkpoint("unknown") is None
 
 
-def test_mode_max_prefers_the_highest_value(tmp_path):
-    cb = _callback("max")
-    cb._checkpoints["t"] = [(1.0, 1, _checkpoint(tmp_path, "a")), (3.0, 2, _checkpoint(tmp_path, "b"))]
-    assert cb.best_checkpoint("t") == str(tmp_path / "b")
+def test_the_exported_epoch_is_the_one_best_epoch_names(tmp_path):
+    """Export, ranking and the report share one rule (mfcon.evaluation.selection): lowest value, ties to the later
+    epoch; Ray Train's retention ranks by checkpoint_rank, which orders the epochs the same way."""
+    from mfcon.evaluation.selection import best_epoch, checkpoint_rank
+
+    history = {1: 7.0, 2: 5.0, 3: 6.0, 4: 5.0}
+    cb = _callback()
+    cb._checkpoints["t"] = [(v, e, _checkpoint(tmp_path, f"e{e}")) for e, v in history.items()]
+    assert best_epoch(history) == 4
+    assert cb.best_checkpoint("t") == str(tmp_path / "e4")
+    kept_first = sorted(history, key=lambda e: checkpoint_rank(history[e], e))
+    assert kept_first[0] == best_epoch(history) and kept_first[:2] == [4, 2]
+
+
+def test_a_space_that_maximises_an_error_rate_is_refused(tmp_path):
+    import yaml
+    from mfcon.study.spaces import SearchSpaceError
+
+    data = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    path = tmp_path / "max.yaml"
+    path.write_text(yaml.safe_dump({**data, "mode": "max"}))
+    with pytest.raises(SearchSpaceError, match=r"max\.yaml: invalid configuration\n  mode: .*mode must be 'min'"):
+        load_search_space(path)
 
 
 def test_best_so_far_and_checkpoints_are_callback_state(tmp_path):

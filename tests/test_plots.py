@@ -135,7 +135,12 @@ def test_study_rebuilt_from_child_runs(store, client):
         assert trial.state == expected_state[spec.state]
         assert trial.intermediate_values == {i + 1: v for i, v in enumerate(spec.eers)}
         assert trial.value == (min(spec.eers) if spec.state == "completed" else None)
-        assert trial.params == spec.sampled  # resolved loss.mfcon_blocks is derived, not a parameter
+        # resolved loss.mfcon_blocks is derived, not a parameter; a draw with no block trained no MFCon loss, so
+        # its sampled weight and temperature were never used (logged as weight 0) and are not in its params
+        no_block = not any(v for k, v in spec.sampled.items() if k.startswith("loss.mfcon_blocks.b"))
+        expected = {k: v for k, v in spec.sampled.items()
+                    if not (no_block and k in ("loss.mfcon_weight", "loss.mfcon_temperature"))}
+        assert trial.params == expected
         assert trial.user_attrs["run_id"] == store.trial_runs[spec.trial_id]
     dists = study.trials[0].distributions
     assert dists["loss.mfcon_weight"] == FloatDistribution(0.01, 1.0, log=True)  # from the space YAML
@@ -148,7 +153,9 @@ def test_distributions_inferred_without_the_space(store, client):
     study = build_optuna_study(record, space=None)
     dists = study.trials[0].distributions
     assert set(dists) == set(DEMO_TRIALS[0].sampled)
-    weights = [t.sampled["loss.mfcon_weight"] for t in DEMO_TRIALS]
+    # a draw with no block trains no MFCon loss and is logged as weight 0: not a sampled weight
+    weights = [t.sampled["loss.mfcon_weight"] for t in DEMO_TRIALS
+               if any(v for k, v in t.sampled.items() if k.startswith("loss.mfcon_blocks.b"))]
     assert (dists["loss.mfcon_weight"].low, dists["loss.mfcon_weight"].high) == (min(weights), max(weights))
     assert dists["loss.mfcon_weight"].log  # spans more than 10x
     assert plots.slice_params(study) == ["loss.mfcon_weight", "loss.mfcon_temperature", "loss.mfcon_blocks.b1",

@@ -12,6 +12,9 @@ CHAMPION, PREVIOUS = "champion", "previous"  # registry aliases: the model in us
 DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL}@{CHAMPION}"
 # Per-epoch dev-list metrics that pick a study's best trial (lower is better); the first is the default.
 SELECTION_METRICS = ("dev_eer", "dev_min_dcf", "dev_min_dcf_005")
+# A study trial's Tune config may carry these beside its sampled values (logged as params of the same name):
+BASELINE_KEY = "baseline"  # True: the study's lambda = 0 reference trial (its run is tagged mfcon.baseline=true)
+SEED_KEY = "seed"  # the trial's training seed, when it is not the space's base seed (the baseline's extra seeds)
 
 
 class RegistryError(ValueError):

@@ -22,21 +22,12 @@ from typing import Any
 from ray.tune import Callback
 
 from mfcon import storage
-from mfcon.study.spaces import SearchSpace, sampled_to_overrides
-from mfcon.tracking import StudyTracker, TrialRuns
+from mfcon.names import BASELINE_KEY
+from mfcon.study.spaces import SearchSpace, trial_params
+from mfcon.tracking import BASELINE_TAG, StudyTracker, TrialRuns
 from mfcon.train.checkpoint import EXPORTED_FILE, RAY_CHECKPOINT_FILE, export_weights
 
 log = logging.getLogger(__name__)
-
-
-def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
-    """Everything a person compares in the MLflow UI: raw samples plus resolved overrides."""
-    params = dict(sampled)
-    for key, value in sampled_to_overrides(space, sampled).items():
-        params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
-    if "loss.mfcon_blocks" in params and params["loss.mfcon_blocks"] == "":
-        params["loss.mfcon_blocks"] = "none"
-    return params
 
 
 ERROR_TAG = "mfcon.error"  # on a failed trial's run: what went wrong, e.g. "NonFiniteLossError: loss became nan ..."
@@ -141,7 +132,8 @@ class MLflowStudyCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._requested_at.setdefault(trial.trial_id, time.time())
         params = self.params_of(trial.config) if self.params_of else trial_params(self.space, trial.config)
-        self.runs.start(trial.trial_id, params)
+        tags = {BASELINE_TAG: "true"} if (trial.config or {}).get(BASELINE_KEY) else None
+        self.runs.start(trial.trial_id, params, tags)
 
     @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -152,22 +144,15 @@ class MLflowStudyCallback(Callback):
             if result.get("checkpoint_path"):
                 self._checkpoints.setdefault(trial.trial_id, []).append(
                     (float(value), int(result.get("epoch", 0)), str(result["checkpoint_path"])))
-            if self.role == "study" and (self._study_best is None or self._better(value, self._study_best)):
+            if self.role == "study" and (self._study_best is None or value < self._study_best):
                 self._study_best = value
-                self.runs.tracker.log_best(trial.trial_id, value, self.space.metric, mode=self.space.mode)
-
-    def _better(self, value: float, than: float) -> bool:
-        return value < than if self.space.mode == "min" else value > than
+                self.runs.tracker.log_best(trial.trial_id, value, self.space.metric, mode="min")
 
     def best_checkpoint(self, trial_id: str) -> str | None:
-        """The best-scoring epoch whose checkpoint Ray Train still keeps; on ties the later epoch.
-
-        Train keeps the top ``num_to_keep`` checkpoints by the metric, and which of
-        several tied ones it drops is its own choice, so the choice here is made
-        among the checkpoints that exist, not the first one seen.
-        """
-        sign = 1.0 if self.space.mode == "min" else -1.0
-        ranked = sorted(self._checkpoints.get(trial_id, []), key=lambda c: (sign * c[0], -c[1]))
+        """The checkpoint of the trial's best epoch (:func:`mfcon.evaluation.selection.best_epoch`: lowest
+        value, ties to the later epoch), which Ray Train keeps (it ranks checkpoints by ``checkpoint_rank``,
+        the same rule); should it be gone anyway, the next best that still exists."""
+        ranked = sorted(self._checkpoints.get(trial_id, []), key=lambda c: (c[0], -c[1]))
         locations = (self._checkpoint_location(path) for _, _, path in ranked)
         return next((loc for loc in locations if storage.is_file(storage.join(loc, RAY_CHECKPOINT_FILE))), None)
 

@@ -63,14 +63,33 @@ def infer_distribution(values: list[str]):
     return od.CategoricalDistribution(sorted(set(values)))
 
 
+def searched_trials(record: StudyRecord) -> list:
+    """The trials the search sampled, without the baseline's: a weight of 0 lies outside any loguniform range."""
+    return [t for t in record.trials if not t.baseline]
+
+
+def _fitting_params(params: dict[str, str], dists: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values that belong to their distributions (a no-block draw logs weight 0: left out)."""
+    out = {}
+    for key, dist in dists.items():
+        if key in params:
+            try:
+                out[key] = parse_param(params[key], dist)
+            except ValueError:
+                continue
+    return out
+
+
 def study_distributions(record: StudyRecord, space=None) -> dict[str, Any]:
     """Distributions of the sampled params: the space's where every logged value fits, inferred otherwise."""
     from mfcon.study.spaces import optuna_distributions
 
     logged: dict[str, list[str]] = {}
-    for trial in record.trials:
+    for trial in searched_trials(record):
+        no_mfcon = trial.params.get("loss.mfcon_blocks") == "none"  # logged as weight 0: not a sampled value
         for key, value in trial.params.items():
-            logged.setdefault(key, []).append(value)
+            if not (no_mfcon and key.startswith("loss.mfcon_")):
+                logged.setdefault(key, []).append(value)
     declared = optuna_distributions(space) if space is not None else {}
     keys = [k for k in declared if k in logged] if declared else [k for k in logged if k not in _derived_keys(logged)]
     dists = {}
@@ -102,7 +121,8 @@ def load_space(record: StudyRecord):
 
 
 def build_optuna_study(record: StudyRecord, space=None, metric_name: str = METRIC_LABEL):
-    """An in-memory ``optuna.Study`` with one trial per run: COMPLETE (best eer), PRUNED, FAIL or RUNNING."""
+    """An in-memory ``optuna.Study`` with one trial per searched run (the baseline's are not sampled): COMPLETE
+    (its best value of the study's metric), PRUNED, FAIL or RUNNING."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
@@ -113,13 +133,13 @@ def build_optuna_study(record: StudyRecord, space=None, metric_name: str = METRI
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([metric_name])
-        for t in record.trials:
+        for t in searched_trials(record):
             state = states.get(t.state, TrialState.RUNNING)
-            if state == TrialState.COMPLETE and t.best_eer is None:
+            if state == TrialState.COMPLETE and t.best_value is None:
                 state = TrialState.FAIL  # finished without ever being evaluated
-            params = {k: parse_param(t.params[k], d) for k, d in dists.items() if k in t.params}
+            params = _fitting_params(t.params, dists)
             study.add_trial(create_trial(
-                state=state, value=t.best_eer if state == TrialState.COMPLETE else None, params=params,
-                distributions={k: dists[k] for k in params}, intermediate_values=dict(t.eer),
+                state=state, value=t.best_value if state == TrialState.COMPLETE else None, params=params,
+                distributions={k: dists[k] for k in params}, intermediate_values=dict(t.history),
                 user_attrs={"trial_id": t.trial_id, "run_id": t.run_id}))
     return study

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ from mfcon.data.shards import (
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.search import StudySearch
-from mfcon.study.spaces import DefineByRun, SearchSpace, check_fits_cluster, load_search_space
+from mfcon.evaluation.noise_floor import compare_with_baseline
+from mfcon.evaluation.selection import best_value
+from mfcon.names import BASELINE_KEY
+from mfcon.study.spaces import DefineByRun, SearchSpace, baseline_sample, check_fits_cluster, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
-from mfcon.tracking import StudyTracker, check_tracking_uri, resolve_tracking_uri
+from mfcon.tracking import METRIC_TAG, StudyTracker, check_tracking_uri, resolve_tracking_uri
 
 TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "dev_eer": "dev EER %", "dev_min_dcf": "dev minDCF",
                  "best_dev_eer": "best dev EER"}
@@ -48,9 +52,14 @@ class StudySummary:
     best_metric: float | None
     best_params: dict[str, Any]
     metric: str
+    baseline: dict[str, Any] | None = None  # the baseline comparison: values, noise floor, verdict and its line
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
+
+    @property
+    def baseline_line(self) -> str | None:
+        return (self.baseline or {}).get("line")
 
 
 def study_paths(workdir: str | Path, name: str) -> dict[str, str]:
@@ -123,6 +132,7 @@ def make_trainable(space: SearchSpace, runtime: StudyRuntime):
 
 def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str], tracking_uri: str,
                workdir: str, num_samples: int) -> tune.Tuner:
+    """``num_samples`` searched trials, plus the space's baseline trials (run first)."""
     budget = space.budget
     # A space with nothing to search (the baseline) runs its fixed config num_samples times.
     search = study_search(space, budget.seed) if space.params else None
@@ -131,7 +141,8 @@ def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str],
     return tune.Tuner(
         make_trainable(space, runtime),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=budget.max_concurrent_trials,
+                                    num_samples=num_samples + (space.baseline_trials() if search else 0),
+                                    max_concurrent_trials=budget.max_concurrent_trials,
                                     time_budget_s=budget.study_time_budget_s),
         run_config=tune.RunConfig(
             name=space.name, storage_path=paths["tune"], stop=stop,
@@ -158,17 +169,39 @@ def tpe_sampler(seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
 
 
-def study_search(space: SearchSpace, seed: int) -> StudySearch:
-    """The study's searcher: TPE over the space, ASHA-stopped trials told to Optuna as pruned."""
-    return StudySearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=tpe_sampler(seed),
-                       max_epochs=space.base_config().epochs)
+def baseline_seeds(space: SearchSpace) -> tuple[int, ...]:
+    """The baseline trials' training seeds: the base seed (every searched trial's), then the next ones."""
+    base = space.base_config().seed
+    return tuple(base + i for i in range(space.baseline_trials()))
+
+
+def study_search(space: SearchSpace, seed: int, with_baseline: bool = True) -> StudySearch:
+    """The study's searcher: the baseline trials first, then TPE over the space (ASHA-stopped trials told to
+    Optuna as pruned). ``with_baseline=False``: the search alone (benchmarks of the searcher)."""
+    seeds = baseline_seeds(space) if with_baseline else ()
+    return StudySearch(space=DefineByRun(space), metric=space.metric, mode="min", sampler=tpe_sampler(seed),
+                       max_epochs=space.base_config().epochs, baseline_seeds=seeds,
+                       baseline=baseline_sample(space) if seeds else None)
+
+
+class StudyScheduler(ASHAScheduler):
+    """ASHA over epochs that never stops a baseline trial: the study's reference and noise floor must be
+    trained to the end. Baseline results still count in ASHA's rungs, so trials worse than it are cut."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr, 0)
+        if decision == self.STOP and (trial.config or {}).get(BASELINE_KEY) and epoch < self._max_t:
+            return self.CONTINUE
+        return decision
 
 
 def study_scheduler(space: SearchSpace) -> ASHAScheduler:
     """ASHA over epochs, with the space's grace period and reduction factor."""
     max_epochs = space.base_config().epochs
-    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.budget.grace_period, max_epochs),
-                         reduction_factor=space.budget.reduction_factor)
+    return StudyScheduler(time_attr="epoch", max_t=max_epochs,
+                          grace_period=min(space.budget.grace_period, max_epochs),
+                          reduction_factor=space.budget.reduction_factor)
 
 
 def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdir: str | Path = "runs",
@@ -205,6 +238,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     with StudyTracker(uri, space.name, workdir) as tracker:
         with storage.local_copy(paths["space"]) as local_space:
             tracker.log_study_inputs(local_space, space.base, manifest_hash(data_dir))
+        tracker.write("log", tracker.role, tags={METRIC_TAG: space.metric})  # what "best" means to every reader
 
         init_ray(address)
         runtime = with_gpu_decision(runtime)
@@ -219,7 +253,8 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         grid = tuner.fit()
         summary = summarize(grid, space, uri, paths["experiment"])
         if summary.best_trial is not None and summary.best_metric is not None:
-            tracker.log_best(summary.best_trial, summary.best_metric, space.metric, mode=space.mode)
+            tracker.log_best(summary.best_trial, summary.best_metric, space.metric, mode="min")
+        _log_baseline(tracker, summary)
         tracker.log_dict(json.loads(summary.to_json()), "study_summary.json")
         if tracker.flush():  # the plots read the study back from MLflow
             _log_study_plots(uri, space.name)
@@ -264,9 +299,33 @@ def _resolve_inputs(space_path, data_dir, workdir: str, study_name, resume) -> t
     return storage.normalize(space_path), storage.normalize(data_dir)
 
 
+def _log_baseline(tracker: StudyTracker, summary: StudySummary) -> None:
+    """The baseline comparison on the study run: its line as a tag, its numbers as metrics."""
+    b = summary.baseline
+    if not b:
+        return
+    metrics = [[name, float(b[key]), int(time.time() * 1000), 0]
+               for name, key in (("baseline_" + summary.metric, "baseline_mean"), ("seed_sd", "seed_sd"),
+                                 ("noise_floor", "noise_floor"), ("best_minus_baseline", "difference"))
+               if b.get(key) is not None]
+    tracker.write("log", tracker.role, tags={"mfcon.baseline_verdict": b["verdict"], "mfcon.baseline_line": b["line"]},
+                  metrics=metrics)
+
+
+def trial_best_value(result, metric: str) -> float | None:
+    """A finished Tune result's best value of ``metric`` over its epochs (the study's one rule for "best")."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "epoch" not in df:
+        return None
+    return best_value(dict(zip(df["epoch"].astype(int), df[metric].astype(float))))
+
+
 def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudySummary:
     states: dict[str, int] = {}
     max_epochs = space.base_config().epochs
+    mfcon: dict[str, float | None] = {}
+    baseline: list[float | None] = []
+    best_trial, best_value_, best_params = None, None, {}
     for result in grid:
         if result.error is not None:
             state = "failed"
@@ -274,15 +333,21 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudyS
             epoch = int((result.metrics or {}).get("epoch", 0))
             state = "completed" if epoch >= max_epochs else "pruned"
         states[state] = states.get(state, 0) + 1
-    best_trial, best_value, best_params = None, None, {}
-    try:
-        best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
-        df = best.metrics_dataframe
-        if df is not None and space.metric in df:
-            best_value = float(df[space.metric].min() if space.mode == "min" else df[space.metric].max())
-        best_trial, best_params = best.metrics.get("trial_id"), dict(best.config or {})
-    except (RuntimeError, KeyError, AttributeError):
-        pass
+        trial_id = (result.metrics or {}).get("trial_id") or result.path
+        value = trial_best_value(result, space.metric) if state != "failed" else None
+        if value is not None and (best_value_ is None or value < best_value_):
+            best_trial, best_value_, best_params = trial_id, value, dict(result.config or {})
+        if state != "failed":
+            if (result.config or {}).get(BASELINE_KEY):
+                baseline.append(value)
+            else:
+                mfcon[trial_id] = value
+    comparison = None
+    if space.baseline_trials():
+        c = compare_with_baseline(space.name, space.metric, mfcon, baseline)
+        comparison = {"baseline_values": list(c.baseline_values), "baseline_mean": c.baseline_mean,
+                      "seed_sd": c.seed_sd, "noise_floor": c.noise_floor, "best_trial": c.best_trial,
+                      "best_value": c.best_value, "difference": c.difference, "verdict": c.verdict, "line": c.line()}
     return StudySummary(study=space.name, tracking_uri=uri, experiment_dir=experiment_dir, num_trials=len(grid),
-                        states=states, best_trial=best_trial, best_metric=best_value, best_params=best_params,
-                        metric=space.metric)
+                        states=states, best_trial=best_trial, best_metric=best_value_, best_params=best_params,
+                        metric=space.metric, baseline=comparison)

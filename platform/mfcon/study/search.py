@@ -10,7 +10,14 @@ so an epoch without an evaluation ends the study with a KeyError. Here:
 * a trial stopped before its last epoch is told to Optuna as PRUNED, so TPE
   ranks it by how far it got and its value there, as Optuna's own pruning does;
 * a result without the metric (or with a non-finite one) is skipped;
-* a failed trial is FAIL, whatever value it reported last.
+* a failed trial is FAIL, whatever value it reported last;
+* a completed trial's value is its best epoch's (:mod:`mfcon.evaluation.selection`), the value
+  every other reader of the study ranks it by, not its last epoch's.
+
+It also runs the study's baseline: the first trials it suggests are the lambda = 0
+configuration of the base config, one per baseline seed. The first is told to
+Optuna when the space can express it (so TPE learns from it); the other seeds
+only measure the noise floor and stay out of TPE.
 """
 
 from __future__ import annotations
@@ -22,15 +29,36 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from mfcon.names import BASELINE_KEY, SEED_KEY
+
 log = logging.getLogger(__name__)
 
 
 class StudySearch(OptunaSearch):
-    """``OptunaSearch`` that reports epochs as steps and ASHA-stopped trials as pruned."""
+    """``OptunaSearch`` that reports epochs as steps and ASHA-stopped trials as pruned, and starts with the
+    baseline trials (``baseline_seeds``: their training seeds; ``baseline``: their sampled values and whether
+    Optuna can express them, see :func:`mfcon.study.spaces.baseline_sample`)."""
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, max_epochs: int, baseline_seeds: tuple[int, ...] = (),
+                 baseline: tuple[dict[str, Any], bool] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
+        self._baseline_seeds = tuple(baseline_seeds) if baseline is not None else ()
+        self._baseline_queue = list(self._baseline_seeds)  # saved with the searcher: a resume continues it
+        self._baseline = baseline
+        self._best: dict[str, float] = {}  # trial -> best value so far (what a COMPLETE trial is told)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if not self._baseline_queue:
+            return super().suggest(trial_id)
+        sample, expressed = self._baseline
+        seed = self._baseline_queue.pop(0)
+        if seed == self._baseline_seeds[0] and expressed:  # Optuna's own trial with these values, so TPE learns from the baseline
+            self._ot_study.enqueue_trial(sample)
+            config = super().suggest(trial_id) or {}
+        else:
+            config = dict(sample)
+        return {**config, BASELINE_KEY: True, SEED_KEY: seed}
 
     def _value(self, result: dict | None) -> float | None:
         value = (result or {}).get(self.metric)
@@ -43,13 +71,15 @@ class StudySearch(OptunaSearch):
         if value is None:  # an epoch without an evaluation, or a diverged one: nothing to report
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._best[trial_id] = min(value, self._best.get(trial_id, value))
         self._ot_trials[trial_id].report(value, step)  # a step seen before (a restored trial) is ignored by Optuna
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        value = self._value(result)
+        last = self._value(result)
+        value = min(self._best.get(trial_id, last), last) if last is not None else self._best.get(trial_id)
         epoch = int((result or {}).get("epoch", 0))
         if error:
             state, value = optuna.trial.TrialState.FAIL, None

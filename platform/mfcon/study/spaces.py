@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from mfcon.names import BASELINE_KEY, SEED_KEY, SELECTION_METRICS
 from mfcon.config import (
     NAMED_BLOCK_SETS,
     ConfigError,
@@ -103,6 +104,8 @@ class BlockSelection(_Param):
         return self
 
 
+METRICS = SELECTION_METRICS  # what a study may optimise: dev error rates, lower is better
+
 Param = Annotated[Uniform | LogUniform | IntRange | Categorical | BlockSelection, Field(discriminator="type")]
 
 
@@ -115,6 +118,11 @@ class Budget(BaseModel):
     trial_time_budget_s: float | None = Field(None, gt=0)
     study_time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
+    # The study's own reference: the lambda = 0 configuration of the base config, trained first and never
+    # stopped by ASHA, at ``baseline_seeds`` seeds (base seed, +1, ...) so the study measures its seed-to-seed
+    # noise floor. Only for spaces that search the MFCon loss; ``baseline: false`` opts out.
+    baseline: bool = True
+    baseline_seeds: int = Field(2, ge=1, le=5)
 
 
 class Resources(BaseModel):
@@ -130,8 +138,8 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    metric: Literal["dev_eer", "dev_min_dcf", "dev_min_dcf_005"] = "dev_eer"  # always a dev metric: see below
-    mode: Literal["min", "max"] = "min"
+    metric: Literal[METRICS] = "dev_eer"  # always a dev metric: see below
+    mode: str = "min"  # every metric is an error rate: lower is better (checked below)
     base: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Param] = Field(default_factory=dict)
     budget: Budget = Budget()
@@ -143,8 +151,26 @@ class SearchSpace(BaseModel):
         """A search only ever sees the dev list: ``eer``/``min_dcf`` (older spaces) mean their dev values."""
         return f"dev_{value}" if value in ("eer", "min_dcf", "min_dcf_005") else value
 
+    @field_validator("mode")
+    @classmethod
+    def _min_only(cls, value: str) -> str:
+        """Every selectable metric is an error rate; ``max`` would make TPE, ASHA and checkpoint retention chase
+        the worst trial."""
+        if value != "min":
+            raise ValueError(f"mode must be 'min' (got {value!r}): {', '.join(METRICS)} are error rates, lower is "
+                             "better; remove `mode` or set it to min")
+        return value
+
     def base_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.base)
+
+    def searches_mfcon(self) -> bool:
+        """Whether the space searches the MFCon loss (weight, temperature or blocks): then it has a baseline."""
+        return any(key.startswith("loss.mfcon") for key in self.params)
+
+    def baseline_trials(self) -> int:
+        """How many lambda = 0 trials the study adds to ``num_samples`` (0 when it has no baseline)."""
+        return self.budget.baseline_seeds if self.budget.baseline and self.searches_mfcon() else 0
 
     def num_blocks(self) -> int:
         return self.base_config().model_config_resolved().num_blocks
@@ -294,15 +320,72 @@ def suggest(trial: optuna.Trial, name: str, dist: optuna.distributions.BaseDistr
 
 
 def sampled_to_overrides(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
-    """Flat sampled values -> dotted TrainConfig overrides (per-block booleans -> a block list)."""
+    """Flat sampled values -> dotted TrainConfig overrides (per-block booleans -> a block list).
+
+    A trial's config may also carry ``BASELINE_KEY`` (train lambda = 0 whatever was sampled) and
+    ``SEED_KEY`` (its own training seed): the study's baseline trials."""
     overrides: dict[str, Any] = {}
     for key, p in space.params.items():
         if isinstance(p, BlockSelection) and p.encoding == "per_block":
             overrides[key] = [b for b in range(1, space.num_blocks() + 1) if sampled[block_param_name(key, b)]]
         else:
             overrides[key] = sampled[key]
+    if sampled.get(BASELINE_KEY):
+        overrides["loss.mfcon_weight"] = 0.0
+    if sampled.get(SEED_KEY) is not None:
+        overrides["seed"] = int(sampled[SEED_KEY])
     return overrides
+
+
+def baseline_sample(space: SearchSpace) -> tuple[dict[str, Any], bool]:
+    """(sampled values of the baseline trial, whether they mean "no MFCon" to Optuna).
+
+    When the space can express the baseline in its own distributions (every per-block boolean False, the
+    named block set ``none``, or a weight range that holds 0), Optuna is told the baseline as a trial of its
+    own, so TPE learns from it. Every other value is the base config's, clipped into its range."""
+    base = space.base_config().model_dump(mode="json")
+    sample, expressed = {}, False
+    for name, dist in optuna_distributions(space).items():
+        if name.rsplit(".", 1)[0] in space.params and name not in space.params:  # a per-block boolean
+            sample[name], expressed = False, True
+        elif isinstance(dist, optuna.distributions.CategoricalDistribution):
+            if name.startswith("loss.mfcon_blocks") and "none" in dist.choices:
+                sample[name], expressed = "none", True
+            else:
+                value = _dotted(base, name)
+                sample[name] = value if value in dist.choices else dist.choices[0]
+        elif name == "loss.mfcon_weight" and dist.low <= 0 <= dist.high and not dist.log:
+            sample[name], expressed = 0.0, True
+        else:
+            value = _dotted(base, name)
+            value = dist.low if not isinstance(value, (int, float)) else min(max(value, dist.low), dist.high)
+            sample[name] = int(value) if isinstance(dist, optuna.distributions.IntDistribution) else float(value)
+    return sample, expressed
+
+
+def _dotted(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def trial_config(space: SearchSpace, sampled: dict[str, Any]) -> TrainConfig:
     return apply_overrides(space.base_config(), sampled_to_overrides(space, sampled), f"search space {space.name}")
+
+
+def trial_params(space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Everything a person compares in the MLflow UI: raw samples plus what the trial really trains.
+
+    A draw that trains no MFCon loss (weight 0, or no block selected) is logged as what it is, the
+    baseline: weight 0 and blocks "none", whatever lambda and tau were sampled."""
+    params = dict(sampled)
+    for key, value in sampled_to_overrides(space, sampled).items():
+        params[key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    if not trial_config(space, sampled).selected_blocks() and space.searches_mfcon():
+        params.update({"loss.mfcon_weight": 0.0, "loss.mfcon_blocks": "none"})
+        params.pop("loss.mfcon_temperature", None)  # not trained with: a tau would read as if it mattered
+    elif params.get("loss.mfcon_blocks") == "":
+        params["loss.mfcon_blocks"] = "none"
+    return params

@@ -16,7 +16,7 @@ from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.study.resources import cluster_use_gpu
 from mfcon.study.spaces import SearchSpace, trial_config
-from mfcon.study.worker import train_worker
+from mfcon.study.worker import CHECKPOINT_RANK, train_worker
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
             "dev_shards": list(runtime.dev_shards),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
             "trial_started_at": started_at,  # start-up overhead = first training step - this
+            "selection_metric": runtime.space.metric,  # ranks the checkpoints Train keeps (checkpoint_rank)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpu,
@@ -89,8 +90,9 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
             name=f"{runtime.space.name}-{trial_id}",
             storage_path=runtime.train_storage,
             callbacks=[TuneReportCallback()],
+            # Kept by the space's metric with ties to the later epoch, as the export picks its best epoch.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=runtime.space.metric, checkpoint_score_order="min"),
+                num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="min"),
             # A trial that cannot start its workers fails (and is logged) instead of retrying forever.
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures, controller_failure_limit=3),
         ),

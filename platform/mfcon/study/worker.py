@@ -25,17 +25,19 @@ import torch
 
 from mfcon.config import TrainConfig
 from mfcon.data.shard_stream import WorkerShardData
+from mfcon.evaluation.selection import checkpoint_rank
 from mfcon.train.checkpoint import RAY_CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mfcon.train.loop import TrainData, WorkerContext, fit
 
 REPLAYED = "replayed"  # result key: 1.0 on the restored epoch's repeated result, absent on trained epochs
+CHECKPOINT_RANK = "checkpoint_rank"  # result key Ray Train keeps checkpoints by (mfcon.evaluation.selection)
 
 
 class RayRunHooks:
     """Checkpoints through Ray Train's storage, so Tune restores and ASHA see every epoch."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, metric: str = "dev_eer"):
+        self.rank, self.metric = rank, metric
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The latest checkpoint of this Train run (after a worker, node or driver failure), replayed to Tune."""
@@ -54,6 +56,8 @@ class RayRunHooks:
             ray.train.report({**metrics, REPLAYED: 1.0})
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if isinstance(metrics.get(self.metric), float) and "epoch" in metrics:
+            metrics = {**metrics, CHECKPOINT_RANK: checkpoint_rank(metrics[self.metric], int(metrics["epoch"]))}
         if state is None:
             ray.train.report(metrics)
             return
@@ -75,7 +79,7 @@ def train_worker(config: dict[str, Any]) -> None:
     marks["workers"] = entered_at
     # Restored after its last epoch (the driver died before Tune recorded the trial as done), the loop
     # trains nothing: the replayed result is the trial's final one.
-    fit(cfg, worker_data(cfg, config, rank, world), RayRunHooks(rank),
+    fit(cfg, worker_data(cfg, config, rank, world), RayRunHooks(rank, config.get("selection_metric", "dev_eer")),
         WorkerContext(rank=rank, world_size=world, device=device, started_at=config.get("trial_started_at"),
                       startup_marks=marks))
 

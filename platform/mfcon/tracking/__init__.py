@@ -12,6 +12,8 @@ from mfcon.tracking.runs import TRIAL_METRICS, StudyTracker, TrialRuns, flatten
 from mfcon.tracking.spool import PendingWrites, TrackingWriteError, open_spool
 from mfcon.tracking.spool_file import SpoolBusy, spool_dir
 from mfcon.tracking.store import (
+    BASELINE_TAG,
+    METRIC_TAG,
     PLOTS_DIR,
     REPLICATION_FILE,
     ROLE_TAG,
@@ -31,7 +33,7 @@ from mfcon.tracking.store import (
 )
 
 __all__ = [
-    "PLOTS_DIR", "REPLICATION_FILE", "ROLE_TAG", "SPACE_DIR", "STATE_TAG", "STUDY_TAG", "TRIAL_METRICS", "TRIAL_TAG",
+    "BASELINE_TAG", "METRIC_TAG", "PLOTS_DIR", "REPLICATION_FILE", "ROLE_TAG", "SPACE_DIR", "STATE_TAG", "STUDY_TAG", "TRIAL_METRICS", "TRIAL_TAG",
     "PendingWrites", "SpoolBusy", "StudyNotFound", "StudyRecord", "StudyTracker", "TrackingUnavailable",
     "TrackingWriteError", "TrialRecord", "TrialRuns", "artifact_root_for", "check_tracking_uri", "code_version",
     "default_tracking_uri", "ensure_experiment", "find_runs", "flatten", "load_study", "no_artifact_progress_bars",

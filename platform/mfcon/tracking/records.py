@@ -15,10 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from mfcon.evaluation.noise_floor import BaselineComparison, compare_with_baseline
+from mfcon.evaluation.selection import best_epoch, best_value
+from mfcon.names import SELECTION_METRICS
 from mfcon.tracking.store import (
+    BASELINE_TAG,
+    METRIC_TAG,
     REPLICATION_FILE,
+    SEED_PARAM,
     ROLE_TAG,
     SPACE_DIR,
     STATE_TAG,
@@ -33,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One child run of a study, as the report and the Optuna rebuild need it."""
+    """One child run of a study, as the report and the Optuna rebuild need it.
+
+    "Best" is :func:`mfcon.evaluation.selection.best_epoch` of the study's metric (``selection``), the
+    same epoch whose checkpoint the study exported; EER and minDCF are read at that epoch.
+    """
 
     trial_id: str
     run_id: str
@@ -44,19 +55,37 @@ class TrialRecord:
     min_dcf: dict[int, float]  # epoch -> min_dcf
     epochs_run: int
     start_time: int  # ms
+    metric: str = "dev_eer"  # the study's metric
+    selection: dict[int, float] = field(default_factory=dict)  # epoch -> the study's metric
+    baseline: bool = False  # the study's lambda = 0 reference trial (tag mfcon.baseline)
+
+    @property
+    def history(self) -> dict[int, float]:
+        return self.selection or (self.eer if self.metric == "dev_eer" else {})
 
     @property
     def best_epoch(self) -> int | None:
-        return min(self.eer, key=lambda e: (self.eer[e], e)) if self.eer else None
+        return best_epoch(self.history)
+
+    @property
+    def best_value(self) -> float | None:
+        """The study metric at the best epoch."""
+        return best_value(self.history)
 
     @property
     def best_eer(self) -> float | None:
-        return self.eer[self.best_epoch] if self.eer else None
+        return self.eer.get(self.best_epoch) if self.best_epoch is not None else None
 
     @property
     def best_min_dcf(self) -> float | None:
-        """min_dcf at the epoch of the best eer (the epoch whose checkpoint the trial keeps)."""
-        return self.min_dcf.get(self.best_epoch) if self.eer else None
+        """min_dcf at the best epoch (the epoch whose checkpoint the trial keeps)."""
+        return self.min_dcf.get(self.best_epoch) if self.best_epoch is not None else None
+
+    @property
+    def seed(self) -> int | None:
+        """The training seed when the trial set its own (baseline seeds); None: the space's base seed."""
+        value = self.params.get(SEED_PARAM)
+        return int(value) if value not in (None, "") and value.lstrip("-").isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -68,15 +97,27 @@ class StudyRecord:
     space_yaml: str | None
     space_file: str | None
     trials: list[TrialRecord] = field(default_factory=list)
+    metric: str = "dev_eer"  # the space's metric: ranking, "best", the searcher and the exported checkpoint
 
     def ranked(self) -> list[TrialRecord]:
-        """Trials by best eer (those without one last), ties by trial id."""
-        return sorted(self.trials, key=lambda t: (t.best_eer is None, t.best_eer or 0.0, t.trial_id))
+        """Trials by best value of the study's metric (those without one last), ties by trial id."""
+        return sorted(self.trials, key=lambda t: (t.best_value is None, t.best_value or 0.0, t.trial_id))
 
     @property
     def best(self) -> TrialRecord | None:
-        ranked = [t for t in self.ranked() if t.best_eer is not None and t.state != "failed"]
+        """The best finished-or-running trial by the study's metric, the baseline included."""
+        ranked = [t for t in self.ranked() if t.best_value is not None and t.state != "failed"]
         return ranked[0] if ranked else None
+
+    @property
+    def baseline_trials(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.baseline]
+
+    def baseline_comparison(self) -> BaselineComparison:
+        """The best MFCon trial against the baseline seeds, with the study's noise floor."""
+        done = [t for t in self.trials if t.state in ("completed", "pruned")]
+        return compare_with_baseline(self.name, self.metric, {t.trial_id: t.best_value for t in done if not t.baseline},
+                                     [t.best_value for t in done if t.baseline])
 
     def states(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -93,14 +134,28 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {int(m.step): float(m.value) for m in client.get_metric_history(run_id, key) if math.isfinite(m.value)}
 
 
-def _trial_record(client, run) -> TrialRecord:
+def _trial_record(client, run, metric: str) -> TrialRecord:
     run_id = run.info.run_id
     eer, dcf = _history(client, run_id, "dev_eer"), _history(client, run_id, "dev_min_dcf")
+    selection = {"dev_eer": eer, "dev_min_dcf": dcf}.get(metric) or _history(client, run_id, metric)
     epochs = max([*eer, *_history(client, run_id, "train_loss"), 0])
     return TrialRecord(trial_id=run.data.tags.get(TRIAL_TAG, run.info.run_name or run_id),
                        run_id=run_id, run_name=run.info.run_name or "", state=run.data.tags.get(STATE_TAG, "running"),
                        params=dict(run.data.params), eer=eer, min_dcf=dcf, epochs_run=epochs,
-                       start_time=int(run.info.start_time or 0))
+                       start_time=int(run.info.start_time or 0), metric=metric, selection=selection,
+                       baseline=run.data.tags.get(BASELINE_TAG) == "true")
+
+
+def study_metric(tags: dict[str, str], space_yaml: str | None) -> str:
+    """The metric a study optimised: its run's tag, else its logged space's ``metric``, else dev_eer."""
+    if tags.get(METRIC_TAG) in SELECTION_METRICS:
+        return tags[METRIC_TAG]
+    try:
+        declared = (yaml.safe_load(space_yaml or "") or {}).get("metric")
+    except yaml.YAMLError:
+        declared = None
+    declared = f"dev_{declared}" if declared in ("eer", "min_dcf", "min_dcf_005") else declared
+    return declared if declared in SELECTION_METRICS else SELECTION_METRICS[0]
 
 
 def _space_artifact(client, run_id: str) -> tuple[str | None, str | None]:
@@ -127,11 +182,12 @@ def load_study(client, study_name: str) -> StudyRecord:
     if not parents:
         raise StudyNotFound(f"experiment {study_name!r} has no study run (tag {ROLE_TAG}=study): not an mfcon study")
     parent = parents[0]
-    children = find_runs(client, exp.experiment_id, **{MLFLOW_PARENT_RUN_ID: parent.info.run_id})
-    trials = sorted((_trial_record(client, r) for r in children), key=lambda t: (t.start_time, t.trial_id))
     space_yaml, space_file = _space_artifact(client, parent.info.run_id)
+    metric = study_metric(dict(parent.data.tags), space_yaml)
+    children = find_runs(client, exp.experiment_id, **{MLFLOW_PARENT_RUN_ID: parent.info.run_id})
+    trials = sorted((_trial_record(client, r, metric) for r in children), key=lambda t: (t.start_time, t.trial_id))
     return StudyRecord(study_name, exp.experiment_id, parent.info.run_id, dict(parent.data.tags),
-                       space_yaml, space_file, trials)
+                       space_yaml, space_file, trials, metric)
 
 
 def read_replication(client, study: str) -> dict[str, Any] | None:

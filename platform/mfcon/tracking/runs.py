@@ -195,10 +195,11 @@ class TrialRuns:
     def key(self, trial_id: str) -> str:
         return f"{self.tracker.role}/{trial_id}"
 
-    def start(self, trial_id: str, params: dict[str, Any]) -> str | None:
-        """Create (or re-attach to) the trial's run; its run id, or None when the tracker does not wait."""
+    def start(self, trial_id: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
+        """Create (or re-attach to) the trial's run (with extra ``tags``); its run id, or None when the tracker
+        does not wait."""
         t = self.tracker
-        tags = {STUDY_TAG: t.study, ROLE_TAG: t.child_role, TRIAL_TAG: trial_id, STATE_TAG: "running"}
+        tags = {STUDY_TAG: t.study, ROLE_TAG: t.child_role, TRIAL_TAG: trial_id, STATE_TAG: "running", **(tags or {})}
         t.write("start_child", self.key(trial_id), parent=t.role, name=f"{t.child_role}-{trial_id}", tags=tags,
                 params={k: str(v) for k, v in params.items()})
         return t.spool.run_id(self.key(trial_id)) if t.wait_s > 0 else None

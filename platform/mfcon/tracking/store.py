@@ -20,9 +20,14 @@ from urllib.parse import urlsplit
 
 from mlflow.tracking import MlflowClient
 
+from mfcon.names import SEED_KEY
+
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
 PLOTS_DIR = "plots"  # artifact folder on trial and study runs
 REPLICATION_FILE = "replication.json"  # the replication run's table
+BASELINE_TAG = "mfcon.baseline"  # "true" on a study's lambda = 0 reference trials
+METRIC_TAG = "mfcon.metric"  # on the study run: the space's metric (what "best" means for every reader)
+SEED_PARAM = SEED_KEY  # a trial run's param: its own training seed, when not the space's base seed
 SPACE_DIR = "search_space"  # artifact folder of the study's search-space YAML on the parent run
 
 

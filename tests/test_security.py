@@ -2,9 +2,12 @@
 
 * Checkpoints load with ``weights_only=True``: a crafted one whose pickled object
   would run code is refused with a clear error, and its code never runs.
-* Served models: only mfcon's own models-from-code load; a pickled
-  ``python_model``, a changed entry file or a crafted checkpoint inside a
-  registered model is refused by ``mfcon verify`` before anything runs.
+* Served models: mfcon never calls MLflow's pyfunc loader; it builds the
+  embedder from the checkpoint and feature config after checking the model's
+  layout and the checksums recorded when it was logged, so a pickled
+  ``python_model``, a changed entry file or a swapped checkpoint inside a
+  registered model is refused by ``mfcon verify`` before anything runs (the
+  full attack suite is tests/test_model_attacks.py).
 * Nothing deserialises data with pickle: a source scan (every ``torch.load`` has
   ``weights_only=True``; no ``pickle``/``yaml.load``/``eval`` on data), and
   crafted shards, trial lists and MLflow params that would run code if unpickled
@@ -159,8 +162,9 @@ def model_store(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("variant, expect", [
-    ("checkpoint", r"artifacts/best\.pt: refused: it holds pickled objects"),
-    ("pickle", r"refused: not an mfcon speaker model \(its pyfunc loader 'mlflow\.pyfunc\.model' would unpickle"),
+    ("checkpoint", r"refused: artifacts/best\.pt does not match the sha256 recorded when the model was logged"),
+    ("pickle", r"refused: not an mfcon speaker model \(its pyfunc loader 'mlflow\.pyfunc\.model' is not MLflow's "
+               r"models-from-code loader"),
     ("entry", r"refused: not an mfcon speaker model \(its entry file speaker_embedder\.py is not mfcon's"),
 ])
 def test_verify_refuses_a_model_that_would_run_code(variant, expect, model_store, data, capsys):
@@ -219,8 +223,9 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 
 def test_no_source_deserialises_data_with_pickle_or_unsafe_yaml():
-    """Every torch.load is weights-only, nothing unpickles or YAML-loads unsafely, and the one
-    pyfunc load is the checked one; nor is Ray Data told to unpickle object columns."""
+    """Every torch.load is weights-only, nothing unpickles or YAML-loads unsafely, and no code hands a model
+    to MLflow's pyfunc loader (mfcon builds its embedder from the checked files: test_model_attacks.py);
+    nor is Ray Data told to unpickle object columns."""
     sources = [*PACKAGE.rglob("*.py"), *(REPO / "pipelines").glob("*.py"), *(REPO / "bench").glob("*.py")]
     problems, pyfunc_loads = [], []
     for path in sources:
@@ -235,17 +240,18 @@ def test_no_source_deserialises_data_with_pickle_or_unsafe_yaml():
                 problems.append(f"{where} without a SafeLoader")
             elif name in ("numpy.load", "np.load") and _keyword(call, "allow_pickle") not in (None, False):
                 problems.append(f"{where} with allow_pickle")
-            elif name == "mlflow.pyfunc.load_model":
-                pyfunc_loads.append(rel)
+            elif name.startswith("mlflow.") and name.endswith(".load_model") or name == "mlflow.models.Model.load":
+                pyfunc_loads.append(f"{rel}:{line}: {name}")
         text = path.read_text()
         if "RAY_DATA_AUTOLOAD_PICKLE_OBJECT_SCALAR" in text or re.search(r"RAY_AUTH_MODE.{0,20}disabled", text):
             problems.append(f"{rel}: turns off a Ray safety default (pickled-object columns or token auth)")
     assert not problems, "unsafe deserialisation:\n" + "\n".join(problems)
-    assert pyfunc_loads == ["platform/mfcon/serving/embedder.py"], pyfunc_loads
+    assert pyfunc_loads == [], "MLflow's model loader chain is called:\n" + "\n".join(pyfunc_loads)
     load = next(n for n in ast.walk(ast.parse((PACKAGE / "serving" / "embedder.py").read_text()))
                 if isinstance(n, ast.FunctionDef) and n.name == "load_embedder")
     names = [_dotted(n.func, {}) for n in ast.walk(load) if isinstance(n, ast.Call)]
-    assert names.index("check_speaker_model") < names.index("mlflow.pyfunc.load_model")
+    assert names.index("check_model_dir") < names.index("check_model_digests") < names.index(
+        "SpeakerEmbedder.from_files"), names
 
 
 def test_a_shard_of_pickled_python_objects_is_never_unpickled(data, tmp_path, capsys):

@@ -1,33 +1,29 @@
-"""A trained checkpoint as an MLflow pyfunc speaker embedder: log it, load it.
+"""A trained checkpoint as a speaker embedder: :class:`SpeakerEmbedder`, and loading one safely.
 
-The model is logged "from code" (MLflow 3's recommended form): a three-line
-entry file that imports :class:`SpeakerEmbedder` (``from mfcon.serving import
-SpeakerEmbedder``) is stored with it instead of a cloudpickle, so loading runs
-no pickled code and needs ``mfcon`` installed (``pip install -e .``).
-:func:`load_embedder` holds every model to that before MLflow loads it: a
-model with a pickled ``python_model``, extra code on its path, or an entry file
-other than mfcon's is refused (:class:`UntrustedModelError`), since loading it
-would run whatever its author wrote. Its
-artifacts are the weights-only checkpoint (``checkpoint/best.pt`` of a trial
-run, see :mod:`mfcon.train.checkpoint`) and the :class:`FeatureConfig` the
-model was trained with, so serving computes exactly the training features
-(:func:`mfcon.data.features.compute_fbank`).
+Logging lives in :mod:`mfcon.model_files` (re-exported here): a model logged "from code", whose
+files' sha256 are recorded on the logged model. It stays a valid MLflow pyfunc for anyone who
+chooses ``mlflow.pyfunc.load_model`` (needs ``mfcon`` installed; the entry file imports
+:class:`SpeakerEmbedder` from ``mfcon.serving``).
+
+mfcon itself never calls MLflow's pyfunc loader chain: :func:`load_embedder` resolves the URI to
+its logged model, downloads the files, holds them to the exact layout mfcon writes
+(:func:`mfcon.model_files.check_model_dir`: refused with :class:`UntrustedModelError` otherwise)
+and to the checksums recorded when it was logged, then builds the embedder from the checkpoint
+(``weights_only=True``, :func:`mfcon.train.checkpoint.load_checkpoint`) and the feature config
+(JSON) directly. Nothing from the model directory is imported, executed or unpickled.
 
 Example::
 
     uri = log_speaker_model(client, run_id, "best.pt", manifest.feature_config)  # "models:/m-..."
-    emb = load_embedder(uri, tracking_uri).predict(pd.DataFrame({"waveform": [wav1, wav2]}))  # (2, E)
+    emb = load_embedder(uri, tracking_uri).embed_waveforms([wav1, wav2])  # (2, E)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
+import re
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from importlib import metadata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,63 +31,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from mlflow.models import ModelSignature
-from mlflow.tracking import MlflowClient
-from mlflow.types import DataType
-from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 from mfcon.config import FeatureConfig, ModelConfig
 from mfcon.data.features import compute_fbank
-from mfcon.models.mfa_conformer import build_model
 from mfcon.evaluation.scoring import extract_embeddings
-from mfcon.tracking import no_artifact_progress_bars
+from mfcon.model_files import (  # noqa: F401 - re-exported: serving's public names
+    FILES_TAG,
+    MODEL_URI_TAG,
+    UntrustedModelError,
+    check_model_digests,
+    check_model_dir,
+    check_no_symlinks,
+    log_speaker_model,
+    model_signature,
+    quiet_artifacts,
+    use_tracking_uri,
+)
+from mfcon.models.mfa_conformer import build_model
 from mfcon.train.checkpoint import CheckpointError, load_checkpoint
 
-MODEL_URI_TAG = "mfcon.model_uri"  # run tag: the pyfunc model logged for this run
 INPUT_COLUMNS = ("waveform", "fbank")
-_REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "pydantic", "soundfile", "pyarrow", "pyyaml")
-_ENTRY = '"""MLflow models-from-code entry."""\nimport mlflow\nfrom mfcon.serving import SpeakerEmbedder\n\n' \
-         "mlflow.models.set_model(SpeakerEmbedder())\n"
-_QUIET = ("An input example was not provided",)  # we pass an explicit signature instead
-_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # pyfunc loader of models logged from code
-# Entry files a registered mfcon model may carry. Append when _ENTRY changes, never edit: models logged by
-# earlier versions keep their entry, and must still load.
-_KNOWN_ENTRIES = frozenset({_ENTRY})
-
-
-class UntrustedModelError(ValueError):
-    """A model is not an mfcon speaker model logged from code; loading it could run foreign or pickled code."""
-
-
-@contextlib.contextmanager
-def use_tracking_uri(uri: str | None) -> Iterator[None]:
-    """Point MLflow's process-global tracking and registry URIs at ``uri``, then restore them exactly.
-
-    ``mlflow.set_tracking_uri(None)`` also deletes ``MLFLOW_TRACKING_URI`` from
-    the environment, so the previous globals *and* environment variables are
-    saved and put back. Not thread-safe (the URIs are process globals).
-    """
-    if uri is None:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
-             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in saved[2].items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+_RUN_MODEL = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<name>[^/]+)/?$")
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class SpeakerEmbedder(mlflow.pyfunc.PythonModel):
@@ -106,11 +67,28 @@ class SpeakerEmbedder(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        state = load_checkpoint(context.artifacts["checkpoint"])
-        self.feature_config = FeatureConfig(**json.loads(Path(context.artifacts["feature_config"]).read_text()))
-        self.model_config = ModelConfig(**state["model_config"])
-        device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        """MLflow's entry point, for people who load the model with ``mlflow.pyfunc.load_model``."""
+        self._build(context.artifacts["checkpoint"], context.artifacts["feature_config"],
+                    (context.model_config or {}).get("device"))
+
+    @classmethod
+    def from_files(cls, checkpoint: str | Path, feature_config: str | Path, device: str | None = None,
+                   where: str = "") -> SpeakerEmbedder:
+        """The embedder of a weights-only checkpoint and its feature config (JSON); what mfcon's loader uses."""
+        embedder = cls()
+        embedder._build(checkpoint, feature_config, device, where)
+        return embedder
+
+    def _build(self, checkpoint: str | Path, feature_config: str | Path, device: str | None = None,
+               where: str = "") -> None:
+        state = load_checkpoint(checkpoint)
+        try:
+            self.feature_config = FeatureConfig(**json.loads(Path(feature_config).read_text()))
+            self.model_config = ModelConfig(**state["model_config"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UntrustedModelError(f"{where or feature_config}: not a readable mfcon model "
+                                      f"({type(e).__name__}: {e})") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_model(self.model_config)
         self.model.load_state_dict(state["model"])
         self.model.eval().to(self.device)
@@ -179,122 +157,95 @@ def _as_fbank(cell: Any, row: int, n_mels: int) -> np.ndarray:
     return x
 
 
-def model_signature(embed_dim: int) -> ModelSignature:
-    """Variable-length inputs: one array per row (MLflow ``Array``), so neither T nor N is fixed.
+# ---------------------------------------------------------------- loading: nothing from the model runs
 
-    ``double`` rather than ``float``: MLflow refuses to cast Python float lists
-    to float32, while float32 arrays widen to float64 exactly (and back).
-    """
-    inputs = Schema([ColSpec(Array(DataType.double), "waveform", required=False),
-                     ColSpec(Array(Array(DataType.double)), "fbank", required=False)])
-    return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]))
+def logged_model_of(client, model_uri: str):
+    """The MLflow logged model behind ``models:/m-<id>``, ``models:/<name>/<N>``, ``models:/<name>@<alias>``
+    or ``runs:/<run>/<name>``; any other URI (a local folder, a bare artifact path) is refused."""
+    from mlflow.exceptions import MlflowException
 
+    from mfcon.names import RegistryError
 
-def _pip_requirements() -> list[str]:
-    """Pinned to this environment; ``mfcon`` itself must be installed where the model loads."""
-    return [f"{name}=={metadata.version(name)}" for name in _REQUIREMENTS]
-
-
-def log_speaker_model(client: MlflowClient | None, run_id: str, checkpoint_file: str | Path,
-                      feature_config: FeatureConfig | Mapping[str, Any], name: str = "model",
-                      tracking_uri: str | None = None) -> str:
-    """Log ``checkpoint_file`` as a pyfunc model of run ``run_id``; returns its ``models:/m-...`` URI.
-
-    The store is ``tracking_uri``, else the client's, else MLflow's current one.
-    Resuming the run marks it RUNNING then FINISHED, so its status and end
-    time are put back afterwards (a pruned trial stays as it was); no run stays
-    active. The URI is also recorded as the run tag ``mfcon.model_uri``.
-    """
-    uri = tracking_uri or (client.tracking_uri if client is not None else mlflow.get_tracking_uri())
-    client = MlflowClient(uri)
-    before = client.get_run(run_id).info
-    state = load_checkpoint(checkpoint_file)
-    embed_dim = ModelConfig(**state["model_config"]).embed_dim
-    fcfg = feature_config if isinstance(feature_config, FeatureConfig) else FeatureConfig(**feature_config)
-    with tempfile.TemporaryDirectory() as tmp:
-        entry, fjson = Path(tmp, "speaker_embedder.py"), Path(tmp, "feature_config.json")
-        entry.write_text(_ENTRY)
-        fjson.write_text(fcfg.model_dump_json(indent=1))
-        with use_tracking_uri(uri), no_artifact_progress_bars(), warnings.catch_warnings():
-            for text in _QUIET:
-                warnings.filterwarnings("ignore", message=f".*{text}")
-            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                info = mlflow.pyfunc.log_model(
-                    name=name, python_model=str(entry),
-                    artifacts={"checkpoint": str(checkpoint_file), "feature_config": str(fjson)},
-                    signature=model_signature(embed_dim), pip_requirements=_pip_requirements())
-    if before.status != "RUNNING":
-        client.set_terminated(run_id, status=before.status, end_time=before.end_time)
-    else:
-        client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
-    return info.model_uri
-
-
-def load_embedder(model_uri: str, tracking_uri: str | None = None,
-                  device: str | None = None) -> mlflow.pyfunc.PyFuncModel:
-    """``mlflow.pyfunc.load_model`` against ``tracking_uri`` (registry too); ``device`` overrides cuda/cpu.
-
-    The model is downloaded and checked (:func:`check_speaker_model`) before
-    MLflow imports or unpickles anything from it; its checkpoint is then read
-    with ``weights_only=True`` (:func:`mfcon.train.checkpoint.load_checkpoint`).
-    """
-    with use_tracking_uri(tracking_uri), no_artifact_progress_bars(), \
-            tempfile.TemporaryDirectory(prefix="mfcon-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        check_speaker_model(local, model_uri)
-        try:
-            return mlflow.pyfunc.load_model(str(local), model_config={"device": device} if device else None)
-        except Exception as e:
-            cause = _mfcon_cause(e)
-            if isinstance(cause, CheckpointError):  # raised in load_context, wrapped by MLflow: name the model
-                raise CheckpointError(str(cause).replace(str(local), model_uri.rstrip("/"))) from None
-            if cause is not None:
-                raise cause from None
-            raise
-
-
-def check_speaker_model(model_dir: Path, model_uri: str = "") -> None:
-    """Refuse a downloaded model unless it is exactly what :func:`log_speaker_model` writes.
-
-    Its pyfunc flavor must use MLflow's models-from-code loader, carry no
-    ``code`` folder (it would go on ``sys.path`` ahead of mfcon) and no pickled
-    ``python_model``, and its entry file must be mfcon's own, byte for byte.
-    """
-    where = model_uri or str(model_dir)
+    body = model_uri[len("models:/"):].rstrip("/") if model_uri.startswith("models:/") else None
+    registered, run_model = _REGISTERED.match(model_uri), _RUN_MODEL.match(model_uri)
     try:
-        meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UntrustedModelError(f"{where}: no readable MLmodel file ({e})") from None
-    flavor = (meta.get("flavors") or {}).get("python_function") or {}
-    loader, entry = flavor.get("loader_module"), flavor.get("model_code_path")
-    problem = None
-    if loader != _CODE_LOADER or not entry:
-        problem = f"its pyfunc loader {loader!r} would unpickle a python_model; mfcon models are logged from code"
-    elif flavor.get("code") or "python_model" in flavor:
-        problem = "it adds a code folder or a pickled python_model"
-    else:
-        code_file = model_dir / Path(str(entry)).name
-        if not code_file.is_file() or code_file.read_text() not in _KNOWN_ENTRIES:
-            problem = f"its entry file {Path(str(entry)).name} is not mfcon's SpeakerEmbedder entry"
-    if problem:
-        raise UntrustedModelError(f"{where}: refused: not an mfcon speaker model ({problem}); "
-                                  "mfcon loads only models written by log_speaker_model")
+        if body is not None and body.startswith("m-") and "/" not in body and "@" not in body:
+            model_id = body
+        elif registered:
+            name, alias, version = registered["name"], registered["alias"], registered["version"]
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+            source = re.match(r"^models:/(m-[^/@]+)/?$", mv.source or "")  # the SQL registry keeps no model_id
+            model_id = getattr(mv, "model_id", None) or (source.group(1) if source else None)
+            if not model_id:
+                raise UntrustedModelError(f"{model_uri}: refused: version {mv.version} was registered from "
+                                          f"{mv.source}, not from a model logged by log_speaker_model")
+        elif run_model:
+            run = client.get_run(run_model["run"])
+            outputs = run.outputs.model_outputs if run.outputs else []
+            found = [o.model_id for o in outputs if client.get_logged_model(o.model_id).name == run_model["name"]]
+            if not found:
+                raise RegistryError(f"{model_uri}: run {run_model['run']} logged no model named {run_model['name']!r}")
+            model_id = found[-1]
+        else:
+            raise UntrustedModelError(
+                f"{model_uri}: refused: mfcon loads only logged models (models:/m-<id>, models:/<name>/<version>, "
+                "models:/<name>@<alias> or runs:/<run>/<name>), whose files it can check against the checksums "
+                "recorded when they were logged")
+        return client.get_logged_model(model_id)
+    except MlflowException as e:
+        raise RegistryError(f"{model_uri}: no such model in {client.tracking_uri} ({e.error_code}); promote a "
+                            "study first (mfcon promote --study NAME --data DIR) or check the URI") from None
 
 
-def _mfcon_cause(err: BaseException) -> BaseException | None:
-    """The first mfcon input error (a ValueError from an mfcon module) in an exception's cause chain."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, ValueError) and type(err).__module__.startswith("mfcon"):
-            return err
-        err = err.__cause__ or err.__context__
+def _local_folder(location: str) -> Path | None:
+    """The folder of a logged model kept on this machine's disk (file:// or a path), else None."""
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    if "://" not in location and ":/" not in location and Path(location).is_absolute():
+        return Path(location)
     return None
 
 
-def embedder_of(model: mlflow.pyfunc.PyFuncModel) -> SpeakerEmbedder:
-    """The SpeakerEmbedder behind a loaded pyfunc: lists of arrays in, no DataFrame or float64 copies."""
+def load_embedder(model_uri: str, tracking_uri: str | None = None, device: str | None = None) -> SpeakerEmbedder:
+    """The :class:`SpeakerEmbedder` of a logged mfcon model, built without MLflow's pyfunc loader.
+
+    The URI is resolved to its logged model (a registry version through its ``model_id``), the
+    model's folder is downloaded to a private temporary folder, refused unless it is exactly what
+    :func:`log_speaker_model` writes (:func:`check_model_dir`; a local artifact store is also
+    checked for symlinks before the copy) and byte for byte what was logged (the sha256 of every
+    file, recorded on the logged model); then the checkpoint is read with ``weights_only=True`` and
+    the feature config as JSON. ``device`` overrides the default (cuda when available, else cpu).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
+    where = model_uri.rstrip("/")
+    logged = logged_model_of(client, model_uri)
+    source = _local_folder(logged.artifact_location or "")
+    if source is not None and source.is_dir():
+        check_no_symlinks(source, where)
+    with use_tracking_uri(tracking_uri), quiet_artifacts(), \
+            tempfile.TemporaryDirectory(prefix="mfcon-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{logged.model_id}", dst_path=tmp))
+        files = check_model_dir(local, where)
+        check_model_digests(local, logged.tags.get(FILES_TAG), where, logged.model_id)
+        try:
+            return SpeakerEmbedder.from_files(files.checkpoint, files.feature_config, device, where)
+        except CheckpointError as e:  # name the model, not the temporary copy
+            raise CheckpointError(str(e).replace(str(local), where)) from None
+
+
+def check_speaker_model(model_dir: Path, model_uri: str = "") -> None:
+    """Refuse a model folder unless it is exactly what :func:`log_speaker_model` writes (see ``check_model_dir``)."""
+    check_model_dir(model_dir, model_uri)
+
+
+def embedder_of(model: SpeakerEmbedder | mlflow.pyfunc.PyFuncModel) -> SpeakerEmbedder:
+    """The SpeakerEmbedder itself (what :func:`load_embedder` returns), or the one behind a loaded pyfunc."""
+    if isinstance(model, SpeakerEmbedder):
+        return model
     inner = model.unwrap_python_model()
     if not isinstance(inner, SpeakerEmbedder):
         raise UntrustedModelError(

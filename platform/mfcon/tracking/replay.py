@@ -243,7 +243,7 @@ class Replayer:
 
     def _model(self, e: dict[str, Any]) -> None:
         """The trial's best epoch as a servable pyfunc model (what ``mfcon promote`` registers); at most once."""
-        from mfcon.serving.embedder import MODEL_URI_TAG, log_speaker_model
+        from mfcon.model_files import MODEL_URI_TAG, log_speaker_model
 
         run_id = self._run_id(e["run"])
         if MODEL_URI_TAG not in self.client.get_run(run_id).data.tags:

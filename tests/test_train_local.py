@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mfcon.cli import main as cli_main
@@ -97,7 +98,9 @@ def test_cli_train_prints_best_eer(small_data, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_preset: tiny\nepochs: 1\ndata: {speakers_per_batch: 4}\n")
     assert cli_main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(tmp_path / "o")]) == 0
-    assert "best EER" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"best dev EER \d+\.\d\d% at epoch 1 of 1: .*best\.pt", out), out  # was "best EER inf%"
+    assert "inf" not in out and "next: score it on the held-out test list: mfcon score test" in out
 
 
 def test_cli_reports_bad_config_clearly(tmp_path, capsys):

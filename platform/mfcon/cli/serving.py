@@ -10,16 +10,23 @@ from mfcon.names import DEFAULT_MODEL_URI
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="same speaker? score two recordings with a registered model")
-    p.add_argument("a_wav")
-    p.add_argument("b_wav")
+    p.add_argument("a_wav", help="enrollment recording (wav/flac; resampled to 16 kHz, stereo averaged)")
+    p.add_argument("b_wav", help="test recording")
     p.add_argument("--model", default=DEFAULT_MODEL_URI, help="model URI (default: %(default)s)")
     p.add_argument("--threshold", type=float, help="accept when score >= this (default: the version's EER threshold)")
     add_store_options(p)
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("embed", help="embed a folder or list of audio files into a Parquet file")
+    p = sub.add_parser("embed", help="embed a folder or list of audio files into a Parquet file",
+                       description="Embed audio files into a Parquet file (utt_id, embedding: L2-normalised). "
+                                   "Its metadata carries how mfcon verify scores two of them with this version: "
+                                   "mfcon.score_mean m and, for a version promoted with AS-norm, mfcon.score_norm="
+                                   "asnorm, mfcon.score_top_n and mfcon.score_cohort. score = cos(e - m, t - m); "
+                                   "AS-norm: 0.5 * ((score - mu_e) / sd_e + (score - mu_t) / sd_t) over the top_n "
+                                   "highest cos(x - m, c - m) of each side against the cohort rows c "
+                                   "(docs/evaluation.md; mfcon.evaluation.score_lists.read_embeddings).")
     p.add_argument("inputs", help="folder (every wav/flac below it) or a text file with one path per line")
-    p.add_argument("--out", required=True, help="output .parquet (utt_id, embedding)")
+    p.add_argument("--out", required=True, help="output .parquet (utt_id, embedding; scoring recipe in its metadata)")
     p.add_argument("--model", default=DEFAULT_MODEL_URI, help="model URI (default: %(default)s)")
     add_store_options(p)
     p.set_defaults(func=_embed)
@@ -34,9 +41,25 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from mfcon.serving import embed, pin_model_uri
+    from pathlib import Path
 
+    from mfcon.evaluation.score_lists import ScoreError, add_parquet_metadata, scoring_metadata
+    from mfcon.serving import embed, list_audio_inputs, pin_model_uri
+    from mfcon.serving.verify import load_cohort
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ScoreError(f"--out {out}: is a folder; give the .parquet file to write")
+    list_audio_inputs(args.inputs)  # a missing folder or an empty list: said before the model loads
     uri = tracking_uri(args)
-    pinned, _, _ = pin_model_uri(args.model, uri)
-    rows = embed(args.inputs, args.out, model_uri=pinned, tracking_uri=uri, progress=True)
-    print(f"wrote {rows} embeddings from {pinned} to {args.out}")
+    pinned, _, tags = pin_model_uri(args.model, uri)
+    cohort = load_cohort(tags, uri, pinned)
+    rows = embed(args.inputs, out, model_uri=pinned, tracking_uri=uri, progress=True)
+    recipe = scoring_metadata(tags, cohort)
+    add_parquet_metadata(out, recipe)
+    how = "AS-norm cohort and top_n, " if cohort is not None else ""
+    mean = "score_mean, " if "mfcon.score_mean" in recipe else "no score_mean (not a promoted version), "
+    print(f"wrote {rows} embeddings from {pinned} to {out}\n"
+          f"its metadata holds {mean}{how}the formula: scores from it equal mfcon verify's (docs/evaluation.md)\n"
+          f"next: score pairs with mfcon.evaluation.score_lists.read_embeddings({str(out)!r}) + score_pairs, "
+          "or a trial list with mfcon score")

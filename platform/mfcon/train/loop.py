@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -169,8 +169,11 @@ def distribute(module: nn.Module, ctx: WorkerContext) -> nn.Module:
 
 
 def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainData, epoch: int,
-                ctx: WorkerContext, first: bool) -> dict[str, float]:
-    """One epoch of steps; returns its metrics (losses averaged over steps and workers)."""
+                ctx: WorkerContext, first: bool, on_step: Callable[[int, int, int], None] | None = None,
+                ) -> dict[str, float]:
+    """One epoch of steps; returns its metrics (losses averaged over steps and workers).
+
+    ``on_step(epoch, step, steps_per_epoch)`` after each step (a progress bar; ``mfcon train``)."""
     started = time.perf_counter()
     run.module.objective.set_epoch(epoch - 1)  # warm-up counts epochs from 0
     torch.manual_seed(_seed(cfg.seed, epoch, ctx.rank))
@@ -186,6 +189,8 @@ def train_epoch(cfg: TrainConfig, run: Training, runner: nn.Module, data: TrainD
         parts = _train_step(runner, batch, run.optimizer, run.scaler, cfg, ctx, run.amp_dtype, (epoch, step))
         run.scheduler.step()
         sums += torch.tensor(parts, dtype=torch.float64)
+        if on_step is not None:
+            on_step(epoch, step, run.steps_per_epoch)
     sums = _mean_across_workers(sums / run.steps_per_epoch, ctx)
     metrics = {"epoch": float(epoch), "train_loss": float(sums[0]), "margin_loss": float(sums[1]),
                "mfcon_loss": float(sums[2]), "lr": float(run.scheduler.get_last_lr()[0]),
@@ -232,7 +237,8 @@ def fit(cfg: TrainConfig, data: TrainData, hooks: RunHooks, ctx: WorkerContext |
     runner = distribute(module, ctx)
     ctx.startup_marks.setdefault("setup", time.time())  # model, optimizer, checkpoint and process group ready
     for epoch in range(start_epoch, cfg.epochs + 1):
-        metrics = train_epoch(cfg, run, runner, data, epoch, ctx, first=epoch == start_epoch)
+        metrics = train_epoch(cfg, run, runner, data, epoch, ctx, first=epoch == start_epoch,
+                              on_step=getattr(hooks, "on_step", None))
         eval_metrics, eval_scores = evaluate_epoch(cfg, module.model, data, epoch, ctx)
         if eval_scores:
             metrics.update(eval_metrics)

@@ -43,7 +43,7 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -95,17 +95,20 @@ def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask]
         old = read_manifest(out)
     except ManifestError as e:
         if not overwrite:
-            raise ManifestError(f"{e}\n(pass overwrite=True to replace it)") from None
+            raise ManifestError(f"{e}\n(choose another output folder, or rebuild it: mfcon prepare --overwrite, "
+                                "overwrite=True in Python)") from None
         storage.delete(path)
         return
     if old.feature_config != feature_cfg and not overwrite:
         raise ManifestError(
             f"{path}: prepared with a different feature config ({old.feature_config.model_dump()} vs "
-            f"{feature_cfg.model_dump()}); pass overwrite=True or choose another folder")
+            f"{feature_cfg.model_dump()}); choose another output folder (--out), or rebuild every shard "
+            "(mfcon prepare --overwrite; overwrite=True in Python)")
     if old.feature_dtype != feature_dtype and not overwrite:
         raise ManifestError(
             f"{path}: prepared with feature_dtype {old.feature_dtype}, this run asks for {feature_dtype}; a folder "
-            "never mixes the two: choose another folder, or pass overwrite=True to rebuild every shard")
+            "never mixes the two: choose another output folder (--out), or rebuild every shard "
+            "(mfcon prepare --overwrite; overwrite=True in Python)")
     by_file = {t.file: t for t in tasks}
     for info in old.splits.values():
         for entry in info.shards:
@@ -154,7 +157,8 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
                     dev_trials: str | Path | None = None, dev_speakers: int | None = None, dev_trials_per_utt: int = 3,
                     feature_cfg: FeatureConfig = DEFAULT_FEATURES, rows_per_shard: int = 256, num_workers: int = 2,
                     seed: int = 0, progress: bool = True, overwrite: bool = False,
-                    augment: AugmentConfig | None = None, feature_dtype: str = "float32") -> Manifest:
+                    augment: AugmentConfig | None = None, feature_dtype: str = "float32",
+                    trial_report: Callable[[str, int, int, int], None] | None = None) -> Manifest:
     """Prepare train/dev/test shards for ``corpus_root`` in ``out_dir``; return the manifest.
 
     The dev set is ``dev_trials`` (a trial list over speakers disjoint from the
@@ -171,6 +175,9 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     an ``out_dir`` prepared with the other dtype is refused unless
     ``overwrite`` (then every shard is rebuilt).
 
+    ``trial_report(split, kept, listed, skipped_files)`` is called for the dev and test lists: trials kept in the
+    normalised list, trials listed, and how many skipped (unreadable) files the dropped trials name.
+
     ``augment`` adds augmented copies and speed-perturbed speakers to the train
     split only (:mod:`mfcon.data.augment`); its MUSAN/RIR folders are checked
     (AugmentError naming the folder) before anything is written.
@@ -179,12 +186,13 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     >>> m.splits["train"].rows, len(m.speakers)  # doctest: +SKIP
     """
     if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        raise ValueError(f"rows per shard (--rows-per-shard) must be >= 1, got {rows_per_shard}")
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
     if (dev_trials is None) == (dev_speakers is None):
-        raise SplitError("give exactly one of dev_trials (a dev trial list) or dev_speakers (hold out N training "
-                         "speakers): a study selects on dev, and test stays unseen until the verdict")
+        raise SplitError("give exactly one of dev_trials (a dev trial list; --dev-trials) or dev_speakers (hold out "
+                         "N training speakers; --dev-speakers): a study selects on dev, and test stays unseen until "
+                         "the verdict")
     augmentation = Augmentation.build(augment) if augment is not None and augment.active else None
     root, out = Path(corpus_root).resolve(), storage.normalize(out_dir)
     utterances = list_utterances(root)
@@ -218,7 +226,11 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
         manifest = manifest.model_copy(update={"augmentation": augmentation.config})
     lost = _skipped_utt_ids(tasks, records)
     for split, trials in (("dev", dev), ("test", test)):  # atomic
-        write_trials(storage.join(out, trials_name(split)), [t for t in trials if t.enroll not in lost and t.test not in lost])
+        kept = [t for t in trials if t.enroll not in lost and t.test not in lost]
+        write_trials(storage.join(out, trials_name(split)), kept)
+        if trial_report is not None:
+            named = {u for t in trials for u in (t.enroll, t.test)} & lost
+            trial_report(split, len(kept), len(trials), len(named))
     write_manifest(out, manifest)
     _clean(out, manifest)
     return manifest

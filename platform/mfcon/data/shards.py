@@ -237,7 +237,7 @@ def read_manifest(data_dir: str | Path) -> Manifest:
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)") from None
+        raise ManifestError(f"{path}: no manifest (prepare the data first: mfcon prepare --out <this folder>)") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
     try:
@@ -260,7 +260,7 @@ def manifest_hash(data_dir: str | Path) -> str:
     """sha256 of the manifest bytes: identifies a prepared dataset (tags MLflow runs)."""
     path = storage.join(data_dir, MANIFEST_NAME)
     if not storage.is_file(path):
-        raise ManifestError(f"{path}: no manifest (prepare the data first, e.g. prepare_dataset)")
+        raise ManifestError(f"{path}: no manifest (prepare the data first: mfcon prepare --out <this folder>)")
     return storage.sha256(path)
 
 

@@ -229,8 +229,14 @@ def _write_info(layout: CorpusLayout, spec: CorpusSpec, voices: list[SpeakerVoic
     if layout.info.is_file():
         old = json.loads(layout.info.read_text())
         if old.get("spec") != info["spec"] or old.get("generator") != info["generator"]:
-            raise ValueError(f"{layout.info}: corpus was made with another spec or generator "
-                             f"({old.get('spec')}, {old.get('generator')}); use a new out_dir")
+            changed = {k: (v, info["spec"].get(k)) for k, v in (old.get("spec") or {}).items()
+                       if info["spec"].get(k) != v}
+            flags = {"n_speakers": "--speakers", "utts_per_speaker": "--utts", "n_test_speakers": "--test-speakers",
+                     "seed": "--seed"}
+            what = (", ".join(f"{flags.get(k, k)} {was} -> {now}" for k, (was, now) in changed.items())
+                    if changed else f"generator {old.get('generator')} -> {info['generator']}")
+            raise ValueError(f"{layout.info}: this corpus was made with other options ({what}); give another --out "
+                             "folder, or the options it was made with")
     atomic_write_text(layout.info, json.dumps(info, indent=1) + "\n")
 
 

@@ -12,7 +12,9 @@ writes the PNGs beside it. Another study whose experiment name contains
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -272,6 +274,28 @@ def render_markdown(data: ReportData, images: dict[str, str]) -> str:
 
 # ---------------------------------------------------------------- entry point
 
+REPORT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # a report is read-only: seconds, not MLflow's minutes
+
+
+@contextlib.contextmanager
+def _fail_fast_tracking(tracking_uri: str):
+    """A server or database that does not answer ends the report in seconds with one line (TrackingUnavailable);
+    MLflow's own retries are cut to a short budget while the report reads (unless the environment sets them)."""
+    from mfcon.tracking import check_tracking_uri
+
+    if not tracking_uri.startswith(("sqlite:", "file:")) and "://" in tracking_uri:
+        check_tracking_uri(tracking_uri, timeout_s=5.0)
+    saved = {k: os.environ.get(k) for k in REPORT_HTTP_ENV}
+    os.environ.update({k: v for k, v in REPORT_HTTP_ENV.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
 def report_stem(study_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
 
@@ -280,7 +304,8 @@ def write_report(tracking_uri: str, study_name: str, out_dir: str | Path, fmt: s
     """Write ``<out_dir>/<study>.html`` (plots inline) or ``<study>.md`` + ``<study>-<plot>.png``; returns the path."""
     if fmt not in FORMATS:
         raise ReportError(f"unknown report format {fmt!r}; use one of {FORMATS}")
-    data = collect(tracking_uri, study_name)
+    with _fail_fast_tracking(tracking_uri):
+        data = collect(tracking_uri, study_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = report_stem(study_name)

@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from mfcon.cli.common import add_score_norm_options, add_store_options, tracking_uri
+from mfcon.cli.common import add_score_norm_options, add_store_options, positive_int, tracking_uri
 from mfcon.names import DEFAULT_MODEL, SELECTION_METRICS
 
 if TYPE_CHECKING:
@@ -19,13 +19,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", help="study name (its MLflow experiment)")
     p.add_argument("--data", help="prepared data folder: its test trials score challenger and champion")
     add_store_options(p)
-    p.add_argument("--model-name", default=DEFAULT_MODEL)
+    p.add_argument("--model-name", default=DEFAULT_MODEL, help="registered model to add the version to")
     p.add_argument("--metric", default=SELECTION_METRICS[0], choices=SELECTION_METRICS,
                    help="dev metric that picks the best trial (or the replica to register)")
     p.add_argument("--force", action="store_true", help="make it champion even if not significantly better")
     p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples")
     add_score_norm_options(p)
     p.set_defaults(func=_promote)
 
@@ -44,6 +44,8 @@ def _promote(args: argparse.Namespace) -> None:
                      data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed,
                      score_norm=args.score_norm, top_n=args.top_n)
     print(format_promotion(result))
+    print(f"next: mfcon score test --data {args.data} --model models:/{result.model_name}/{result.version}   "
+          f"(or: mfcon verify a.wav b.wav --model models:/{result.model_name}@champion)")
 
 
 def _ci(low: float, high: float) -> str:

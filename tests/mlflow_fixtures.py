@@ -45,6 +45,7 @@ class TrialSpec:
     sampled: dict[str, Any]
     eers: tuple[float, ...]
     state: str  # completed | pruned | failed
+    baseline_seed: int | None = None  # a study's lambda = 0 trial at this seed (tag mfcon.baseline)
 
 
 DEMO_TRIALS = (
@@ -101,8 +102,9 @@ def epoch_result(eer: float, epoch: int) -> dict[str, float]:
 def write_study_store(workdir: Path, study: str = "ui-study", trials: tuple[TrialSpec, ...] = DEMO_TRIALS,
                       space_file: Path = SPACE_FILE, tracking_uri: str | None = None) -> StudyStore:
     """Parent run + one child run per trial, through the classes the study callback uses."""
+    from mfcon.names import BASELINE_KEY, SEED_KEY
     from mfcon.study.spaces import load_search_space
-    from mfcon.tracking import StudyTracker, TrialRuns, default_tracking_uri
+    from mfcon.tracking import BASELINE_TAG, StudyTracker, TrialRuns, default_tracking_uri
 
     workdir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(workdir)
@@ -113,7 +115,11 @@ def write_study_store(workdir: Path, study: str = "ui-study", trials: tuple[Tria
     best = math.inf
     t0 = int(time.time() * 1000)
     for trial in trials:
-        runs.start(trial.trial_id, study_params(space, trial.sampled))
+        sampled = trial.sampled
+        if trial.baseline_seed is not None:  # as the study's searcher suggests its baseline trials
+            sampled = {**sampled, BASELINE_KEY: True, SEED_KEY: trial.baseline_seed}
+        runs.start(trial.trial_id, study_params(space, sampled),
+                   {BASELINE_TAG: "true"} if trial.baseline_seed is not None else None)
         for epoch, eer in enumerate(trial.eers, start=1):
             result = epoch_result(eer, epoch)
             runs.log_epoch(trial.trial_id, result, t0 + 1000 * epoch)

@@ -33,7 +33,7 @@ base:
   optim: {{lr: 0.003, warmup_steps: 2}}
 params: {params}
 budget: {{num_samples: {samples}, max_concurrent_trials: {concurrent}, grace_period: 1, reduction_factor: 2, seed: 0,
-          study_time_budget_s: 420}}
+          study_time_budget_s: 420, baseline: false}}
 resources: {{num_workers: 1, cpus_per_worker: 1, max_failures: {max_failures}}}
 """
 # The time budget only guards against a hang: Tune stops a study that runs past it, and the checks then fail.

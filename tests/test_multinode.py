@@ -41,7 +41,7 @@ base:
 params:
   loss.mfcon_weight: {{type: loguniform, low: 0.01, high: 1.0}}
   loss.mfcon_temperature: {{type: loguniform, low: 0.03, high: 0.5}}
-budget: {{num_samples: 2, max_concurrent_trials: 1, grace_period: 2, reduction_factor: 2, seed: 0}}
+budget: {{num_samples: 2, max_concurrent_trials: 1, grace_period: 2, reduction_factor: 2, seed: 0, baseline: false}}
 resources: {{num_workers: 2, cpus_per_worker: 1, use_gpu: false, max_failures: 1}}
 """
 

@@ -205,7 +205,8 @@ def test_html_report_is_self_contained(store, tmp_path):
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     assert len(images) == 5  # 3 study plots + the best trial's DET and histogram
     assert all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
-    for needle in ("code version", "0" * 64, "demo.yaml", "loss.mfcon_temperature", "Baseline comparison",
+    for needle in ("code version", "0" * 64, "demo.yaml", "loss.mfcon_temperature", "Other baseline studies (dev, selection)",
+                   "a selection, not a verdict",
                    "baseline-mfcon", f"{16.75 - 19.5:+.2f}"):
         assert needle in text
 

@@ -1,5 +1,6 @@
-"""`mfcon replicate` end to end on 2 CPUs: a tiny study, then its best configuration and the baseline,
-each retrained with 2 seeds as one Ray Tune grid, scored on the held-out test list and tracked in MLflow."""
+"""`mfcon replicate` end to end on 2 CPUs: a tiny study (with its own lambda = 0 baseline at 2 seeds and the
+noise-floor line), then its best configuration and the baseline, each retrained with 2 fresh seeds as one Ray
+Tune grid, scored on the held-out test list and tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -18,12 +19,72 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def replicated(ray_local_2cpu, small_data, tmp_path_factory):
+def studied(ray_local_2cpu, small_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("replicate")
-    space = write_space(workdir, "rep", epochs=2, samples=2, concurrent=2)
-    run_study(space, small_data, workdir=workdir)
+    space = write_space(workdir, "rep", epochs=2, samples=2, concurrent=2, baseline=True)
+    return workdir, run_study(space, small_data, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def replicated(studied):
+    workdir, _ = studied
     result = replicate_study("rep", workdir=workdir, top_k=1, seeds=2, n_boot=200)
     return workdir, result
+
+
+def test_the_study_trains_its_baseline_at_two_seeds_and_says_how_it_compares(studied):
+    """Every MFCon study has its lambda = 0 trials (tagged, never stopped by ASHA) and a line on the study run."""
+    workdir, summary = studied
+    client = MlflowClient(default_tracking_uri(workdir))
+    runs = client.search_runs([client.get_experiment_by_name("rep").experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("mfcon.role") == "trial"]
+    baseline = [r for r in trials if r.data.tags.get("mfcon.baseline") == "true"]
+    assert len(trials) == 4 and len(baseline) == 2  # 2 searched + 2 baseline seeds
+    assert sorted(r.data.params["seed"] for r in baseline) == ["0", "1"]
+    for run in baseline:
+        assert float(run.data.params["loss.mfcon_weight"]) == 0.0 and run.data.params["loss.mfcon_blocks"] == "none"
+        assert run.data.tags["mfcon.trial_state"] == "completed"  # trained to the end
+        assert len(client.get_metric_history(run.info.run_id, "dev_eer")) == 2
+    line = summary.baseline_line
+    assert line.startswith("best vs baseline on dev: ") and "`mfcon replicate --study rep`" in line
+    assert summary.baseline["verdict"] in ("better", "worse", "within noise")
+    assert summary.baseline["seed_sd"] is not None and len(summary.baseline["baseline_values"]) == 2
+    parent = next(r for r in runs if r.data.tags.get("mfcon.role") == "study")
+    assert parent.data.tags["mfcon.baseline_line"] == line
+    assert parent.data.tags["mfcon.metric"] == "dev_eer"
+    assert parent.data.metrics["noise_floor"] == pytest.approx(summary.baseline["noise_floor"])
+
+
+def test_replicas_train_fresh_seeds_never_a_study_trials_config_and_seed(studied, replicated):
+    """Selection luck must not leak into the verdict: no replica repeats a (config, seed) the study trained."""
+    workdir, result = replicated
+    client = MlflowClient(default_tracking_uri(workdir))
+    runs = client.search_runs([client.get_experiment_by_name("rep").experiment_id], max_results=100)
+    study_seeds = {int(r.data.params.get("seed", 0)) for r in runs if r.data.tags.get("mfcon.role") == "trial"}
+    replicas = [r for r in runs if r.data.tags.get("mfcon.role") == "replica"]
+    seeds = {int(r.data.params["replica.seed"]) for r in replicas}
+    assert study_seeds == {0, 1} and len(seeds) == 2 and not seeds & study_seeds
+    by_label = {}
+    for r in replicas:
+        by_label.setdefault(r.data.params["replica.label"], set()).add(int(r.data.params["replica.seed"]))
+    assert by_label == {BASELINE: seeds, "top1": seeds}  # one seed set for both arms: the verdict pairs them
+    assert result.verdicts["top1"].delta.n_seeds == 2
+    parent = next(r for r in runs if r.info.run_id == result.run_id)
+    assert sorted(map(int, parent.data.tags["mfcon.replication_seeds"].split(","))) == sorted(seeds)
+
+
+def test_a_rerun_with_other_flags_refuses_and_relabels_nothing(replicated):
+    from mfcon.study.runner import StudyError
+
+    workdir, result = replicated
+    client = MlflowClient(default_tracking_uri(workdir))
+    exp = client.get_experiment_by_name("rep").experiment_id
+    before = sorted((r.info.run_id, tuple(sorted(r.data.params.items()))) for r in client.search_runs([exp]))
+    with pytest.raises(StudyError, match=r"already has a replication planned with --top-k 1 --seeds 2 "
+                                         r"--replication-seed 0 .*re-run with those flags"):
+        replicate_study("rep", workdir=workdir, top_k=1, seeds=3, n_boot=200)
+    after = sorted((r.info.run_id, tuple(sorted(r.data.params.items()))) for r in client.search_runs([exp]))
+    assert after == before
 
 
 def test_replicas_are_tracked_with_test_metrics(replicated, small_data):
@@ -35,8 +96,9 @@ def test_replicas_are_tracked_with_test_metrics(replicated, small_data):
     replicas = [r for r in runs if r.data.tags.get("mfcon.role") == "replica"]
     assert len(parents) == 1 and parents[0].info.run_id == result.run_id and parents[0].info.status == "FINISHED"
     assert len(replicas) == 4
+    seeds = sorted({r.data.params["replica.seed"] for r in replicas})
     assert {(r.data.params["replica.label"], r.data.params["replica.seed"]) for r in replicas} == {
-        (BASELINE, "0"), (BASELINE, "1"), ("top1", "0"), ("top1", "1")}
+        (label, seed) for label in (BASELINE, "top1") for seed in seeds}
     for run in replicas:
         assert run.data.tags["mlflow.parentRunId"] == result.run_id
         assert run.data.tags["mfcon.trial_state"] == "completed"
@@ -64,7 +126,7 @@ def test_replication_table_verdict_and_plot_are_logged(replicated):
     assert table["configs"][BASELINE]["delta_eer"] is None
     assert table["configs"]["top1"]["delta_eer"]["estimate"] == pytest.approx(result.verdicts["top1"].delta.estimate)
     assert table["verdict"] == result.verdict()
-    assert result.verdict().startswith("top1 vs baseline: ") and "over speakers and seeds" in result.verdict()
+    assert result.verdict().startswith("top1 vs baseline: ") and "over speakers and paired seeds" in result.verdict()
     significance = result.verdict().rsplit("-> ", 1)[1]
     assert significance in ("significantly better", "significantly worse", "not significant")
     delta = result.verdicts["top1"].delta
@@ -87,22 +149,29 @@ def test_report_shows_the_replication_table_and_plot(replicated, tmp_path):
     assert "## Replication: equal compute, held-out test list" in md and (tmp_path / "md" / "rep-replication.png").exists()
 
 
-def test_plan_has_the_baseline_and_each_mfcon_configuration_per_seed_and_refuses_no_mfcon():
+def test_plan_has_the_baseline_and_each_mfcon_configuration_per_seed():
     from mfcon.study.replicate import plan_replicas
-    from mfcon.study.runner import StudyError
     from mfcon.study.spaces import load_search_space, trial_config
 
     repo = Path(__file__).resolve().parent.parent
     space = load_search_space(repo / "search_spaces" / "demo.yaml")
     sampled = {"loss.mfcon_weight": 0.3, "loss.mfcon_temperature": 0.1, "loss.mfcon_blocks.b1": True,
                "loss.mfcon_blocks.b2": False, "loss.mfcon_blocks.b3": True}
-    replicas = plan_replicas(space, [("top1", trial_config(space, sampled), sampled)], seeds=3)
-    assert [(r.label, r.seed) for r in replicas] == [(BASELINE, s) for s in range(3)] + [("top1", s) for s in range(3)]
+    seeds = (7001, 7002, 7003)
+    replicas = plan_replicas(space, [("top1", trial_config(space, sampled), sampled)], seeds)
+    assert [(r.label, r.seed) for r in replicas] == [(BASELINE, s) for s in seeds] + [("top1", s) for s in seeds]
     for r in replicas:
         assert r.config["seed"] == r.seed and r.config["epochs"] == space.base_config().epochs  # equal epochs
         expected = 0.0 if r.label == BASELINE else 0.3
         assert r.config["loss"]["mfcon_weight"] == expected
         assert r.config["optim"] == replicas[0].config["optim"]  # otherwise identical settings
-    off = {**sampled, "loss.mfcon_blocks.b1": False, "loss.mfcon_blocks.b3": False}
-    with pytest.raises(StudyError, match="use no MFCon loss"):
-        plan_replicas(space, [("top1", trial_config(space, off), off)], seeds=2)
+
+
+@pytest.mark.parametrize("replication_seed", [0, 1, 12345])
+def test_replication_seeds_are_fresh_distinct_and_reproducible(replication_seed):
+    from mfcon.study.replicate import replication_seeds
+
+    used = set(range(0, 5000))  # every seed a (large) study could have used, and then some
+    seeds = replication_seeds(used, 5, replication_seed)
+    assert len(set(seeds)) == 5 and not set(seeds) & used
+    assert replication_seeds(used, 5, replication_seed) == seeds  # a re-run draws the same plan

@@ -31,16 +31,19 @@ params:
   loss.mfcon_weight: {{type: loguniform, low: 0.01, high: 1.0}}
   loss.mfcon_temperature: {{type: loguniform, low: 0.03, high: 0.5}}
   loss.mfcon_blocks: {{type: blocks, encoding: per_block}}{extra}
-budget: {{num_samples: {samples}, max_concurrent_trials: {concurrent}, grace_period: 1, reduction_factor: 2, seed: 0}}
+budget: {{num_samples: {samples}, max_concurrent_trials: {concurrent}, grace_period: 1, reduction_factor: 2, seed: 0,
+          baseline: {baseline}}}
 resources: {{num_workers: {workers}, cpus_per_worker: 1}}
 """
 
 
 def write_space(tmp_path: Path, name: str, epochs=3, samples=4, concurrent=2, workers=1, extra: str = "",
-                reader: str = "files") -> Path:
+                reader: str = "files", baseline: bool = False) -> Path:
+    """A tiny MFCon space; ``baseline`` (off here: these tests count and order the searched trials) adds the
+    study's lambda = 0 trials (tests/test_replicate.py runs a study with them)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(SPACE.format(name=name, epochs=epochs, samples=samples, concurrent=concurrent, workers=workers,
-                                 extra=extra, reader=reader))
+                                 extra=extra, reader=reader, baseline=str(baseline).lower()))
     return path
 
 

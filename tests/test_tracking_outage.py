@@ -34,7 +34,7 @@ base:
   optim: {lr: 0.003, warmup_steps: 2}
 params:
   loss.mfcon_weight: {type: loguniform, low: 0.01, high: 1.0}
-budget: {num_samples: 2, max_concurrent_trials: 2, grace_period: 4, reduction_factor: 2, seed: 0}
+budget: {num_samples: 2, max_concurrent_trials: 2, grace_period: 4, reduction_factor: 2, seed: 0, baseline: false}
 resources: {num_workers: 1, cpus_per_worker: 1}
 """
 

@@ -1,10 +1,13 @@
-"""A study's summary in one file: inputs, every trial ranked by dev eer, the best trial, plots.
+"""A study's summary in one file: inputs, the baseline line, every trial ranked by the study's metric, plots.
 
 Read back from MLflow only (docs/ARCHITECTURE.md, "Study outputs"), so it works for a
 finished, interrupted or still-running study and for any tracking store. HTML embeds
 the plots as base64 PNGs (one file to mail or attach to a pull request); Markdown
-writes the PNGs beside it. Another study whose experiment name contains
-``baseline`` in the same store is shown for comparison.
+writes the PNGs beside it. The study's own lambda = 0 baseline and noise floor answer
+"did the search find anything?"; every dev number is labelled a selection (the best of
+N trials), and the replication's verdict on the test list is shown when there is one.
+Another study whose experiment name contains ``baseline`` in the same store is shown
+for comparison, with the same warning.
 
 >>> path = write_report("sqlite:////abs/runs/mlflow.db", "demo-mfcon", "runs/demo-mfcon/report")  # doctest: +SKIP
 """
@@ -113,16 +116,28 @@ def collect(tracking_uri: str, study_name: str) -> ReportData:
 
 def replication_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     """Per configuration: seeds, test EER and minDCF mean +- sd, difference to the baseline with its CI."""
-    header = ["config", "seeds", "test eer (%) mean +- sd", "test min_dcf mean +- sd", "eer minus baseline (95% CI)"]
+    header = ["config", "lambda / tau / blocks", "seeds", "test eer (%) mean +- sd", "test min_dcf mean +- sd",
+              "eer minus baseline (95% CI, paired seeds)"]
     rows = []
     for label, c in table["configs"].items():
         eer, dcf = np.asarray(c["test_eer"]), np.asarray(c["test_min_dcf"])
         sd = (lambda x: float(np.std(x, ddof=1)) if x.size > 1 else 0.0)
         d = c["delta_eer"]
         delta = "baseline" if d is None else f"{d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-        rows.append([label, str(len(c["seeds"])), f"{eer.mean():.2f} +- {sd(eer):.2f}",
-                     f"{dcf.mean():.4f} +- {sd(dcf):.4f}", delta])
+        rows.append([label, config_summary(c.get("params") or {}), ", ".join(map(str, c["seeds"])),
+                     f"{eer.mean():.2f} +- {sd(eer):.2f}", f"{dcf.mean():.4f} +- {sd(dcf):.4f}", delta])
     return header, rows
+
+
+def config_summary(params: dict[str, str]) -> str:
+    """lambda / tau / blocks of a replicated configuration, as a person compares them."""
+    weight = params.get("loss.mfcon_weight")
+    if weight is not None and float(weight) == 0.0:
+        return "0 (no MFCon loss)"
+    blocks = params.get("loss.mfcon_blocks") or ",".join(
+        k.rsplit(".b", 1)[1] for k, v in sorted(params.items()) if re.fullmatch(r"loss\.mfcon_blocks\.b\d+", k)
+        and v == "True") or "-"
+    return f"{fmt_value(weight)} / {fmt_value(params.get('loss.mfcon_temperature'))} / {blocks}"
 
 
 # ---------------------------------------------------------------- table content (shared by both formats)
@@ -151,14 +166,40 @@ def fmt_dcf(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+SELECTION_NOTE = ("Dev values are a selection, not a verdict: the best of a study's trials on the list the search "
+                  "optimised. The replication (mfcon replicate) judges on the held-out test list.")
+WITHIN_NOISE = "within noise of the best"
+
+
+def fmt_metric(metric: str, value: float | None) -> str:
+    return fmt_eer(value) if metric.endswith("eer") else fmt_dcf(value)
+
+
 def trial_rows(record: StudyRecord) -> tuple[list[str], list[list[str]]]:
-    params = display_params(record)
-    header = ["rank", "trial", "state", *params, "best dev eer (%)", "dev min_dcf @ best", "epochs run"]
+    """Every trial by its best value of the study's metric; the baseline's marked, and the trials the noise floor
+    cannot tell from the best."""
+    params = [k for k in display_params(record) if k not in ("baseline", "seed")]
+    comparison = record.baseline_comparison()
+    header = ["rank", "trial", "state", "role", *params, f"best {record.metric}", "dev eer (%) @ best",
+              "dev min_dcf @ best", "best epoch / run", "vs best"]
     rows = []
     for rank, t in enumerate(record.ranked(), start=1):
-        rows.append([str(rank), t.trial_id, t.state, *(fmt_value(t.params.get(k)) for k in params),
-                     fmt_eer(t.best_eer), fmt_dcf(t.best_min_dcf), str(t.epochs_run)])
+        role = f"baseline (seed {t.seed if t.seed is not None else '-'})" if t.baseline else "search"
+        near = WITHIN_NOISE if (not t.baseline and comparison.within_noise_of_best(t.best_value)
+                                and t.trial_id != comparison.best_trial) else ""
+        if t.trial_id == comparison.best_trial:
+            near = "best"
+        rows.append([str(rank), t.trial_id, t.state, role, *(fmt_value(t.params.get(k)) for k in params),
+                     fmt_metric(record.metric, t.best_value), fmt_eer(t.best_eer), fmt_dcf(t.best_min_dcf),
+                     f"{t.best_epoch if t.best_epoch is not None else '-'} / {t.epochs_run}", near])
     return header, rows
+
+
+def baseline_line(record: StudyRecord) -> str | None:
+    """The study's answer to "did the search find anything?" (None for a study without baseline trials)."""
+    if not record.baseline_trials:
+        return record.tags.get("mfcon.baseline_line")
+    return record.baseline_comparison().line()
 
 
 def info_rows(data: ReportData) -> list[tuple[str, str]]:
@@ -172,16 +213,18 @@ def info_rows(data: ReportData) -> list[tuple[str, str]]:
             ("generated", data.generated)]
 
 
-def best_rows(best: TrialRecord) -> list[tuple[str, str]]:
+def best_rows(best: TrialRecord, metric: str = "dev_eer") -> list[tuple[str, str]]:
     rows = [("trial", best.trial_id), ("run", f"{best.run_name} ({best.run_id})"), ("state", best.state),
-            ("best dev eer (%)", fmt_eer(best.best_eer)), ("min_dcf at that epoch", fmt_dcf(best.best_min_dcf)),
+            (f"best {metric} (selection: best of the study)", fmt_metric(metric, best.best_value)),
+            ("dev eer (%) at that epoch", fmt_eer(best.best_eer)), ("min_dcf at that epoch", fmt_dcf(best.best_min_dcf)),
             ("best epoch / epochs run", f"{best.best_epoch} / {best.epochs_run}")]
     return rows + [(k, fmt_value(v)) for k, v in sorted(best.params.items())]
 
 
 def baseline_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
     ours = data.record.best.best_eer if data.record.best else None
-    header = ["study", "trials", "best trial", "best dev eer (%)", "dev min_dcf @ best", f"{data.record.name} minus it (dev eer)"]
+    header = ["study", "trials", "best trial", "best dev eer (%) (best of its trials)", "dev min_dcf @ best",
+              f"{data.record.name} minus it (dev eer, selection)"]
     rows = []
     for b in [data.record, *data.baselines]:
         best = b.best
@@ -218,16 +261,22 @@ def render_html(data: ReportData) -> str:
     r, best = data.record, data.record.best
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Study {html.escape(r.name)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>Study {html.escape(r.name)}</h1>",
-             "<h2>Study</h2>", _html_pairs(info_rows(data)), "<h2>Best trial</h2>",
-             _html_pairs(best_rows(best)) if best else "<p>No trial has a dev eer yet.</p>"]
+             "<h2>Study</h2>", _html_pairs(info_rows(data))]
+    line = baseline_line(r)
+    if line:
+        parts += ["<h2>Did the search beat its baseline?</h2>", f"<p><strong>{html.escape(line)}</strong></p>"]
+    parts += ["<h2>Best trial</h2>", f"<p>{html.escape(SELECTION_NOTE)}</p>",
+              _html_pairs(best_rows(best, r.metric)) if best else f"<p>No trial has a {r.metric} yet.</p>"]
     if data.replication:
         parts += ["<h2>Replication: equal compute, held-out test list</h2>",
                   _html_table(*replication_rows(data.replication)),
                   f"<p><strong>{html.escape(data.replication['verdict'])}</strong></p>"]
     if data.baselines:
-        parts += ["<h2>Baseline comparison</h2>", _html_table(*baseline_rows(data))]
+        parts += ["<h2>Other baseline studies (dev, selection)</h2>", f"<p>{html.escape(SELECTION_NOTE)}</p>",
+                  _html_table(*baseline_rows(data))]
     header, rows = trial_rows(r)
-    parts += ["<h2>Trials (by best dev eer)</h2>", _html_table(header, rows, 1, best.trial_id if best else None)]
+    parts += [f"<h2>Trials (by best {html.escape(r.metric)})</h2>",
+              _html_table(header, rows, 1, best.trial_id if best else None)]
     parts.append("<h2>Plots</h2>")
     for name, png in data.plots.items():
         title = html.escape(PLOT_TITLES.get(name, name))
@@ -255,17 +304,22 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(data: ReportData, images: dict[str, str]) -> str:
     """``images`` maps plot name -> PNG file name beside the Markdown file."""
     r, best = data.record, data.record.best
-    parts = [f"# Study {r.name}", "## Study", _md_table(["", ""], [list(p) for p in info_rows(data)]), "## Best trial",
-             _md_table(["", ""], [list(p) for p in best_rows(best)]) if best else "No trial has a dev eer yet."]
+    parts = [f"# Study {r.name}", "## Study", _md_table(["", ""], [list(p) for p in info_rows(data)])]
+    line = baseline_line(r)
+    if line:
+        parts += ["## Did the search beat its baseline?", f"**{line}**"]
+    parts += ["## Best trial", SELECTION_NOTE,
+              _md_table(["", ""], [list(p) for p in best_rows(best, r.metric)]) if best
+              else f"No trial has a {r.metric} yet."]
     if data.replication:
         parts += ["## Replication: equal compute, held-out test list", _md_table(*replication_rows(data.replication)),
                   f"**{data.replication['verdict']}**"]
     if data.baselines:
-        parts += ["## Baseline comparison", _md_table(*baseline_rows(data))]
+        parts += ["## Other baseline studies (dev, selection)", SELECTION_NOTE, _md_table(*baseline_rows(data))]
     header, rows = trial_rows(r)
     if best:
         rows = [[f"**{c}**" for c in row] if row[1] == best.trial_id else row for row in rows]
-    parts += ["## Trials (by best dev eer)", _md_table(header, rows), "## Plots"]
+    parts += [f"## Trials (by best {r.metric})", _md_table(header, rows), "## Plots"]
     parts += [f"### {PLOT_TITLES.get(name, name)}\n\n![{name}]({file})" for name, file in images.items()]
     if r.space_yaml:
         parts += [f"## Search space ({r.space_file})", f"```yaml\n{r.space_yaml.rstrip()}\n```"]

@@ -27,7 +27,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                          "retrained with several seeds, scored on the held-out test list")
     p.add_argument("--study", required=True, help="a finished study (its name under --workdir)")
     p.add_argument("--top-k", type=int, default=1, help="how many of the study's best configurations (by dev)")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per configuration")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (the same seeds for every "
+                                                       "configuration, so the verdict pairs them)")
+    p.add_argument("--replication-seed", type=int, default=0,
+                   help="draws the training seeds, never one a study trial used (a re-run must give the same)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
@@ -56,7 +59,8 @@ def _replicate(args: argparse.Namespace) -> None:
 
     result = replicate_study(args.study, workdir=args.workdir, top_k=args.top_k, seeds=args.seeds,
                              tracking_uri=args.tracking_uri, address=args.address, n_boot=args.n_boot,
-                             score_norm=args.score_norm, top_n=args.top_n)
+                             score_norm=args.score_norm, top_n=args.top_n,
+                             replication_seed=args.replication_seed)
     print("\n" + result.summary())
 
 
@@ -69,6 +73,8 @@ def print_summary(summary: StudySummary) -> None:
               + ("%" if summary.metric.endswith("eer") else ""))
         for key, value in sorted(summary.best_params.items()):
             print(f"  {key} = {value}")
+    if summary.baseline_line:
+        print(summary.baseline_line)
     uri = summary.tracking_uri
     if uri.startswith("sqlite:"):
         print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {uri}")

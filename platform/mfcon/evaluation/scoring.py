@@ -89,13 +89,17 @@ def extract_embeddings(model: torch.nn.Module, features: Sequence[np.ndarray], d
 
 def score_trials(utt_ids: Sequence[str], embeddings: np.ndarray, trials: Sequence[TrialPair],
                  subtract_mean: bool = True, cohort: np.ndarray | None = None,
-                 top_n: int = DEFAULT_TOP_N) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine score of each trial -> (scores, labels); with a ``cohort`` (unit speaker embeddings) AS-normalised."""
+                 top_n: int = DEFAULT_TOP_N, centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score of each trial -> (scores, labels); with a ``cohort`` (unit speaker embeddings) AS-normalised.
+
+    Scores are centred with ``centre`` when given (a mean fitted elsewhere, e.g. on the dev list, so a held-out
+    list is only scored), else with these embeddings' own mean (``subtract_mean``)."""
     index = {u: i for i, u in enumerate(utt_ids)}
     missing = sorted({u for t in trials for u in (t.enroll, t.test) if u not in index})
     if missing:
         raise KeyError(f"{len(missing)} trial utterances have no embedding, e.g. {missing[:3]}")
-    scorer = TrialScorer(embeddings.mean(axis=0) if subtract_mean else None, cohort, top_n)
+    mean = centre if centre is not None else (embeddings.mean(axis=0) if subtract_mean else None)
+    scorer = TrialScorer(mean, cohort, top_n)
     a = embeddings[[index[t.enroll] for t in trials]]
     b = embeddings[[index[t.test] for t in trials]]
     return scorer.score(a, b), np.array([t.label for t in trials], dtype=np.int64)
@@ -108,11 +112,13 @@ def embed_cohort(model: torch.nn.Module, cohort: CohortSet, device: torch.device
 
 
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, device: torch.device | str = "cpu",
-             max_frames: int | None = None) -> EvalResult:
-    """EER and minDCF of ``eval_set``'s trials; mean-subtracted cosine, AS-normalised when it has a cohort."""
+             max_frames: int | None = None, centre: np.ndarray | None = None) -> EvalResult:
+    """EER and minDCF of ``eval_set``'s trials; mean-subtracted cosine (``centre``, or the set's own mean),
+    AS-normalised when it has a cohort."""
     emb = extract_embeddings(model, eval_set.features, device, max_frames=max_frames)
     cohort = embed_cohort(model, eval_set.cohort, device, max_frames) if eval_set.cohort is not None else None
-    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort, top_n=eval_set.top_n)
+    scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort, top_n=eval_set.top_n,
+                                  centre=centre)
     eer, threshold = equal_error_rate(scores, labels)
     return EvalResult(eer=float(eer), eer_threshold=float(threshold),
                       min_dcf_01=float(min_dcf(scores, labels, p_target=0.01)[0]),

@@ -6,8 +6,17 @@ Replication answers the user's question honestly: the top-K configurations (by
 dev metric) and the baseline with otherwise identical settings (MFCon weight 0)
 are each retrained with S seeds for the same epochs, as one Ray Tune grid of Ray
 Train trials, and every model is scored on the held-out **test** list, which no
-search has seen. The verdict (:mod:`mfcon.evaluation.verdicts`) is the difference of seed
-means with a CI over enrollment speakers and seeds.
+search has seen. The verdict (:mod:`mfcon.evaluation.verdicts`) pairs the arms seed by seed
+(every configuration trains the same seed set) and gives the mean per-seed
+difference with a t interval over enrollment speakers and seeds.
+
+Fresh seeds: the replication's seeds are drawn from ``--replication-seed`` and
+never coincide with a seed any study trial trained with, so no replica repeats
+the run that won on dev (selection luck would leak into the test verdict).
+Test scores are centred with the mean embedding of the **dev** split, as a
+promoted model is served; the test list is only ever scored. The plan (which
+configurations, which seeds) is written once; a re-run continues exactly that
+plan, or refuses when asked for another.
 
 MLflow: a ``replication`` parent run in the study's experiment, a ``replica``
 child run per (configuration, seed) with its per-epoch dev metrics, its best
@@ -17,6 +26,8 @@ checkpoint and model, and its ``test_*`` metrics; the parent holds
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -34,11 +45,11 @@ from ray import tune
 from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
 from mfcon.data.local import read_eval_set
-from mfcon.evaluation.metrics import BootstrapResult
+from mfcon.evaluation.selection import best_value
 from mfcon.models.mfa_conformer import build_model
 from mfcon.plots import replication_plot
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, ScoreNormName
-from mfcon.evaluation.scoring import EvalSet, evaluate
+from mfcon.evaluation.scoring import EvalSet, evaluate, extract_embeddings
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
 from mfcon.study.plot_logging import log_figures
@@ -72,6 +83,7 @@ from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
 from mfcon.evaluation.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
 
 BASELINE = "baseline"
+PLAN_FILE = "plan.json"  # in the replication folder: its configurations and fresh seeds, fixed on the first run
 REPLICA_KEYS = ("replica.index", "replica.label", "replica.seed")
 
 
@@ -100,35 +112,78 @@ def run_replica(config: dict[str, Any], runtime: StudyRuntime, replicas: tuple[R
     fit_trainer(TrainConfig.model_validate(replicas[int(config["replica"])].config), runtime)
 
 
-def top_configurations(space: SearchSpace, tracking_uri: str, top_k: int) -> list[tuple[str, TrainConfig, dict]]:
-    """(label, config, sampled params) of the study's ``top_k`` finished trials by dev metric, best first."""
+def top_configurations(space: SearchSpace, tracking_uri: str, top_k: int
+                       ) -> tuple[list[tuple[str, TrainConfig, dict]], set[int]]:
+    """((label, config, sampled params) of the study's ``top_k`` finished MFCon trials by the space's metric, best
+    first; every training seed the study used)."""
     record = load_study(MlflowClient(tracking_uri), space.name)
-    finished = [t for t in record.ranked() if t.state in ("completed", "pruned") and t.best_eer is not None]
-    if not finished:
-        raise StudyError(f"study {space.name!r} has no finished trial with a dev EER to replicate")
+    base_seed = space.base_config().seed
+    used = {base_seed} | {t.seed for t in record.trials if t.seed is not None}
+    finished = [t for t in record.ranked() if t.state in ("completed", "pruned") and t.best_value is not None
+                and not t.baseline]
     dists = optuna_distributions(space) if space.params else {}
     out = []
-    for rank, trial in enumerate(finished[:top_k], start=1):
-        sampled = {key: parse_param(trial.params[key], dist) for key, dist in dists.items()}
-        out.append((f"top{rank}", trial_config(space, sampled), {**sampled, "source_trial": trial.trial_id}))
-    return out
+    for trial in finished:
+        try:
+            sampled = {key: parse_param(trial.params[key], dist) for key, dist in dists.items()}
+        except (KeyError, ValueError):
+            continue  # a no-block draw: logged as weight 0, it trained no MFCon loss
+        config = trial_config(space, sampled)
+        if config.selected_blocks():
+            out.append((f"top{len(out) + 1}", config, {**sampled, "source_trial": trial.trial_id}))
+        if len(out) == top_k:
+            break
+    if not out:
+        raise StudyError(f"study {space.name!r} has no finished trial that trains the MFCon loss (by "
+                         f"{record.metric}): there is nothing to compare with the baseline; replicate a study that "
+                         "searches MFCon")
+    return out, used
 
 
-def plan_replicas(space: SearchSpace, tops: list[tuple[str, TrainConfig, dict]], seeds: int) -> tuple[Replica, ...]:
-    """Baseline (the best configuration with MFCon weight 0) and each top configuration, times ``seeds``."""
+def replication_seeds(used: set[int], n: int, replication_seed: int = 0) -> tuple[int, ...]:
+    """``n`` training seeds drawn from ``replication_seed``, none of them a seed in ``used`` (the study's)."""
+    rng = np.random.default_rng([replication_seed, 0x5EED])
+    seeds: list[int] = []
+    while len(seeds) < n:
+        seed = int(rng.integers(1_000, 2**31 - 1))
+        if seed not in used and seed not in seeds:
+            seeds.append(seed)
+    return tuple(seeds)
+
+
+def plan_replicas(space: SearchSpace, tops: list[tuple[str, TrainConfig, dict]],
+                  seeds: tuple[int, ...]) -> tuple[Replica, ...]:
+    """Baseline (the best configuration with MFCon weight 0) and each top configuration, each with every seed."""
     baseline = apply_overrides(tops[0][1], {"loss.mfcon_weight": 0.0}, f"replication of {space.name}")
-    configs = [(BASELINE, baseline, {"loss.mfcon_weight": 0.0})]
-    configs += [(label, cfg, params) for label, cfg, params in tops if cfg.selected_blocks()]
-    if len(configs) == 1:
-        raise StudyError(f"the top {len(tops)} trials of {space.name!r} use no MFCon loss (weight 0 or no blocks): "
-                         "there is nothing to compare with the baseline; replicate a study that searches MFCon")
+    configs = [(BASELINE, baseline, {"loss.mfcon_weight": 0.0}), *tops]
     replicas = []
     for label, cfg, params in configs:
-        for seed in range(seeds):
+        for seed in seeds:
             config = apply_overrides(cfg, {"seed": seed}).model_dump(mode="json")
             replicas.append(Replica(label, seed, config, {**params, "replica.index": len(replicas),
                                                           "replica.label": label, "replica.seed": seed}))
     return tuple(replicas)
+
+
+def planned_replicas(space: SearchSpace, uri: str, root: str, top_k: int, seeds: int,
+                     replication_seed: int) -> tuple[Replica, ...]:
+    """The replication's plan: written on the first run, read back (and only continued) on every later one."""
+    path = storage.join(root, PLAN_FILE)
+    asked = {"top_k": top_k, "seeds": seeds, "replication_seed": replication_seed}
+    if storage.exists(path):
+        plan = json.loads(storage.read_text(path))
+        if {k: plan.get(k) for k in asked} != asked:
+            had = f"--top-k {plan.get('top_k')} --seeds {plan.get('seeds')} --replication-seed {plan.get('replication_seed')}"
+            raise StudyError(f"{space.name} already has a replication planned with {had} ({path}); re-run with those "
+                             f"flags to continue it, or remove {storage.describe(root)} to plan a new one")
+        return tuple(Replica(r["label"], int(r["seed"]), r["config"], r["params"]) for r in plan["replicas"])
+    tops, used = top_configurations(space, uri, top_k)
+    replicas = plan_replicas(space, tops, replication_seeds(used, seeds, replication_seed))
+    plan = {**asked, "study_seeds": sorted(used), "replication_seeds": sorted({r.seed for r in replicas}),
+            "replicas": [{"label": r.label, "seed": r.seed, "config": r.config, "params": r.params} for r in replicas]}
+    storage.makedirs(root)
+    storage.write_text(path, json.dumps(plan, indent=2, default=str))
+    return replicas
 
 
 @dataclass
@@ -141,6 +196,7 @@ class ReplicationResult:
     n_trials: int
     n_speakers: int
     epochs: int
+    metric: str = "dev_eer"  # the dev metric that chose ``best``
 
     def verdict(self) -> str:
         if self.best is None:
@@ -157,10 +213,11 @@ class ReplicationResult:
 def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, seeds: int = 3,
                     tracking_uri: str | None = None, address: str | None = None, n_boot: int = 1000,
                     confidence: float = 0.95, score_norm: ScoreNormName = "mean",
-                    top_n: int = DEFAULT_TOP_N) -> ReplicationResult:
-    """Retrain and score; re-running continues an interrupted replication (finished replicas are kept)."""
+                    top_n: int = DEFAULT_TOP_N, replication_seed: int = 0) -> ReplicationResult:
+    """Retrain and score; re-running with the same flags continues an interrupted replication (finished
+    replicas are kept); ``replication_seed`` draws its training seeds, disjoint from the study's."""
     if top_k < 1 or seeds < 2:
-        raise StudyError(f"replication needs top_k >= 1 and seeds >= 2 (got {top_k}, {seeds}): "
+        raise StudyError(f"replication needs --top-k >= 1 and --seeds >= 2 (got {top_k}, {seeds}): "
                          "one seed cannot show seed-to-seed spread")
     workdir = storage.normalize(workdir)
     info = read_study_info(workdir, study)
@@ -170,9 +227,9 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     with storage.local_copy(info["space"]) as local_space:
         space = load_search_space(local_space).model_copy(update={"name": study})
     data_dir = info["data"]
-    replicas = plan_replicas(space, top_configurations(space, uri, top_k), seeds)
     root = storage.join(study_paths(workdir, study)["root"], "replication")
     runtime = build_runtime(space, data_dir, storage.join(root, "train"))  # input errors before anything runs
+    replicas = planned_replicas(space, uri, root, top_k, seeds, replication_seed)
     # An error marks the replication run FAILED without hiding it; the end drains the tracking spool.
     with StudyTracker(uri, study, workdir, role="replication") as tracker:
         init_ray(address)
@@ -183,7 +240,8 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
         if failed:
             print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
         test = read_eval_set(data_dir, "test", score_norm, top_n)
-        result = score_replicas(tracker, replicas, test, n_boot, confidence)
+        dev = read_eval_set(data_dir, "dev", "mean")  # centres the test scores, as a served model is centred
+        result = score_replicas(tracker, replicas, test, n_boot, confidence, dev=dev, metric=space.metric)
         tracker.finish("FINISHED")
     return result
 
@@ -211,45 +269,48 @@ def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, .
 
 
 def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], test: EvalSet, n_boot: int,
-                   confidence: float) -> ReplicationResult:
-    """Every finished replica's best checkpoint on the test list; verdicts logged on the replication run."""
+                   confidence: float, dev: EvalSet | None = None, metric: str = "dev_eer") -> ReplicationResult:
+    """Every finished replica's best checkpoint on the test list (centred with its ``dev`` embeddings' mean);
+    seed-paired verdicts logged on the replication run; the best configuration is chosen by ``metric`` on dev."""
     client = tracker.client
     runs = find_runs(client, tracker.experiment_id, **{"mlflow.parentRunId": tracker.parent_run_id})
     by_index = {int(r.data.params["replica.index"]): r for r in runs if "replica.index" in r.data.params}
-    scores: dict[str, list[np.ndarray]] = {}
-    dev: dict[str, list[float]] = {}
+    scores: dict[str, dict[int, np.ndarray]] = {}
+    dev_values: dict[str, list[float]] = {}
     replica_runs: dict[str, list[tuple[int, str]]] = {}
     for index, replica in enumerate(replicas):
         run = by_index.get(index)
         if run is None or run.data.tags.get(STATE_TAG) != "completed":
             continue
-        result = _score_on_test(client, run.info.run_id, test)
+        result = _score_on_test(client, run.info.run_id, test, dev)
         if result is None:
             continue
-        scores.setdefault(replica.label, []).append(result)
-        history = client.get_metric_history(run.info.run_id, "dev_eer")
-        dev.setdefault(replica.label, []).append(min((m.value for m in history), default=math.nan))
+        scores.setdefault(replica.label, {})[replica.seed] = result
+        history = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, metric)}
+        value = best_value(history)
+        dev_values.setdefault(replica.label, []).append(math.nan if value is None else value)
         replica_runs.setdefault(replica.label, []).append((replica.seed, run.info.run_id))
     if BASELINE not in scores or len(scores) < 2:
         raise StudyError(f"too few finished replicas to compare (have {sorted(scores)}); see the replica runs' "
                          "states in MLflow and re-run to continue")
     labels = np.array([t.label for t in test.trials])
     groups = np.array([t.enroll.split("/")[0] for t in test.trials])
-    verdicts = replicate_verdicts(scores, labels, groups, BASELINE, n_boot, confidence)
+    verdicts = replicate_verdicts(scores, labels, groups, BASELINE, n_boot=n_boot, confidence=confidence)
     for label, v in verdicts.items():
-        verdicts[label] = ConfigVerdict(v.label, v.test_eer, v.test_min_dcf, v.delta,
-                                        {k: str(val) for k, val in _config_params(replicas, label).items()})
+        verdicts[label] = dataclasses.replace(
+            v, params={k: str(val) for k, val in _config_params(replicas, label).items()})
     mfcon = [label for label in verdicts if label != BASELINE]
-    best = min(mfcon, key=lambda label: np.nanmean(dev[label])) if mfcon else None
+    best = min(mfcon, key=lambda label: np.nanmean(dev_values[label])) if mfcon else None
     out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
-                            len(set(groups)), int(replicas[0].config["epochs"]))
+                            len(set(groups)), int(replicas[0].config["epochs"]), metric)
     _log_replication(client, out)
     client.set_tag(out.run_id, "mfcon.evaluation.score_norm", test.score_norm)
     return out
 
 
-def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarray | None:
-    """The replica's exported best-dev-epoch weights scored on the test list; ``test_*`` metrics on its run."""
+def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, dev: EvalSet | None) -> np.ndarray | None:
+    """The replica's exported best-dev-epoch weights scored on the test list, centred with the mean of its dev
+    embeddings (when given); ``test_*`` metrics on its run."""
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
             state = load_checkpoint(client.download_artifacts(run_id, EXPORTED_ARTIFACT, tmp))
@@ -260,7 +321,9 @@ def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet) -> np.ndarr
     model = build_model(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(model.to(device), test, device)
+    model = model.to(device)
+    centre = extract_embeddings(model, dev.features, device).mean(axis=0) if dev is not None else None
+    result = evaluate(model, test, device, centre=centre)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(state["epoch"]))
                                       for k, v in result.metrics("test").items()])
@@ -272,14 +335,17 @@ def _config_params(replicas: tuple[Replica, ...], label: str) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REPLICA_KEYS}
 
 
-def _interval(d: BootstrapResult | None) -> dict[str, float] | None:
-    return None if d is None else {"estimate": d.estimate, "low": d.low, "high": d.high, "confidence": d.confidence,
-                                   "n_boot": d.n_boot}
+def _interval(d) -> dict[str, Any] | None:
+    """The verdict's interval as JSON (every field of the paired interval)."""
+    if d is None:
+        return None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(d).items()}
 
 
 def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
     table = {"study": r.study, "best": r.best, "verdict": r.verdict(), "n_trials": r.n_trials,
-             "n_speakers": r.n_speakers, "epochs": r.epochs,
+             "n_speakers": r.n_speakers, "epochs": r.epochs, "metric": r.metric,
+             "seeds": sorted({s for runs in r.replica_runs.values() for s, _ in runs}),
              "configs": {label: {"params": v.params, "seeds": [s for s, _ in r.replica_runs[label]],
                                  "runs": [run for _, run in r.replica_runs[label]], "test_eer": list(v.test_eer),
                                  "test_min_dcf": list(v.test_min_dcf), "delta_eer": _interval(v.delta)}
@@ -297,4 +363,5 @@ def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
     client.log_batch(r.run_id, metrics=metrics)
     client.set_tag(r.run_id, "mfcon.verdict", r.verdict())
     client.set_tag(r.run_id, "mfcon.replication_best", r.best or "")
+    client.set_tag(r.run_id, "mfcon.replication_seeds", ",".join(map(str, table["seeds"])))
     log_figures(client, r.run_id, {"replication": replication_plot(r.verdicts, BASELINE)})

@@ -1,117 +1,206 @@
-"""cluster.yaml: a valid launcher config (offline) whose head serves MLflow safely to every node.
+"""cluster.yaml and cluster-onprem.yaml, offline: valid for Ray's own launcher, one pinned runtime, the same
+set-up scripts, least-privilege node profiles, a head that takes no trials, and the tracking server command
+that cluster/tracking.sh builds passing ``mfcon tracking-server``'s own checks.
 
-The head's tracking-server command is parsed by ``mfcon tracking-server``'s own parser and
-built by ``mfcon.tracking.server`` (with the head's IP as ``hostname -I`` would print it), so
-the command the head runs passes the same checks as a person typing it.
+tests/test_cluster_rehearsal.py runs cluster-onprem.yaml for real; what only AWS could show is listed there.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
-from mfcon.cli.tracking_server import add_commands, server_spec
-from mfcon.tracking.server import server_launch
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = (REPO / "cluster.yaml").read_text()
 CFG = yaml.safe_load(TEXT)
-HEAD_IP = "$(hostname -I | awk '{print $1}')"
-SAMPLE_HEAD_IP = "10.0.1.23"  # what `hostname -I` prints first on a VPC node
+ONPREM = yaml.safe_load((REPO / "cluster-onprem.yaml").read_text())
+LOCK = (REPO / "requirements.lock").read_text()
+COMMAND_KEYS = ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands")
 # (vCPUs, GPUs) of the AWS instance types a node type may use (AWS instance-type specifications).
 INSTANCE_SIZES = {"m6i.xlarge": (4, 0), "m6i.2xlarge": (8, 0), "m6i.4xlarge": (16, 0), "g5.xlarge": (4, 1),
                   "g5.2xlarge": (8, 1), "g5.12xlarge": (48, 4), "g5.48xlarge": (192, 8), "g6.12xlarge": (48, 4),
                   "p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8)}
 
 
-def _head_commands() -> list[str]:
-    return CFG.get("head_setup_commands", []) + CFG["head_start_ray_commands"]
+@pytest.mark.parametrize("cfg", [CFG, ONPREM], ids=["cluster.yaml", "cluster-onprem.yaml"])
+def test_both_configs_pass_rays_own_validation(cfg):
+    validate_config(prepare_config(cfg))  # raises on schema errors
 
 
-def _server_command() -> str:
-    found = [c for c in _head_commands() if "tracking_server" in c or "tracking-server" in c or "mlflow server" in c]
-    assert len(found) == 1, f"expected one MLflow server command on the head, found {len(found)}"
-    return found[0]
+def test_both_clusters_run_the_same_setup_and_start_scripts():
+    for key in COMMAND_KEYS:
+        assert CFG[key] == ONPREM[key], key
+    scripts = {m for key in COMMAND_KEYS for c in CFG[key] for m in re.findall(r"cluster/[\w.]+", c)}
+    assert scripts == {"cluster/setup_node.sh", "cluster/start_head.sh", "cluster/start_worker.sh"}
+    assert all((REPO / s).is_file() for s in scripts)
 
 
-def _server_args() -> list[str]:
-    """The options given to the tracking-server command, shell variables set as the command sets them."""
-    command = _server_command()
-    for name, value in re.findall(r"\b([A-Z_]+)=(\S+?);", command):
-        command = command.replace(f"${name}", value)
-    command = command.replace(HEAD_IP, SAMPLE_HEAD_IP)
-    tail = re.split(r"tracking_server|tracking-server", command, maxsplit=1)[1]
-    return shlex.split(tail.split(">", 1)[0])
+@pytest.mark.parametrize("cfg", [CFG, ONPREM], ids=["cluster.yaml", "cluster-onprem.yaml"])
+def test_file_mounts_never_ship_the_venv_git_or_run_outputs(cfg):
+    excluded = set(cfg["rsync_exclude"])
+    assert {".venv", ".git", "runs", "demo_out", "test-artifacts"} <= excluded
+    assert ".gitignore" in cfg["rsync_filter"]
+    assert "." in cfg["file_mounts"].values()
 
 
-def test_cluster_yaml_is_a_valid_launcher_config():
-    validate_config(prepare_config(CFG))  # raises on schema errors
-    assert CFG["docker"]["image"].startswith("rayproject/ray:2.60")
-    assert any("pip install" in c for c in CFG["setup_commands"])
+def test_the_gpu_stack_is_named_explicitly():
+    assert CFG["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"  # Ray and Python as the lock
+    for name, node_type in CFG["available_node_types"].items():
+        assert node_type["node_config"].get("ImageId", "").startswith("ami-"), f"{name}: no ImageId"
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04" in TEXT and "580" in TEXT
+    setup = (REPO / "cluster" / "setup_node.sh").read_text()
+    assert "nvidia-smi" in setup and "-lt 580" in setup  # an older driver stops the set-up
+    assert "torch==2.11.0" in LOCK and "nvidia-cuda-runtime==13." in LOCK  # the CUDA 13 build needs 580+
 
 
-def test_head_starts_the_mlflow_server_on_its_private_ip_with_postgres_and_s3():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["tracking-server", *_server_args()])
-    spec = server_spec(args)
-    launch = server_launch(spec, {"PGPASSWORD": "x"}, ["mlflow"])  # refuses 0.0.0.0, public IPs, relative paths
-    argv = list(launch.argv)
-    assert argv[argv.index("--host") + 1] == SAMPLE_HEAD_IP
-    assert argv[argv.index("--backend-store-uri") + 1].startswith("postgresql+psycopg2://mfcon@127.0.0.1:5432/")
-    assert argv[argv.index("--artifacts-destination") + 1].startswith("s3://")
-    assert launch.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
-    assert args.port == 5000
+def _pins() -> dict[str, str]:
+    return {re.sub(r"[-_.]+", "-", m.group(1)).lower(): m.group(2)
+            for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$", LOCK, re.M)}
 
 
-def test_nothing_binds_mlflow_to_every_interface_and_no_password_is_written():
-    server = _server_command()
-    assert HEAD_IP in server and "0.0.0.0" not in server and "::" not in server
-    assert not re.search(r"--host[= ]+(0\.0\.0\.0|::|\[::\])", TEXT)
-    assert re.search(r'PGPASSWORD="\$\(cat ~/\.mfcon/pg_password\)"', server)
-    assert not re.search(r"postgresql://[^@\s]*:[^@\s]*@", TEXT), "a password in a database URI"
-    pg_start = next(c for c in _head_commands() if "pg_ctl" in c and " start" in c)
-    assert "listen_addresses=127.0.0.1" in pg_start
+def test_the_lock_pins_every_requirement_of_pyproject_with_hashes():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [r for extra in ("server", "test") for r in
+                                        project["optional-dependencies"][extra]]
+    pins = _pins()
+    for text in wanted:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is not in requirements.lock: run make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{text} vs locked {pins[name]}: make lock"
+    entries = re.split(r"\n(?=[A-Za-z0-9])", LOCK.split("\n", 2)[2])
+    assert all("--hash=sha256:" in e for e in entries if "==" in e), "every pin carries its hashes"
 
 
-@pytest.mark.parametrize("commands, ip", [("head_start_ray_commands", HEAD_IP),
-                                          ("worker_start_ray_commands", "$RAY_HEAD_IP")])
-def test_every_node_gets_the_tracking_uri_before_ray_starts(commands, ip):
-    cmds = CFG[commands]
-    writes = [i for i, c in enumerate(cmds) if f"MLFLOW_TRACKING_URI=http://{ip}:5000" in c and "~/mfcon.env" in c]
-    starts = [i for i, c in enumerate(cmds) if "ray start" in c]
-    assert writes and starts and writes[0] < starts[0], commands
-    assert all("source ~/mfcon.env" in cmds[i] for i in starts), "the raylet (and every trial) inherits the URI"
-    assert any("mfcon.env" in c and ".bashrc" in c for c in CFG["setup_commands"]), "interactive shells too"
+def test_ci_and_every_node_install_the_lock():
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^\$\(STAMP\): \$\(LOCK\)", makefile, re.M), "the venv is rebuilt when the lock changes"
+    assert "--require-hashes --no-deps -r $(LOCK)" in makefile and "--no-deps -e ." in makefile
+    setup = (REPO / "cluster" / "setup_node.sh").read_text()
+    assert "--require-hashes --no-deps -r" in setup and "requirements.lock" in setup
+    assert "--no-deps" in setup and "--force-reinstall" in setup  # the project as shipped, not editable
 
 
-def test_node_types_declare_their_true_cpu_and_gpu_counts():
-    prepared = prepare_config(CFG)["available_node_types"]
+def test_the_lock_check_reads_every_pin():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_check", REPO / "cluster" / "lock_check.py")
+    lock_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock_check)
+    assert lock_check.pins(LOCK) == _pins()
+    assert lock_check.mismatches("surely-not-a-package==1.0 \\\n") == ["surely-not-a-package: locked 1.0, found None"]
+
+
+def test_the_head_takes_no_trials_and_workers_declare_their_true_sizes():
+    head = CFG["head_node_type"]
+    assert CFG["available_node_types"][head]["resources"] == {"CPU": 0, "GPU": 0, "memory": 0}
+    start = (REPO / "cluster" / "start_head.sh").read_text()
+    assert "--num-cpus=0 --num-gpus=0 --memory=0" in start  # on-prem too (its node type cannot say it)
     for name, node_type in CFG["available_node_types"].items():
         instance = node_type["node_config"]["InstanceType"]
         assert instance in INSTANCE_SIZES, f"{name}: add {instance}'s vCPUs and GPUs to INSTANCE_SIZES"
-        cpus, gpus = INSTANCE_SIZES[instance]
-        assert (node_type["resources"].get("CPU"), node_type["resources"].get("GPU", 0)) == (cpus, gpus), name
-        assert prepared[name]["resources"] == node_type["resources"], name
-    gpu_types = [n for n, t in CFG["available_node_types"].items() if t["resources"].get("GPU", 0) > 0]
-    assert gpu_types and all(CFG["available_node_types"][n]["max_workers"] > 0 for n in gpu_types)
+        if name != head:
+            assert (node_type["resources"]["CPU"], node_type["resources"].get("GPU", 0)) == INSTANCE_SIZES[instance]
+            assert node_type["min_workers"] == 0 and node_type["max_workers"] > 0  # scale up from zero
 
 
-def test_ray_token_auth_is_on_for_head_workers_and_the_job_submitter():
-    assert "-e RAY_AUTH_MODE=token" in CFG["docker"]["run_options"]  # every container: head and workers
-    for key in ("head_run_options", "worker_run_options"):
-        assert not any("RAY_AUTH_MODE" in o for o in CFG["docker"].get(key, [])), key
-    for node_type in CFG["available_node_types"].values():
-        assert "RAY_AUTH_MODE" not in str(node_type.get("docker", {}))
+def _policy(title: str) -> dict:
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    section = doc.split(f"**{title}**", 1)[1]
+    return json.loads(section.split("```json", 1)[1].split("```", 1)[0])
+
+
+def test_each_node_type_gets_its_own_least_privilege_profile():
+    profiles = {n: t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in CFG["available_node_types"].items()}
+    assert profiles["head"].endswith("/mfcon-head") and profiles["gpu_worker"].endswith("/mfcon-worker")
+    assert not re.search(r"ray-autoscaler-v1", TEXT)
+    worker = _policy("Workers")
+    actions = {a for s in worker["Statement"] for a in s["Action"]}
+    assert actions == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"}
+    by_sid = {s["Sid"]: s for s in worker["Statement"]}
+    assert by_sid["ReadShards"]["Action"] == ["s3:GetObject"]
+    assert all("*" not in s["Resource"].split(":::", 1)[1].split("/", 1)[0] for s in worker["Statement"])
+    head = _policy("Head")
+    head_actions = {a for s in head["Statement"] for a in s["Action"]}
+    assert "iam:PassRole" in head_actions and "ec2:RunInstances" in head_actions
+    assert not any(a in ("s3:*", "ec2:*", "iam:*") for a in head_actions)
+    passrole = next(s for s in head["Statement"] if "iam:PassRole" in s["Action"])
+    assert passrole["Resource"].endswith("role/mfcon-worker")
+
+
+def _server_argv(env: dict[str, str]) -> list[str]:
+    """The tracking-server command cluster/tracking.sh builds for the head."""
+    script = REPO / "cluster" / "tracking.sh"
+    src = script.read_text()
+    body = src.split("server_command() {", 1)[1].split("\n}\n", 1)[0]
+    done = subprocess.run(["bash", "-c", f"set -eu; venv=/v; db=/home/ray/mfcon-db\n{body}"], env=env,
+                          capture_output=True, text=True, check=True)
+    return shlex.split(done.stdout)
+
+
+def test_the_head_serves_mlflow_on_its_private_ip_with_postgres_on_a_socket_and_s3():
+    import argparse
+
+    from mfcon.cli.tracking_server import add_commands, server_spec
+    from mfcon.tracking.server import server_launch
+
+    argv = _server_argv({"MFCON_NODE_IP": "10.0.1.23", "MFCON_ARTIFACTS": "s3://mfcon-studio-artifacts/mlflow",
+                         "PATH": "/usr/bin:/bin"})
+    assert argv[:3] == ["/v/bin/python", "-m", "mfcon.cli.tracking_server"]
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tracking-server", *argv[3:]])
+    launch = server_launch(server_spec(args), {"PGPASSWORD": "x"}, ["mlflow"])  # refuses 0.0.0.0, public IPs
+    out = list(launch.argv)
+    assert out[out.index("--host") + 1] == "10.0.1.23"
+    assert out[out.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mfcon@/mlflow?host=/home/ray/mfcon-db/run"
+    assert out[out.index("--artifacts-destination") + 1].startswith("s3://")
+    assert launch.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_no_password_in_any_config_and_postgres_has_no_tcp():
+    tracking = (REPO / "cluster" / "tracking.sh").read_text()
+    assert "listen_addresses=''" in tracking  # Unix socket only
+    assert 'PGPASSWORD=$(cat "$db/pg_password")' in tracking
+    assert '"$db/pg_password"' in tracking and "--pwfile=" in tracking  # the password lives with the data
+    for text in (TEXT, (REPO / "cluster-onprem.yaml").read_text(), tracking):
+        assert not re.search(r"postgresql://[^@\s]*:[^@\s]*@", text), "a password in a database URI"
+        assert not re.search(r"--host[= ]+(0\.0\.0\.0|::|\[::\])", text)
+    assert "-v /home/ubuntu/mfcon-db:/home/ray/mfcon-db" in CFG["docker"]["head_run_options"]
+
+
+def test_every_node_gets_tracking_token_and_cold_start_settings_before_ray_starts():
+    env_script = (REPO / "cluster" / "node_env.sh").read_text()
+    for line in ("export MLFLOW_TRACKING_URI=http://$head_ip:", "export RAY_AUTH_MODE=token",
+                 "export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=${MFCON_WORKER_GROUP_START_TIMEOUT_S:-1800}"):
+        assert line in env_script, line
+    for name in ("start_head.sh", "start_worker.sh"):
+        script = (REPO / "cluster" / name).read_text()
+        assert script.index("node_env.sh") < script.index("source ~/mfcon.env") < script.index("ray start")
+    assert "-e RAY_AUTH_MODE=token" in CFG["docker"]["run_options"]
     assert CFG["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
-    assert "RAY_AUTH_MODE=token ray job submit" in TEXT and "RAY_AUTH_MODE=disabled" not in TEXT
+    assert ONPREM["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+def test_the_readme_job_command_keeps_everything_in_the_bucket():
+    readme = (REPO / "README.md").read_text().split("## On a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    study = next(line for line in readme.splitlines() if "pipelines/study.py" in line and "ray job submit" in line)
+    assert "RAY_AUTH_MODE=token ray job submit" in study
+    assert re.search(r"--data s3://\S+ --workdir s3://\S+ --address auto", study)
+    assert "ray up cluster-onprem.yaml" in readme and "ray down cluster-onprem.yaml" in readme
 
 
 def test_comments_cite_only_the_repository():
-    assert not re.search(r"/work/|shared/|RAY_NOTES|STYLE\.md", TEXT)
+    for path in ("cluster.yaml", "cluster-onprem.yaml", "docs/cluster.md", *[f"cluster/{p.name}" for p in
+                                                                            (REPO / "cluster").iterdir()]):
+        assert not re.search(r"/work/|shared/|RAY_NOTES|STYLE\.md", (REPO / path).read_text()), path

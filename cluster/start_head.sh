@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Start (or restart: `ray up` again) the head: tracking first, then Ray. cluster.yaml and cluster-onprem.yaml
+# run exactly this. The node takes no trials: 0 CPUs, 0 GPUs and 0 "memory" for tasks and actors, so trial
+# drivers (which reserve memory) and Train workers (CPUs/GPUs) always go to worker nodes.
+#
+#   MFCON_ARTIFACTS=s3://bucket/mlflow bash ~/mfcon-studio/cluster/start_head.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export MFCON_NODE_IP=${MFCON_NODE_IP:-$(hostname -I | awk '{print $1}')}
+db=${MFCON_DB_DIR:-$HOME/mfcon-db}
+bash "$here/node_env.sh" "$MFCON_NODE_IP"
+source ~/mfcon.env
+
+touch "$db/ray-restarting"  # the tracking supervisor keeps the servers up while Ray restarts
+trap 'rm -f "$db/ray-restarting"' EXIT
+bash "$here/tracking.sh" start
+ray stop
+ray start --head --node-ip-address="$MFCON_NODE_IP" --port=6379 --num-cpus=0 --num-gpus=0 --memory=0 \
+    --dashboard-host="$MFCON_NODE_IP" --autoscaling-config="$HOME/ray_bootstrap_config.yaml" --disable-usage-stats

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Start (or restart) a worker node and join the head at $RAY_HEAD_IP (set by the autoscaler). Same for
+# cluster.yaml and cluster-onprem.yaml.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export MFCON_NODE_IP=${MFCON_NODE_IP:-$(hostname -I | awk '{print $1}')}
+bash "$here/node_env.sh" "${RAY_HEAD_IP:?the autoscaler sets RAY_HEAD_IP}"
+source ~/mfcon.env
+ray stop
+ray start --address="$RAY_HEAD_IP:6379" --node-ip-address="$MFCON_NODE_IP" --disable-usage-stats

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The head's tracking: PostgreSQL (Unix socket only, no TCP) and `mfcon tracking-server`, kept by one supervisor.
+#
+#   tracking.sh init        set-up: initdb once; the password is generated once and kept WITH the data
+#   tracking.sh start       start the supervisor, or hand it a changed server command (it restarts the server)
+#   tracking.sh stop        stop the supervisor, the server and PostgreSQL
+#   tracking.sh status      exit 0 when the supervisor runs
+#   tracking.sh supervise   (the supervisor itself) restarts a dead server or database; ends both once Ray has
+#                           stopped on this node (`ray down`), but not while start_head.sh restarts Ray
+#
+# Everything lives in $MFCON_DB_DIR (~/mfcon-db; on cluster.yaml a host folder, so it outlives the container):
+#   pgdata/  pg_password  run/ (socket)  supervisor.pid  mlflow-server.pid (written by the server's own shell,
+#   which then execs the server: the pid is the server's, whatever shell Ray runs this in)  *.log
+# Settings (from the environment of start_head.sh): MFCON_NODE_IP, MFCON_ARTIFACTS, MFCON_MLFLOW_PORT (5000),
+# MFCON_MLFLOW_WORKERS (2).
+set -euo pipefail
+db=${MFCON_DB_DIR:-$HOME/mfcon-db}
+venv=${MFCON_VENV:-$HOME/mfcon-venv}
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2> /dev/null | sort -V | tail -1)
+
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
+pg() { "$pg_bin/pg_ctl" -D "$db/pgdata" "$@"; }
+
+init() {
+    if [ -z "$pg_bin" ]; then
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null
+        pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    fi
+    mkdir -p "$db/run" && chmod 700 "$db"
+    if [ -f "$db/pgdata/PG_VERSION" ]; then
+        [ -s "$db/pg_password" ] || { echo "$db/pgdata exists but $db/pg_password is missing: restore it" >&2; exit 1; }
+        return
+    fi
+    [ -s "$db/pg_password" ] || (umask 077 && "$venv/bin/python" -c \
+        'import secrets; print(secrets.token_urlsafe(24))' > "$db/pg_password")
+    "$pg_bin/initdb" -D "$db/pgdata" -U mfcon --pwfile="$db/pg_password" --auth=scram-sha-256 -E UTF8 > "$db/initdb.log"
+}
+
+server_command() {
+    # AUTH: once `mfcon tracking-server --auth` exists (MLflow basic auth, admin credentials from a file, never
+    # argv), add it here with the credentials file kept beside pg_password.
+    echo "$venv/bin/python -m mfcon.cli.tracking_server" \
+        "--backend-store-uri postgresql://mfcon@/mlflow?host=$db/run" \
+        "--artifacts-destination ${MFCON_ARTIFACTS:?set MFCON_ARTIFACTS, e.g. s3://bucket/mlflow}" \
+        "--host ${MFCON_NODE_IP:?} --port ${MFCON_MLFLOW_PORT:-5000} --workers ${MFCON_MLFLOW_WORKERS:-2}"
+}
+
+start_postgres() {
+    pg status > /dev/null 2>&1 && return
+    pg -l "$db/postgres.log" -w -o "-c listen_addresses='' -k $db/run" start > /dev/null
+    PGPASSWORD=$(cat "$db/pg_password") "$pg_bin/psql" -h "$db/run" -U mfcon -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = 'mlflow'" | grep -q 1 \
+        || PGPASSWORD=$(cat "$db/pg_password") "$pg_bin/createdb" -h "$db/run" -U mfcon mlflow
+}
+
+start_server() {
+    # The server's shell writes its own pid, then becomes the server (exec): a process group of its own.
+    PGPASSWORD=$(cat "$db/pg_password") setsid bash -c "echo \$\$ > '$db/mlflow-server.pid'; exec $1" \
+        >> "$db/mlflow-server.log" 2>&1 < /dev/null &
+}
+
+stop_server() {
+    alive "$db/mlflow-server.pid" || return 0
+    local pid
+    pid=$(cat "$db/mlflow-server.pid")
+    kill -TERM -- "-$pid" 2> /dev/null || true
+    for _ in $(seq 40); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2> /dev/null || true
+    rm -f "$db/mlflow-server.pid"
+}
+
+supervise() {
+    echo $$ > "$db/supervisor.pid"
+    trap 'stop_server; pg stop -m fast > /dev/null 2>&1 || true; rm -f "$db/supervisor.pid"; exit 0' TERM INT
+    local running="" gone=0 wanted
+    while :; do
+        start_postgres
+        wanted=$(cat "$db/mlflow-server.cmd")
+        if [ "$wanted" != "$running" ] || ! alive "$db/mlflow-server.pid"; then
+            stop_server
+            echo "$(date -u +%FT%TZ) supervisor: starting the tracking server" >> "$db/mlflow-server.log"
+            start_server "$wanted"
+            running=$wanted
+        fi
+        if pgrep -u "$(id -u)" -x gcs_server > /dev/null || [ -n "$(find "$db" -maxdepth 1 -name ray-restarting -mmin -5)" ]; then
+            gone=0
+        else
+            gone=$((gone + 1))
+        fi
+        if [ "$gone" -ge 3 ]; then  # Ray stopped on the head (`ray down`) and nothing is restarting it
+            echo "$(date -u +%FT%TZ) supervisor: Ray stopped on this node, stopping" >> "$db/mlflow-server.log"
+            stop_server; pg stop -m fast > /dev/null 2>&1 || true; rm -f "$db/supervisor.pid"; exit 0
+        fi
+        sleep 5 & wait $!
+    done
+}
+
+wait_healthy() {
+    local url="http://${MFCON_NODE_IP}:${MFCON_MLFLOW_PORT:-5000}/health"
+    for _ in $(seq 120); do
+        "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$url', timeout=2)" 2> /dev/null && return 0
+        sleep 1
+    done
+    echo "tracking server not healthy at $url; see $db/mlflow-server.log" >&2
+    tail -20 "$db/mlflow-server.log" >&2
+    return 1
+}
+
+case "${1:-}" in
+    init) init ;;
+    start)
+        new=$(server_command)
+        changed=1
+        [ "$(cat "$db/mlflow-server.cmd" 2> /dev/null)" = "$new" ] && changed=0
+        echo "$new" > "$db/mlflow-server.cmd"
+        if ! alive "$db/supervisor.pid"; then
+            setsid nohup bash "$0" supervise >> "$db/supervisor.log" 2>&1 < /dev/null &
+        elif [ "$changed" = 1 ]; then
+            sleep 6  # the supervisor sees the new command within 5 s and restarts the server
+        fi
+        wait_healthy
+        ;;
+    stop)
+        if alive "$db/supervisor.pid"; then
+            pid=$(cat "$db/supervisor.pid"); kill -TERM "$pid"
+            for _ in $(seq 60); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+        fi
+        ;;
+    status) alive "$db/supervisor.pid" ;;
+    supervise) supervise ;;
+    *) echo "usage: $0 init|start|stop|status|supervise" >&2; exit 2 ;;
+esac

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_curve
 # classic 4-trial case: sorted scores 0.1 (non), 0.35 (tar), 0.4 (non), 0.8 (tar)
 FOUR_SCORES = [0.1, 0.4, 0.35, 0.8]
 FOUR_LABELS = [0, 0, 1, 1]
+FOUR_GROUPS = [0, 1, 0, 1]  # two enrollment speakers, each with a target and a non-target
 
 
 def gaussian_trials(n: int, seed: int, d_prime: float = 2.0):
@@ -184,13 +185,25 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="p_target"):
         min_dcf(FOUR_SCORES, FOUR_LABELS, p_target=1.0)
     with pytest.raises(ValueError, match="differ in length"):
-        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES[:3], FOUR_LABELS)
+        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES[:3], FOUR_LABELS, FOUR_GROUPS)
     with pytest.raises(ValueError, match="groups"):
         bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, groups=[0, 1])
     with pytest.raises(ValueError, match="n_boot"):
-        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, n_boot=0)
+        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, FOUR_GROUPS, n_boot=0)
     with pytest.raises(ValueError, match="confidence"):
-        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, confidence=1.5)
+        bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, FOUR_GROUPS, confidence=1.5)
+
+
+def test_resampling_single_trials_is_refused():
+    """Trials of one enrollment speaker are not independent: without groups there is no honest interval."""
+    for fn in (bootstrap_eer_difference, bootstrap_seeded_eer_difference):
+        with pytest.raises(ValueError, match="trials of one speaker are not independent.*enrollment speaker"):
+            fn(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS)
+        with pytest.raises(ValueError, match="groups is required"):
+            fn(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, groups=None, n_boot=10)
+    # an explicit one-trial-per-group list is the caller's statement that trials are independent
+    r = bootstrap_eer_difference(FOUR_SCORES, FOUR_SCORES, FOUR_LABELS, np.arange(4), n_boot=20)
+    assert r.estimate == 0.0
 
 
 def test_bool_labels_are_accepted():
@@ -230,10 +243,11 @@ TRUE_GAP = phi(-1.0) - phi(-2.5 / (2 * math.sqrt(1.25)))
 
 def test_bootstrap_is_deterministic_for_a_seed():
     a, b, labels = paired_systems(2000, seed=0)
-    first = bootstrap_eer_difference(a, b, labels, n_boot=300, seed=7)
+    trials = np.arange(labels.size)  # independent trials: one group each
+    first = bootstrap_eer_difference(a, b, labels, trials, n_boot=300, seed=7)
     assert isinstance(first, BootstrapResult)
-    assert first == bootstrap_eer_difference(a, b, labels, n_boot=300, seed=7)
-    other = bootstrap_eer_difference(a, b, labels, n_boot=300, seed=8)
+    assert first == bootstrap_eer_difference(a, b, labels, trials, n_boot=300, seed=7)
+    other = bootstrap_eer_difference(a, b, labels, trials, n_boot=300, seed=8)
     assert (other.low, other.high) != (first.low, first.high)
     assert other.estimate == first.estimate
     assert (first.confidence, first.n_boot) == (0.95, 300)
@@ -248,7 +262,7 @@ def test_bootstrap_ci_covers_the_true_gap():
     covered = 0
     for data_seed in range(5):
         a, b, labels = paired_systems(4000, seed=data_seed)
-        r = bootstrap_eer_difference(a, b, labels, n_boot=500, seed=data_seed)
+        r = bootstrap_eer_difference(a, b, labels, np.arange(labels.size), n_boot=500, seed=data_seed)
         covered += r.low <= TRUE_GAP <= r.high
         assert r.low > 0  # the gap is clearly significant at this size
     assert covered >= 4
@@ -258,7 +272,7 @@ def test_bootstrap_ci_shrinks_with_more_trials():
     widths = []
     for n in (1000, 16000):
         a, b, labels = paired_systems(n, seed=5)
-        r = bootstrap_eer_difference(a, b, labels, n_boot=400, seed=0)
+        r = bootstrap_eer_difference(a, b, labels, np.arange(n), n_boot=400, seed=0)
         widths.append(r.high - r.low)
     assert widths[1] < 0.5 * widths[0]  # ~ 1/sqrt(n): expect about a quarter
 
@@ -269,7 +283,7 @@ def test_grouped_bootstrap_is_wider_when_scores_correlate_within_groups():
     groups = np.repeat(np.arange(n_groups), per_group)  # e.g. the enrollment speaker
     offsets = np.random.default_rng(11).normal(scale=1.0, size=n_groups)
     b = b + offsets[groups] * labels  # system b finds some speakers' targets harder
-    trial = bootstrap_eer_difference(a, b, labels, n_boot=400, seed=0)
+    trial = bootstrap_eer_difference(a, b, labels, np.arange(labels.size), n_boot=400, seed=0)
     grouped = bootstrap_eer_difference(a, b, labels, groups=groups, n_boot=400, seed=0)
     assert grouped.estimate == trial.estimate
     assert grouped.high - grouped.low > 1.5 * (trial.high - trial.low)  # ~2.7x here

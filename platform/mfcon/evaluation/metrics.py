@@ -1,4 +1,4 @@
-"""Speaker-verification metrics: DET curve, EER, minDCF, paired bootstrap.
+"""Speaker-verification metrics: DET curve, EER, minDCF, paired cluster bootstrap.
 
 Pure NumPy. All rates are fractions (training code multiplies the EER by 100).
 Convention: a trial is *accepted* when ``score >= threshold``; labels are
@@ -175,10 +175,14 @@ def _cum_counts(counts: np.ndarray, units: np.ndarray) -> np.ndarray:
     return out
 
 
+GROUPS_REQUIRED = ("groups is required: trials of one speaker are not independent, so resampling single trials "
+                   "makes the interval too narrow; pass the enrollment speaker of each trial as groups")
+
+
 def _unit_ids(groups, n: int) -> np.ndarray:
-    """Trial -> resampling-unit index (0..U-1): its group, or itself."""
+    """Trial -> resampling-unit index (0..U-1): its group. ``groups=None`` is refused (:data:`GROUPS_REQUIRED`)."""
     if groups is None:
-        return np.arange(n)
+        raise ValueError(GROUPS_REQUIRED)
     g = np.asarray(groups)
     if g.shape != (n,):
         raise ValueError(f"groups must have one entry per trial ({n}), got shape {g.shape}")
@@ -205,13 +209,16 @@ def bootstrap_eer_difference(
     """Paired bootstrap of EER(a) - EER(b) on the same trials, percentile CI.
 
     Both systems are scored on each resample, so trial difficulty cancels
-    (paired). With ``groups`` (e.g. the enrollment speaker of each trial)
+    (paired). ``groups`` (the enrollment speaker of each trial) is required:
     whole groups are resampled (cluster bootstrap), since trials sharing a
     speaker are not independent and trial resampling would make the CI too
-    narrow. Resamples lacking a class are redrawn. Each resample is a vector of
-    multiplicities over trials sorted once per system, so no re-sorting.
+    narrow; ``None`` raises ValueError (pass ``np.arange(n)`` only for trials
+    that really are independent). Resamples lacking a class are redrawn. Each
+    resample is a vector of multiplicities over trials sorted once per system,
+    so no re-sorting.
 
-    >>> r = bootstrap_eer_difference([0.1, 0.4, 0.35, 0.8], [0.1, 0.3, 0.35, 0.8], [0, 0, 1, 1], n_boot=50)
+    >>> r = bootstrap_eer_difference([0.1, 0.4, 0.35, 0.8], [0.1, 0.3, 0.35, 0.8], [0, 0, 1, 1], [0, 1, 0, 1],
+    ...                              n_boot=50)
     >>> r.estimate
     0.5
     """
@@ -230,6 +237,13 @@ def bootstrap_seeded_eer_difference(
 ) -> BootstrapResult:
     """Mean EER over A's training seeds minus mean over B's, with a CI that resamples speakers *and* seeds.
 
+    Superseded for verdicts by :func:`mfcon.evaluation.verdicts.seed_paired_eer_difference`:
+    this interval ignores that both arms train the same seeds and, with 2-5
+    seeds, excludes 0 for equal systems far more often than 5% of the time
+    (docs/verdict_calibration.md). Kept as the "old method" of that comparison
+    and for bench/shard_size.py. ``groups`` is required, as in
+    :func:`bootstrap_eer_difference`.
+
     ``scores_a`` (S_a, N) and ``scores_b`` (S_b, N) hold one row of trial scores
     per independently trained model (seed) of each configuration. A seed-to-seed
     spread is part of the uncertainty of "configuration A beats B": each
@@ -238,7 +252,8 @@ def bootstrap_seeded_eer_difference(
     replacement. With one seed each it is the paired cluster bootstrap of
     :func:`bootstrap_eer_difference`, draw for draw.
 
-    >>> r = bootstrap_seeded_eer_difference([[0.1, 0.4, 0.35, 0.8]], [[0.1, 0.3, 0.35, 0.8]], [0, 0, 1, 1], n_boot=50)
+    >>> r = bootstrap_seeded_eer_difference([[0.1, 0.4, 0.35, 0.8]], [[0.1, 0.3, 0.35, 0.8]], [0, 0, 1, 1],
+    ...                                     [0, 1, 0, 1], n_boot=50)
     >>> r.estimate
     0.5
     """

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from mfcon.evaluation.score_norm import adaptive_snorm, speaker_cohort
+from mfcon.evaluation.score_norm import MIN_TOP_N, TrialScorer, adaptive_snorm, speaker_cohort
 
 
 def _cos(a, b) -> float:
@@ -25,17 +25,29 @@ def reference_asnorm(score: float, e, t, cohort, top_n: int) -> float:
     return 0.5 * ((score - mu_e) / sd_e + (score - mu_t) / sd_t)
 
 
-@pytest.mark.parametrize("top_n", [1, 5, 40, 1000])
+@pytest.mark.parametrize("top_n", [MIN_TOP_N, 25, 40, 1000])
 def test_asnorm_matches_the_formula(top_n):
     rng = np.random.default_rng(7)
     enroll, test, cohort = rng.normal(size=(30, 16)), rng.normal(size=(30, 16)), rng.normal(size=(40, 16))
     scores = np.array([_cos(a, b) for a, b in zip(enroll, test)])
     got = adaptive_snorm(scores, enroll, test, cohort, top_n=top_n)
-    if top_n == 1:  # one cohort score: its spread is 0, clipped, so only check finiteness
-        assert np.isfinite(got).all()
-        return
     want = [reference_asnorm(s, e, t, cohort.tolist(), top_n) for s, e, t in zip(scores, enroll, test)]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("top_n", [-1, 0, 1, 5, MIN_TOP_N - 1])
+def test_too_few_top_cohort_scores_are_refused(top_n):
+    """top_n=1 has a spread of exactly 0 (clipped to 1e-6): scores of ~1e5 instead of a few units."""
+    rng = np.random.default_rng(1)
+    enroll, test, cohort = rng.normal(size=(5, 8)), rng.normal(size=(5, 8)), rng.normal(size=(40, 8))
+    scores = np.array([_cos(a, b) for a, b in zip(enroll, test)])
+    with pytest.raises(ValueError, match=f"top_n must be >= {MIN_TOP_N}, got top_n={top_n}"):
+        adaptive_snorm(scores, enroll, test, cohort, top_n=top_n)
+    with pytest.raises(ValueError, match="top_n"):
+        TrialScorer(None, cohort.astype(np.float32), top_n).score(enroll, test)
+    with pytest.raises(ValueError, match="at least 2 speakers"):
+        adaptive_snorm(scores, enroll, test, cohort[:1])
+    assert np.abs(adaptive_snorm(scores, enroll, test, cohort, top_n=MIN_TOP_N)).max() < 50
 
 
 def test_asnorm_separates_a_speaker_that_sits_near_everyone():
@@ -77,10 +89,11 @@ def test_score_trials_with_a_cohort_is_asnorm_of_the_centred_embeddings():
     utts = [f"u{i}" for i in range(12)]
     trials = [TrialPair(int(i % 2), utts[i], utts[(i + 5) % 12]) for i in range(12)]
     plain, labels = score_trials(utts, emb, trials)
-    normed, _ = score_trials(utts, emb, trials, cohort=cohort, top_n=4)
+    normed, _ = score_trials(utts, emb, trials, cohort=cohort, top_n=MIN_TOP_N)
     mean = emb.mean(axis=0)
     a, b = emb[[i for i in range(12)]], emb[[(i + 5) % 12 for i in range(12)]]
-    want = [reference_asnorm(s, x - mean, y - mean, (cohort - mean).tolist(), 4) for s, x, y in zip(plain, a, b)]
+    want = [reference_asnorm(s, x - mean, y - mean, (cohort - mean).tolist(), MIN_TOP_N)
+            for s, x, y in zip(plain, a, b)]
     np.testing.assert_allclose(normed, want, rtol=2e-4, atol=2e-4)
     assert labels.tolist() == [t.label for t in trials]
 
@@ -109,8 +122,8 @@ def test_evaluate_with_a_cohort_scores_the_same_trials_differently(small_data):
     model = build_model(tiny_model_config())
     dev = read_eval_set(small_data, "dev")
     plain = evaluate(model, dev)
-    normed = evaluate(model, dataclasses.replace(dev, cohort=read_cohort(small_data), top_n=5))
-    assert read_eval_set(small_data, "dev", "asnorm", 5).score_norm == "asnorm(top_n=5)" and dev.score_norm == "mean"
+    normed = evaluate(model, dataclasses.replace(dev, cohort=read_cohort(small_data), top_n=MIN_TOP_N))
+    assert read_eval_set(small_data, "dev", "asnorm", 12).score_norm == "asnorm(top_n=12)" and dev.score_norm == "mean"
     assert np.array_equal(plain.labels, normed.labels)
     assert not np.allclose(plain.scores, normed.scores)
     assert 0.0 <= normed.eer <= 1.0

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 DEFAULT_TOP_N = 300  # WeSpeaker's VoxCeleb recipes; capped at the cohort size
+MIN_TOP_N = 10  # fewer top scores give a near-zero spread: top_n=1 has sd 0 (clipped) and scores of ~1e5
 SCORE_NORMS = ("mean", "asnorm")
 ScoreNormName = Literal["mean", "asnorm"]
 
@@ -58,12 +59,18 @@ def adaptive_snorm(scores: np.ndarray, enroll: np.ndarray, test: np.ndarray, coh
                    top_n: int = DEFAULT_TOP_N) -> np.ndarray:
     """AS-norm of trial ``scores`` whose sides have (centred) embeddings ``enroll[i]`` and ``test[i]``.
 
-    ``cohort`` must be centred by the same mean as the trial embeddings.
+    ``cohort`` must be centred by the same mean as the trial embeddings. ``top_n`` below
+    :data:`MIN_TOP_N` is refused: the spread of so few cohort scores is close to 0
+    (exactly 0 for one), so normalised scores explode. A cohort smaller than
+    ``top_n`` is used whole; it needs at least 2 speakers.
     """
-    if top_n < 1:
-        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if top_n < MIN_TOP_N:
+        raise ValueError(f"AS-norm top_n must be >= {MIN_TOP_N}, got top_n={top_n}: the spread of fewer top cohort "
+                         "scores is near 0 and the normalised scores explode")
     if len(cohort) == 0:
         raise ValueError("AS-norm needs a non-empty cohort")
+    if len(cohort) < 2:
+        raise ValueError(f"AS-norm needs a cohort of at least 2 speakers (a spread), got {len(cohort)}")
     if not (len(scores) == len(enroll) == len(test)):
         raise ValueError(f"{len(scores)} scores, {len(enroll)} enrolment and {len(test)} test embeddings")
     mu_e, sd_e = _top_stats(enroll, cohort, top_n)

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from mfcon import registry
+from mfcon.promotion import registry
 from mfcon.cli import build_parser
 from mfcon.cli.registry import format_promotion
 from mfcon.config import ModelConfig
@@ -243,6 +243,21 @@ def test_selection_uses_only_completed_or_pruned_trials(store):
     assert [t.trial_id for t in rep] == ["t-bad", "t-good"]
 
 
+def test_promotion_picks_by_the_metric_the_study_optimised(store):
+    """One metric everywhere: without --metric, promotion ranks by the study run's mfcon.metric."""
+    from mfcon.promotion.registry import study_selection_metric
+    from mfcon.tracking import METRIC_TAG, ROLE_TAG, find_runs
+
+    assert study_selection_metric(store.client, "main") == "dev_eer"  # no tag: the default
+    exp = store.client.get_experiment_by_name("weak")
+    parent = find_runs(store.client, exp.experiment_id, **{ROLE_TAG: "study"})[0]
+    store.client.set_tag(parent.info.run_id, METRIC_TAG, "dev_min_dcf")
+    try:
+        assert study_selection_metric(store.client, "weak") == "dev_min_dcf"
+    finally:
+        store.client.set_tag(parent.info.run_id, METRIC_TAG, "dev_eer")
+
+
 def test_first_promotion_becomes_champion(ladder, store):
     first = ladder.results[0]
     assert (first.version, first.promoted, first.forced, first.champion) == ("1", True, False, None)
@@ -309,12 +324,20 @@ def test_promotion_without_replication_judges_the_best_dev_trial_on_the_test_lis
     assert (r.evidence, r.replication_run_id, r.n_trials, r.n_groups) == ("study_trial", None, len(test.trials), 3)
     assert r.evidence_detail == f"best trial good by dev_eer, re-scored on the test list of {len(test.trials)} trials"
     assert r.seed_eers == [r.challenger.eer]
-    # The scores are the registered model's on the TEST list, exactly as score_trials gives them.
-    expected = score_trials(test.utt_ids, extract_embeddings(_model(checkpoints["good"].file), test.features),
-                            test.trials)[0]
+    # The scores are the registered model's on the TEST list, exactly as score_trials gives them with the
+    # serving settings fitted on DEV: the mean dev embedding as centre, the EER threshold of the dev trials.
+    model = _model(checkpoints["good"].file)
+    dev_emb = extract_embeddings(model, dev.features)
+    centre = dev_emb.mean(axis=0)
+    expected = score_trials(test.utt_ids, extract_embeddings(model, test.features), test.trials, centre=centre)[0]
     served_on_cuda = torch.cuda.is_available()  # promote embeds with the pyfunc, on cuda where present (TF32)
-    np.testing.assert_allclose(r.challenger.scores, expected, atol=5e-3 if served_on_cuda else 1e-5)
+    tol = 5e-3 if served_on_cuda else 1e-5
+    np.testing.assert_allclose(r.challenger.scores, expected, atol=tol)
     tags = _tags(store, "2")
+    assert tags["serving_fit"] == "dev"
+    np.testing.assert_allclose(json.loads(tags["score_mean"]), centre, atol=tol)
+    dev_scores, dev_labels = score_trials(dev.utt_ids, dev_emb, dev.trials, centre=centre)
+    assert float(tags["eer_threshold"]) == pytest.approx(equal_error_rate(dev_scores, dev_labels)[1], abs=tol)
     assert {k: tags[k] for k in ("evidence", "evidence_detail", "eval_split", "n_trials", "n_speakers")} == {
         "evidence": "study_trial", "evidence_detail": r.evidence_detail, "eval_split": "test",
         "n_trials": str(len(test.trials)), "n_speakers": "3"}
@@ -412,9 +435,10 @@ def test_verify_scores_the_trial_list_exactly_as_promotion_did(ladder, store, co
     np.testing.assert_allclose(scores, promoted.challenger.scores, atol=1e-5)
     assert {r.threshold for r in results} == {promoted.challenger.threshold}
     assert {r.model_uri for r in results} == {"models:/mfcon-speaker/2"}
-    # Scoring contract: centred cosine == score_trials(subtract_mean=True) on the served embeddings.
+    # Scoring contract: centred cosine with the version's dev-fitted centre (score_mean) on the served embeddings.
     emb = embedder_of(load_embedder("models:/mfcon-speaker/2", store.uri)).embed_features(eval_set.features)
-    np.testing.assert_allclose(score_trials(eval_set.utt_ids, emb, eval_set.trials)[0], scores, atol=1e-5)
+    np.testing.assert_allclose(score_trials(eval_set.utt_ids, emb, eval_set.trials,
+                                            centre=promoted.challenger.mean)[0], scores, atol=1e-5)
     # Accuracy of verify over the list == 1 - error rate of the promotion scores at the stored threshold.
     errors = int(((promoted.challenger.scores >= promoted.challenger.threshold) != labels.astype(bool)).sum())
     correct = sum(r.accepted == bool(y) for r, y in zip(results, labels))
@@ -523,9 +547,9 @@ def test_asnorm_promotion_stores_its_cohort_and_verify_scores_exactly_as_promoti
     """AS-norm end to end: promote scores the test list with a training-speaker cohort, the version carries the
     cohort (checksummed .npy), and verify applies it: the same scores, pair by pair."""
     name = "mfcon-asnorm"
-    r = promote("main", store.uri, model_name=name, data_dir=store.data, n_boot=200, score_norm="asnorm", top_n=3)
+    r = promote("main", store.uri, model_name=name, data_dir=store.data, n_boot=200, score_norm="asnorm", top_n=10)
     tags = _tags(store, r.version, name)
-    assert tags["score_norm"] == "asnorm" and tags["score_top_n"] == "3" and tags["score_cohort"].startswith("runs:/")
+    assert tags["score_norm"] == "asnorm" and tags["score_top_n"] == "10" and tags["score_cohort"].startswith("runs:/")
     assert r.challenger.cohort.shape == (len(read_manifest(store.data).speakers), r.challenger.mean.shape[0])
     plain = promote("main", store.uri, model_name="mfcon-plain", data_dir=store.data, n_boot=200)
     assert not np.allclose(plain.challenger.scores, r.challenger.scores)  # the cohort changed the scores

@@ -20,8 +20,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared data folder: its test trials score challenger and champion")
     add_store_options(p)
     p.add_argument("--model-name", default=DEFAULT_MODEL, help="registered model to add the version to")
-    p.add_argument("--metric", default=SELECTION_METRICS[0], choices=SELECTION_METRICS,
-                   help="dev metric that picks the best trial (or the replica to register)")
+    p.add_argument("--metric", default=None, choices=SELECTION_METRICS,
+                   help="dev metric that picks the best trial or the replica to register (default: the metric "
+                        "the study optimised)")
     p.add_argument("--force", action="store_true", help="make it champion even if not significantly better")
     p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

@@ -8,10 +8,10 @@ evidence, recorded on the registered version (tag ``evidence``):
   with a best MFCon configuration (``best``, chosen by mean dev EER, never by
   test). Every seed model of that configuration is scored on the test list and
   all of them are compared with the champion
-  (:func:`mfcon.evaluation.metrics.bootstrap_seeded_eer_difference`: mean EER over the
-  seeds minus the champion's, resampling enrollment speakers and seeds). The
-  version registered is the seed whose run has the lowest dev selection metric
-  (dev picks the model).
+  (:func:`mfcon.evaluation.verdicts.seed_paired_eer_difference`: mean over the
+  seeds of EER(seed model) - EER(champion), with a t interval over enrollment
+  speakers and seeds). The version registered is the seed whose run has the
+  lowest dev selection metric (dev picks the model).
 * ``study_trial``: no usable replication. The study's best finished trial by
   the dev selection metric, re-scored on the test list, compared with the
   champion by the paired cluster bootstrap
@@ -19,7 +19,10 @@ evidence, recorded on the registered version (tag ``evidence``):
 
 Scores are :class:`mfcon.evaluation.score_norm.TrialScorer` scores of the registered
 pyfunc's embeddings: centred cosine, AS-normalised when the eval set carries a
-cohort (the scoring contract shared with :func:`mfcon.serving.verify`).
+cohort (the scoring contract shared with :func:`mfcon.serving.verify`). The
+serving settings, the centring mean and the EER threshold, are fitted on the
+**dev** list with each model's own embeddings and stored with the version; the
+test list is only ever scored with them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +39,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mfcon.data.shards import read_manifest
-from mfcon.evaluation.metrics import (
-    BootstrapResult,
-    bootstrap_eer_difference,
-    bootstrap_seeded_eer_difference,
-    equal_error_rate,
-)
+from mfcon.evaluation.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
+from mfcon.evaluation.selection import best_value
+from mfcon.evaluation.verdicts import PairedInterval, seed_paired_eer_difference
 from mfcon.names import SELECTION_METRICS, RegistryError
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, TrialScorer, speaker_cohort
 from mfcon.evaluation.scoring import EvalSet
@@ -72,13 +72,13 @@ class StudyTrial:
 
 @dataclass
 class Scored:
-    """One model's scores on the test trial list; ``eer`` in percent."""
+    """One model's scores on the test trial list (``eer`` in percent) and its serving settings fitted on dev."""
 
     scores: np.ndarray
     labels: np.ndarray
     eer: float
-    threshold: float
-    mean: np.ndarray  # (E,) float32: subtracted before cosine
+    threshold: float  # the EER threshold of the model's dev-list scores (what `verify` accepts at)
+    mean: np.ndarray  # (E,) float32: the mean dev embedding, subtracted before cosine
     eer_ci: tuple[float, float] = (math.nan, math.nan)
     cohort: np.ndarray | None = None  # (S, E) AS-norm cohort of this model's embeddings, when the scoring uses one
     top_n: int = DEFAULT_TOP_N
@@ -96,26 +96,27 @@ class Evidence:
     models: list[Scored]  # every challenger model gated (the replication's seeds, or the one trial)
     replication_run_id: str | None = None
     config: str | None = None  # the replication's configuration label
+    seeds: list[int] = field(default_factory=list)  # the training seed of each of ``models`` (a replication)
 
     def delta(self, champion: Scored, groups: np.ndarray, n_boot: int, confidence: float,
-              seed: int) -> BootstrapResult:
-        """EER(challenger) - EER(champion) on the test list, percent points (seed mean for a replication)."""
+              seed: int) -> BootstrapResult | PairedInterval:
+        """EER(challenger) - EER(champion) on the test list, percent points (for a replication: the mean over
+        its seed models, each compared with the one champion, with a t interval over speakers and seeds)."""
         labels = self.challenger.labels
         if self.kind == REPLICATION:
-            rows = np.stack([m.scores for m in self.models])  # (S, N)
-            r = bootstrap_seeded_eer_difference(rows, champion.scores[None, :], labels, groups, n_boot, confidence,
-                                                seed)
-        else:
-            r = bootstrap_eer_difference(self.challenger.scores, champion.scores, labels, groups, n_boot,
-                                         confidence, seed)
+            seeds = self.seeds if len(self.seeds) == len(self.models) else list(range(len(self.models)))
+            return seed_paired_eer_difference({s: m.scores for s, m in zip(seeds, self.models)}, champion.scores,
+                                              labels, groups, confidence=confidence, n_boot=n_boot, seed=seed)
+        r = bootstrap_eer_difference(self.challenger.scores, champion.scores, labels, groups, n_boot,
+                                     confidence, seed)
         return BootstrapResult(100 * r.estimate, 100 * r.low, 100 * r.high, r.confidence, r.n_boot)
 
 
 # ---------------------------------------------------------------- study trials
 
 def _min_metric(client: MlflowClient, run_id: str, metric: str) -> float | None:
-    values = [m.value for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
-    return min(values) if values else None
+    """The run's best value of ``metric`` (:func:`mfcon.evaluation.selection.best_value`)."""
+    return best_value({int(m.step): m.value for m in client.get_metric_history(run_id, metric)})
 
 
 def finished_trials(client: MlflowClient, study: str, metric: str = SELECTION_METRICS[0]
@@ -169,8 +170,18 @@ def challenger_model_uri(client: MlflowClient, trial: StudyTrial, data_dir: Path
 
 # ---------------------------------------------------------------- scoring
 
-def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path) -> Scored:
-    """Embed the eval split, score every trial as ``score_trials`` does (its cohort: AS-norm), EER + threshold."""
+def _trial_scores(scorer: TrialScorer, emb: np.ndarray, eval_set: EvalSet) -> tuple[np.ndarray, np.ndarray]:
+    index = {u: i for i, u in enumerate(eval_set.utt_ids)}
+    a = emb[[index[t.enroll] for t in eval_set.trials]]
+    b = emb[[index[t.test] for t in eval_set.trials]]
+    return scorer.score(a, b), np.array([t.label for t in eval_set.trials], dtype=np.int64)
+
+
+def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path, dev_set: EvalSet | None = None) -> Scored:
+    """The model's serving settings fitted on ``dev_set`` (mean embedding, then the EER threshold of its dev
+    trials) and every trial of ``eval_set`` scored with them (AS-norm with the set's cohort); the test EER.
+
+    Without ``dev_set`` (a data folder without dev trials) the eval set's own mean and threshold are used."""
     data_cfg = read_manifest(data_dir).feature_config
     if model.feature_config != data_cfg:
         raise RegistryError(f"{data_dir}: features were prepared with {data_cfg}, the model expects "
@@ -178,18 +189,19 @@ def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path) ->
     emb = model.embed_features(eval_set.features)  # (N, E)
     cohort = (speaker_cohort(model.embed_features(eval_set.cohort.features), eval_set.cohort.speakers)
               if eval_set.cohort is not None else None)
-    scorer = TrialScorer(emb.mean(axis=0), cohort, eval_set.top_n)
-    index = {u: i for i, u in enumerate(eval_set.utt_ids)}
-    a = emb[[index[t.enroll] for t in eval_set.trials]]
-    b = emb[[index[t.test] for t in eval_set.trials]]
-    scores = scorer.score(a, b)
-    labels = np.array([t.label for t in eval_set.trials], dtype=np.int64)
-    eer, threshold = equal_error_rate(scores, labels)
+    fit_set, fit_emb = eval_set, emb
+    if dev_set is not None:
+        fit_set, fit_emb = dev_set, model.embed_features(dev_set.features)
+    scorer = TrialScorer(fit_emb.mean(axis=0), cohort, eval_set.top_n)
+    threshold = equal_error_rate(*_trial_scores(scorer, fit_emb, fit_set))[1]
+    scores, labels = _trial_scores(scorer, emb, eval_set)
+    eer = equal_error_rate(scores, labels)[0]
     return Scored(scores, labels, 100.0 * eer, threshold, scorer.mean, cohort=cohort, top_n=eval_set.top_n)
 
 
-def score_model(model_uri: str, tracking_uri: str, eval_set: EvalSet, data_dir: Path) -> Scored:
-    return score_embedder(embedder_of(load_embedder(model_uri, tracking_uri)), eval_set, data_dir)
+def score_model(model_uri: str, tracking_uri: str, eval_set: EvalSet, data_dir: Path,
+                dev_set: EvalSet | None = None) -> Scored:
+    return score_embedder(embedder_of(load_embedder(model_uri, tracking_uri)), eval_set, data_dir, dev_set)
 
 
 def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float]:
@@ -201,8 +213,9 @@ def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, 
 # ---------------------------------------------------------------- the evidence
 
 def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], metric: str, eval_set: EvalSet,
-                    data_dir: Path, tracking_uri: str, notes: list[str]) -> Evidence:
-    """The study's replication when it has a usable one, else its best trial; models scored on ``eval_set``."""
+                    data_dir: Path, tracking_uri: str, notes: list[str], dev_set: EvalSet | None = None) -> Evidence:
+    """The study's replication when it has a usable one, else its best trial; models scored on ``eval_set``
+    with serving settings fitted on ``dev_set``."""
 
     table = read_replication(client, study)
     if table is not None:
@@ -210,9 +223,9 @@ def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], 
             notes.append(f"replication {table['run_id']} has no MFCon configuration to promote: "
                          "judged the best study trial instead")
         else:
-            return replication_evidence(client, table, metric, eval_set, data_dir, tracking_uri, notes)
+            return replication_evidence(client, table, metric, eval_set, data_dir, tracking_uri, notes, dev_set)
     trial, uri = _first_with_model(client, study, trials, data_dir, notes)
-    scored = score_model(uri, tracking_uri, eval_set, data_dir)
+    scored = score_model(uri, tracking_uri, eval_set, data_dir, dev_set)
     detail = f"best trial {trial.trial_id} by {metric}, re-scored on the test list of {len(eval_set.trials)} trials"
     return Evidence(STUDY_TRIAL, detail, trial, uri, scored, [scored])
 
@@ -229,7 +242,8 @@ def _first_with_model(client: MlflowClient, study: str, trials: list[StudyTrial]
 
 
 def replication_evidence(client: MlflowClient, table: dict[str, Any], metric: str, eval_set: EvalSet,
-                         data_dir: Path, tracking_uri: str, notes: list[str]) -> Evidence:
+                         data_dir: Path, tracking_uri: str, notes: list[str],
+                         dev_set: EvalSet | None = None) -> Evidence:
     """Every seed model of the replication's best configuration; registers the seed with the lowest ``metric``."""
     label, run_id = table["best"], table["run_id"]
     config = table.get("configs", {}).get(label) or {}
@@ -247,10 +261,11 @@ def replication_evidence(client: MlflowClient, table: dict[str, Any], metric: st
                              math.inf if value is None else value, dict(run.data.params), dict(run.data.tags))
         uri = challenger_model_uri(client, replica, data_dir, notes)
         replicas.append((replica, uri))
-        models.append(score_model(uri, tracking_uri, eval_set, data_dir))
+        models.append(score_model(uri, tracking_uri, eval_set, data_dir, dev_set))
     pick = min(range(len(replicas)), key=lambda i: (replicas[i][0].value, i))
     trial, uri = replicas[pick]
     seed = seeds[pick] if pick < len(seeds) else trial.params.get("replica.seed", "?")
     detail = (f"replication {run_id}: config {label}, {len(models)} seeds, test list of {len(eval_set.trials)} "
               f"trials; registered seed {seed}, the lowest {metric} ({trial.value:.4g})")
-    return Evidence(REPLICATION, detail, trial, uri, models[pick], models, run_id, label)
+    seed_ids = [int(s) for s in seeds] if len(seeds) == len(models) else list(range(len(models)))
+    return Evidence(REPLICATION, detail, trial, uri, models[pick], models, run_id, label, seed_ids)

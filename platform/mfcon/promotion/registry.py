@@ -15,11 +15,12 @@ metric is registered (``replication``); without one, the study's best trial by
 the dev selection metric, re-scored on the test list (``study_trial``).
 
 Scoring contract (shared with :func:`mfcon.serving.verify`): embeddings from
-the registered pyfunc, cosine after subtracting the mean embedding of the test
-split, as :func:`mfcon.evaluation.scoring.score_trials`. That mean is stored on the
-version (tag ``score_mean``, JSON floats, exact float32 round trip) together
-with the EER threshold of those scores (``eer_threshold``), so a single pair is
-scored exactly as the trial list was. Using a model (verify, embed, loading by
+the registered model, cosine after subtracting the mean embedding of the **dev**
+split, as :func:`mfcon.evaluation.scoring.score_trials` with a fitted centre. That
+mean is stored on the version (tag ``score_mean``, JSON floats, exact float32
+round trip) together with the EER threshold of the dev trials' scores
+(``eer_threshold``; tag ``serving_fit=dev``), so a single pair is scored
+exactly as the trial lists were, and the test list is only ever scored. Using a model (verify, embed, loading by
 alias) belongs to :mod:`mfcon.serving`.
 
 Rollback: ``champion`` <- ``previous``; the rolled-back version is tagged
@@ -49,6 +50,7 @@ from mfcon import storage
 from mfcon.data.local import read_eval_set
 from mfcon.data.shards import manifest_hash
 from mfcon.evaluation.metrics import BootstrapResult
+from mfcon.evaluation.verdicts import PairedInterval
 from mfcon.names import (
     CHAMPION,
     DEFAULT_MODEL,
@@ -75,13 +77,25 @@ from mfcon.evaluation.score_norm import DEFAULT_TOP_N
 from mfcon.serving import open_registry, use_tracking_uri
 from mfcon.serving.verify import store_cohort
 from mfcon.tracking import ROLE_TAG, code_version, find_runs
+from mfcon.tracking.records import study_metric
 
 __all__ = [
     "FINISHED_STATES", "REPLICATION", "SELECTION_METRICS", "STUDY_TRIAL", "PromotionResult", "RegistryError",
     "RollbackResult", "Scored", "StudyTrial", "challenger_model_uri", "finished_trials", "promote", "rollback",
     "score_embedder",
 ]
-TEST_SPLIT = "test"  # promotion never reads the dev split: it picked the challenger
+TEST_SPLIT = "test"  # judges the models
+DEV_SPLIT = "dev"  # fits the serving settings (centring mean, threshold); the challenger was picked on it
+
+
+def study_selection_metric(client: MlflowClient, study: str) -> str:
+    """The metric the study optimised (its run's tag ``mfcon.metric``, else its logged space), so promotion
+    picks its challenger by the same "best" as the study, the report and the replication."""
+    exp = client.get_experiment_by_name(study)
+    parents = find_runs(client, exp.experiment_id, **{ROLE_TAG: "study"}) if exp is not None else []
+    if not parents:
+        return SELECTION_METRICS[0]
+    return study_metric(dict(parents[0].data.tags), None)
 
 
 @dataclass
@@ -94,7 +108,7 @@ class PromotionResult:
     challenger: Scored  # the registered model on the test list
     champion: Scored | None
     champion_version: str | None
-    delta: BootstrapResult | None  # EER(challenger) - EER(champion) on the test list, percent points
+    delta: BootstrapResult | PairedInterval | None  # EER(challenger) - EER(champion) on the test list, points
     promoted: bool
     forced: bool  # promoted only because it was forced
     reason: str
@@ -125,30 +139,33 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
 
 # ---------------------------------------------------------------- promote / rollback
 
-def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metric: str = SELECTION_METRICS[0],
+def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metric: str | None = None,
             data_dir: str | Path | None = None, force: bool = False, n_boot: int = 1000, seed: int = 0,
             confidence: float = 0.95, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> PromotionResult:
     """Register the study's challenger; make it ``champion`` if significantly better on the test list (or forced).
 
-    ``metric`` (a dev metric) picks the best trial, or the replica to register;
-    the test split of ``data_dir`` scores challenger and champion.
+    ``metric`` (a dev metric; default: the one the study optimised) picks the best trial, or the replica to
+    register; serving settings are fitted on the dev split of ``data_dir``, whose test split scores challenger
+    and champion.
     """
     if data_dir is None:
         raise RegistryError("promote needs data_dir: the prepared data folder whose test trials judge the models")
     data_dir = storage.normalize(data_dir)  # a local folder or an object-store URI
     client = open_registry(tracking_uri)
+    metric = metric or study_selection_metric(client, study)
     exp_id, trials = finished_trials(client, study, metric)
     eval_set = read_eval_set(data_dir, TEST_SPLIT, score_norm, top_n)  # champion and challenger scored alike
+    dev_set = read_eval_set(data_dir, DEV_SPLIT, "mean")  # fits each model's serving settings
     groups = np.array([t.enroll.split("/")[0] for t in eval_set.trials])
     notes: list[str] = []
-    ev = gather_evidence(client, study, trials, metric, eval_set, data_dir, tracking_uri, notes)
+    ev = gather_evidence(client, study, trials, metric, eval_set, data_dir, tracking_uri, notes, dev_set)
     challenger = ev.challenger
     challenger.eer_ci = eer_interval(challenger, groups, n_boot, confidence, seed)
 
     champ_version = (_aliases(client, model_name) or {}).get(CHAMPION)
     champion, delta = None, None
     if champ_version:
-        champion = score_model(f"models:/{model_name}/{champ_version}", tracking_uri, eval_set, data_dir)
+        champion = score_model(f"models:/{model_name}/{champ_version}", tracking_uri, eval_set, data_dir, dev_set)
         champion.eer_ci = eer_interval(champion, groups, n_boot, confidence, seed)
         delta = ev.delta(champion, groups, n_boot, confidence, seed)
     on = f"the test list ({len(eval_set.trials)} trials, {len(set(groups))} speakers)"
@@ -184,7 +201,7 @@ def _study_tags(client: MlflowClient, exp_id: str) -> dict[str, str]:
 
 
 def _version_tags(study: str, ev: Evidence, metric: str, champ: Scored | None, champ_version: str | None,
-                  delta: BootstrapResult | None, promoted: bool, forced: bool, reason: str, data_hash: str,
+                  delta: BootstrapResult | PairedInterval | None, promoted: bool, forced: bool, reason: str, data_hash: str,
                   code: str, confidence: float, n_boot: int, n_trials: int, n_speakers: int) -> dict[str, str]:
     chal, trial = ev.challenger, ev.trial
     tags = {
@@ -193,6 +210,7 @@ def _version_tags(study: str, ev: Evidence, metric: str, champ: Scored | None, c
         f"trial_{metric}": repr(trial.value), "eer": f"{chal.eer:.4f}",
         "eer_ci_low": f"{chal.eer_ci[0]:.4f}", "eer_ci_high": f"{chal.eer_ci[1]:.4f}",
         "eer_threshold": repr(float(chal.threshold)), "score_mean": json.dumps([float(x) for x in chal.mean]),
+        "serving_fit": DEV_SPLIT,  # score_mean and eer_threshold come from the dev list, never the test list
         "score_norm": "mean" if chal.cohort is None else "asnorm",
         "scoring": ("cosine(emb - score_mean); accept if score >= eer_threshold" if chal.cohort is None else
                     f"asnorm(cosine(emb - score_mean), cohort - score_mean, top_n={chal.top_n}); "

@@ -93,6 +93,10 @@ def print_result(mfcon: StudySummary, replication: ReplicationResult, seconds: f
     print(replication.summary())
     print(f"  study: best of {mfcon.num_trials} trials on the dev list, {mfcon.metric} {mfcon.best_metric:.2f}% "
           "(selection, not a verdict)")
+    if mfcon.baseline_line:
+        print(f"  study vs its own baseline: {mfcon.baseline_line}")
+    seeds = sorted({seed for runs in replication.replica_runs.values() for seed, _ in runs})
+    print(f"  replication seeds {', '.join(map(str, seeds))}: fresh, none of them a seed the study trained with")
     print("  paper: 9.05% relative EER reduction on VoxCeleb1-O")
     print(f"  wall time {seconds / 60:.1f} min; compare the runs: mlflow ui --backend-store-uri {mfcon.tracking_uri}")
 

@@ -185,7 +185,7 @@ def make_search(arm: str, space, seed: int):
     if arm == "tpe_asha_ray":
         search = OptunaSearch(space=DefineByRun(space), metric=space.metric, mode=space.mode, sampler=tpe_sampler(seed))
     elif arm == "tpe_asha":
-        search = study_search(space, seed)
+        search = study_search(space, seed, with_baseline=False)  # the search alone: arms compare searchers
     else:
         raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
     return search, study_scheduler(space)

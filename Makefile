@@ -42,6 +42,7 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(PY) bench/promotion_gate.py
+	$(PY) bench/verdict_calibration.py --json bench/results/verdict_calibration.json
 	$(PY) bench/run.py
 	$(PY) bench/trial_startup.py --rounds 2 --json bench/results/trial_startup.json
 	$(PY) bench/shard_size.py --json bench/results/shard_size.json

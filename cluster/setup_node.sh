@@ -30,7 +30,8 @@ if [ -n "$prebuilt" ] && "$prebuilt/bin/python" "$src/cluster/lock_check.py" "$l
 else
     prebuilt=
 fi
-test -x "$venv/bin/python" || "$base" -m venv "$venv"
+# Reusing: no pip or setuptools of the venv's own (they would shadow the locked ones the reused env provides).
+test -x "$venv/bin/python" || "$base" -m venv ${prebuilt:+--without-pip} "$venv"
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 stamp=$(sha256sum "$lock" | cut -c1-16)
 if [ "$(cat "$venv/.mfcon-lock" 2> /dev/null)" != "$stamp" ]; then
@@ -42,6 +43,13 @@ if [ "$(cat "$venv/.mfcon-lock" 2> /dev/null)" != "$stamp" ]; then
         "$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$lock"
     fi
     echo "$stamp" > "$venv/.mfcon-lock"
+fi
+if [ -n "$prebuilt" ]; then  # the reused env's commands, run by this venv's interpreter
+    for cmd in ray mlflow; do
+        printf '#!%s\nimport sys\nfrom importlib.metadata import entry_points\nsys.exit(entry_points(group="console_scripts")["%s"].load()())\n' \
+            "$venv/bin/python" "$cmd" > "$venv/bin/$cmd"
+        chmod +x "$venv/bin/$cmd"
+    done
 fi
 # This project as shipped by `ray up` (not editable: a later rsync cannot change a running cluster's code).
 if ! out=$("$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$src" 2>&1); then

@@ -55,6 +55,10 @@ start_postgres() {
 
 start_server() {
     # The server's shell writes its own pid, then becomes the server (exec): a process group of its own.
+    # MLflow answers 403 to a Host outside its allowed list; its default covers 127.0.0.1 and RFC 1918, not e.g.
+    # another loopback address (mfcon passes --allowed-hosts itself for private addresses, which wins).
+    local ip=$MFCON_NODE_IP
+    MLFLOW_SERVER_ALLOWED_HOSTS="$ip,$ip:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*" \
     PGPASSWORD=$(cat "$db/pg_password") setsid bash -c "echo \$\$ > '$db/mlflow-server.pid'; exec $1" \
         >> "$db/mlflow-server.log" 2>&1 < /dev/null &
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mfcon.cli.tracking_server import main as tracking_server_main
 from mfcon.tracking.server import (
+    AuthSpec,
     ServerConfigError,
     ServerSpec,
     check_bind_host,
@@ -24,6 +25,7 @@ from mfcon.tracking.server import (
     server_launch,
     stop_server,
     wait_healthy,
+    write_server_files,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +84,9 @@ def test_sqlite_server_binds_loopback_and_turns_job_execution_off(tmp_path):
     assert launch.url == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "8.8.8.8", "2001:4860:4860::8888", "224.0.0.1",
-                                  "mlflow.example.com"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", " ", "::0", "[::0]", "[::]", "0:0:0:0:0:0:0:0",
+                                  "0000:0000::0000", "::ffff:0.0.0.0", "8.8.8.8", "2001:4860:4860::8888",
+                                  "224.0.0.1", "mlflow.example.com"])
 def test_every_interface_public_addresses_and_names_are_refused(host):
     with pytest.raises(ServerConfigError, match="--host"):
         check_bind_host(host)
@@ -158,10 +161,93 @@ def test_cli_dry_run_prints_the_masked_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MFCON_DB_PASSWORD", SECRET)
     code = tracking_server_main(["--dry-run", "--backend-store-uri", "postgresql://mfcon:${MFCON_DB_PASSWORD}@db/ml",
                                  "--artifacts-destination", "s3://bucket/mlflow", "--host", "10.1.2.3"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0 and SECRET not in out and "PGPASSWORD=***" in out and "--host 10.1.2.3" in out
+    assert "has no authentication" in err and "--auth" in err  # a private bind without auth is called out
     assert tracking_server_main(["--dry-run", "--host", "0.0.0.0", "--workdir", str(tmp_path)]) == 2
     assert "every interface" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--dry-run"], ["--dry-run", "--auth"], ["--host", "::0"],
+                                  ["--host", "[::0]", "--dry-run"], ["--auth"]])
+def test_a_dry_run_or_a_refused_option_writes_nothing(argv, tmp_path, capsys, monkeypatch):
+    """Neither ./runs nor --workdir nor any auth file appears (the last case: --auth without a password)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    if argv == ["--dry-run", "--auth"]:
+        monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", SECRET)
+    code = tracking_server_main([*argv, "--workdir", str(tmp_path / "store")])
+    out, err = capsys.readouterr()
+    assert code == (0 if "--dry-run" in argv and "--host" not in argv else 2), err
+    assert list(tmp_path.iterdir()) == [], "the command wrote files"
+    assert SECRET not in out + err
+
+
+# ---------------------------------------------------------------- authentication (pure)
+
+def _auth_spec(tmp_path, **auth) -> ServerSpec:
+    return ServerSpec(f"sqlite:///{tmp_path}/runs/mlflow.db", str(tmp_path / "art"), host="10.0.0.5",
+                      auth=AuthSpec(str(tmp_path / "runs"), **auth))
+
+
+def _private(path, text: str):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_auth_runs_the_basic_auth_app_with_secrets_in_the_environment_only(tmp_path):
+    launch = server_launch(_auth_spec(tmp_path), {"MLFLOW_AUTH_ADMIN_PASSWORD": SECRET}, MLFLOW)
+    argv = " ".join(launch.argv)
+    assert launch.argv[-2:] == ("--app-name", "basic-auth") and SECRET not in argv
+    assert launch.env["MLFLOW_AUTH_ADMIN_PASSWORD"] == SECRET
+    assert launch.env["MLFLOW_AUTH_CONFIG_PATH"] == str(tmp_path / "runs" / "basic_auth.ini")
+    key = launch.env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    assert len(key) >= 32 and key not in launch.display() and SECRET not in launch.display()
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=*** " in launch.display() and "MLFLOW_FLASK_SERVER_SECRET_KEY=*** " in launch.display()
+    ini = dict(launch.files)[str(tmp_path / "runs" / "basic_auth.ini")]
+    assert "default_permission = READ" in ini and f"database_uri = sqlite:///{tmp_path}/runs/basic_auth.db" in ini
+    assert SECRET not in ini and "admin_password" not in ini
+    assert "has no authentication" not in " ".join(launch.warnings)
+    assert not (tmp_path / "runs").exists(), "building the command wrote files"
+    write_server_files(launch)
+    for name in ("basic_auth.ini", "flask_secret_key"):
+        assert (tmp_path / "runs" / name).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "runs").stat().st_mode & 0o777 == 0o700
+    again = server_launch(_auth_spec(tmp_path), {"MLFLOW_AUTH_ADMIN_PASSWORD": SECRET}, MLFLOW)
+    assert again.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == key, "the secret key changes between restarts"
+
+
+def test_auth_admin_password_from_a_private_file(tmp_path):
+    secret_file = _private(tmp_path / "admin_password", SECRET + "\n")
+    launch = server_launch(_auth_spec(tmp_path, admin_password_file=str(secret_file)), {}, MLFLOW)
+    assert launch.env["MLFLOW_AUTH_ADMIN_PASSWORD"] == SECRET
+    os.chmod(secret_file, 0o644)
+    with pytest.raises(ServerConfigError, match=r"--admin-password-file .*admin_password: readable by other users "
+                                                r"\(mode 644\); run: chmod 600"):
+        server_launch(_auth_spec(tmp_path, admin_password_file=str(secret_file)), {}, MLFLOW)
+
+
+@pytest.mark.parametrize("auth, match", [
+    ({}, r"--auth needs the admin's password: --admin-password-file FILE .* \(never on the command line\)"),
+    ({"default_permission": "EDIT"}, r"--default-permission EDIT: every signed-in user could then write"),
+    ({"admin_username": "a b"}, r"--admin-username 'a b'"),
+    ({"database_uri": "postgresql://u:pw@db/auth"}, r"--auth-database-uri 'postgresql://u:\*\*\*@db/auth': no password"),
+])
+def test_auth_refusals_name_the_option(auth, match, tmp_path):
+    environ = {} if not auth else {"MLFLOW_AUTH_ADMIN_PASSWORD": SECRET}
+    with pytest.raises(ServerConfigError, match=match):
+        server_launch(_auth_spec(tmp_path, **auth), environ, MLFLOW)
+
+
+def test_auth_with_postgres_keeps_users_in_the_tracking_database(tmp_path):
+    spec = ServerSpec("postgresql://mfcon:${MFCON_DB_PASSWORD}@127.0.0.1:5432/mlflow", "s3://b/m", host="10.0.0.5",
+                      auth=AuthSpec(str(tmp_path / "auth")))
+    launch = server_launch(spec, {"MFCON_DB_PASSWORD": SECRET, "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16}, MLFLOW)
+    ini = dict(launch.files)[str(tmp_path / "auth" / "basic_auth.ini")]
+    assert "database_uri = postgresql+psycopg2://mfcon@127.0.0.1:5432/mlflow" in ini and SECRET not in ini
+    assert launch.env["PGPASSWORD"] == SECRET
 
 
 # ---------------------------------------------------------------- real servers

@@ -137,9 +137,18 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return _remote_filesystem(parsed.scheme, parsed.netloc, endpoint), f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
+_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*):(?P<secret>[^\s@]*)@")
+
+
+def mask_uri(text: str | Path) -> str:
+    """Every ``scheme://user:password@`` in ``text`` as ``scheme://user:***@`` (``s3://KEY:SECRET@bucket`` too):
+    what may be printed, logged or put in an error message."""
+    return _USERINFO_PASSWORD.sub(r"\g<head>:***@", str(text))
+
+
 def describe(location: str | Path) -> str:
-    """How a location appears in messages (the URI itself; never a credential)."""
-    return normalize(location)
+    """How a location appears in messages: the URI itself with any password masked, never a credential."""
+    return mask_uri(normalize(location))
 
 
 # ---------------------------------------------------------------- where a cluster's nodes can reach

@@ -1,21 +1,25 @@
 """The team's MLflow tracking server: the ``mlflow server`` command line, built once (pure) and run.
 
-Why not a one-line shell command: the server has no authentication of its own, so it
-binds a loopback or private address only (never every interface by default); a database
-password must never reach argv, which every user of the machine can read with ``ps``;
-and MLflow 3 spawns ~7 job-runner processes per server unless
-``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``.
+Why not a one-line shell command: a server that anyone on the network can reach must
+authenticate its clients (``auth``: MLflow's ``basic-auth`` app, users and per-experiment /
+per-registered-model permissions, anonymous requests refused); it binds a loopback or private
+address only (never every interface); a password must never reach argv, which every user of
+the machine can read with ``ps`` (database and admin passwords and the app's secret key go
+through the environment, files mfcon writes are 0600 in 0700 folders); and MLflow 3 spawns
+~7 job-runner processes per server unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``.
 
 A password is given as ``${VAR}`` in the URI (read from the environment, never typed)
-or through libpq's own ``PGPASSWORD``::
+or through libpq's own ``PGPASSWORD``; the auth admin's password from a file
+(``admin_password_file``, mode 0600) or ``MLFLOW_AUTH_ADMIN_PASSWORD``::
 
+    auth = AuthSpec(config_dir="/home/ubuntu/.mfcon/mlflow-auth", admin_password_file="~/.mfcon/mlflow_admin_password")
     launch = server_launch(ServerSpec("postgresql://mfcon:${MFCON_DB_PASSWORD}@127.0.0.1:5432/mlflow",
-                                      "s3://bucket/mlflow", host="10.0.0.5"), environ=os.environ)
-    launch.display()  # "PGPASSWORD=*** MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server ..."
+                                      "s3://bucket/mlflow", host="10.0.0.5", auth=auth), environ=os.environ)
+    launch.display()  # "MLFLOW_AUTH_ADMIN_PASSWORD=*** ... PGPASSWORD=*** mlflow server ... --app-name basic-auth"
 """
-
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -35,14 +39,37 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 DEFAULT_WORKERS = 4
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # else ~7 job-runner processes per server
-SECRET_ENV = ("PGPASSWORD", "MLFLOW_BACKEND_STORE_URI")  # what display() masks
-WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's basic-auth: the admin created on first start
+SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # MLflow's basic-auth: CSRF key, the same for every worker
+SECRET_ENV = ("PGPASSWORD", "MLFLOW_BACKEND_STORE_URI", ADMIN_PASSWORD_ENV, SECRET_KEY_ENV)  # what display() masks
+AUTH_INI, AUTH_DB, SECRET_KEY_FILE = "basic_auth.ini", "basic_auth.db", "flask_secret_key"
+DEFAULT_PERMISSION = "READ"  # a signed-in user without a grant reads; writing needs EDIT/MANAGE granted
+PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 POSTGRES_DRIVER = "postgresql+psycopg2"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ServerConfigError(ValueError):
     """The server cannot be started as asked; the message names the option."""
+
+
+@dataclass(frozen=True)
+class AuthSpec:
+    """MLflow's basic-auth app: where its config lives, who the admin is, where users and grants are stored.
+
+    ``config_dir`` holds ``basic_auth.ini`` (written 0600; it names no password) and, unless
+    ``MLFLOW_FLASK_SERVER_SECRET_KEY`` is set, a generated ``flask_secret_key`` (0600).
+    ``database_uri`` defaults to ``basic_auth.db`` beside a SQLite tracking database, or the
+    tracking database itself for PostgreSQL (MLflow keeps the auth tables and their own
+    migration table, ``alembic_version_auth``, apart). The admin password comes from
+    ``admin_password_file`` (owner-only) or ``MLFLOW_AUTH_ADMIN_PASSWORD``, never from argv.
+    """
+
+    config_dir: str
+    admin_username: str = "admin"
+    admin_password_file: str | None = None
+    database_uri: str | None = None
+    default_permission: str = DEFAULT_PERMISSION
 
 
 @dataclass(frozen=True)
@@ -54,15 +81,23 @@ class ServerSpec:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     workers: int = DEFAULT_WORKERS
+    auth: AuthSpec | None = None  # None: no authentication (loopback, one user)
 
 
 @dataclass(frozen=True)
 class ServerLaunch:
-    """The process to start: argv (safe to print) plus environment additions (secrets live only here)."""
+    """The process to start: argv (safe to print) plus environment additions (secrets live only here).
+
+    ``files`` are written (0600, folders 0700) just before the server starts (:func:`write_server_files`),
+    never by a dry run; ``folders`` are created then too (the SQLite store's folder).
+    """
 
     argv: tuple[str, ...]
     env: dict[str, str] = field(repr=False)
     url: str
+    files: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    folders: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def display(self) -> str:
         """The command as a shell line, with secret environment values masked."""
@@ -72,28 +107,43 @@ class ServerLaunch:
 
 def mask_uri(uri: str) -> str:
     """``scheme://user:***@host/db``: a URI that is safe to print (no password, placeholder or not)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    from mfcon.storage import mask_uri as mask
+
+    return mask(uri)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` names (brackets and an IPv6 zone stripped), or None for a name."""
+    bare = host.strip()
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = bare[1:-1]
+    try:
+        return ipaddress.ip_address(bare.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def check_bind_host(host: str) -> str:
-    """A loopback or private IP address; every interface (0.0.0.0), public addresses and names are refused."""
-    if host.strip() in WILDCARD_HOSTS:
-        raise ServerConfigError(f"--host {host!r} would expose the unauthenticated MLflow server on every interface; "
+    """A loopback or private IP address; every interface (0.0.0.0, ::, ::0, ...), public addresses and names
+    are refused. "Every interface" is the address's own ``is_unspecified``, in whatever spelling it comes."""
+    address = _ip(host)
+    if not host.strip() or (address is not None and (address.is_unspecified or getattr(
+            address, "ipv4_mapped", None) is not None and address.ipv4_mapped.is_unspecified)):
+        raise ServerConfigError(f"--host {host!r} would expose the MLflow server on every interface; "
                                 "give this node's private IP, e.g. --host \"$(hostname -I | awk '{print $1}')\"")
     if host == "localhost":
         return host
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        raise ServerConfigError(f"--host {host!r} is not an IP address; give a loopback or private IP") from None
+    if address is None:
+        raise ServerConfigError(f"--host {host!r} is not an IP address; give a loopback or private IP")
     if address.is_global or address.is_multicast:
-        raise ServerConfigError(f"--host {host} is a public address; the MLflow server has no authentication, "
-                                "bind a private address (reach it over a VPN or SSH tunnel)")
+        raise ServerConfigError(f"--host {host} is a public address; bind a private address (reach it over a VPN "
+                                "or SSH tunnel)")
     return host
+
+
+def is_loopback(host: str) -> bool:
+    address = _ip(host)
+    return host == "localhost" or (address is not None and address.is_loopback)
 
 
 def allowed_hosts(host: str) -> str | None:
@@ -103,9 +153,9 @@ def allowed_hosts(host: str) -> str | None:
     its default list holds only the RFC 1918 ranges, so a server bound to another private
     address (100.64/10 is not one, nor 192.0.2/24) would answer /health and refuse every client.
     """
-    if host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback:
+    if is_loopback(host):
         return None  # MLflow's defaults cover loopback
-    bare = host.strip("[]")
+    bare = str(_ip(host))
     named = f"[{bare}]" if ":" in bare else bare
     pattern = named.replace("[", "[[]", 1)  # fnmatch: a literal "["
     return ",".join([named, f"{pattern}:*", "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"])
@@ -167,8 +217,77 @@ def mlflow_executable() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
 
 
+def read_secret_file(path: str | Path, option: str) -> str:
+    """A secret from a file only its owner can read (first line, stripped); anything else is a clear error."""
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ServerConfigError(f"{option} {path}: cannot be read ({e.strerror})") from None
+    if mode & 0o077:
+        raise ServerConfigError(f"{option} {path}: readable by other users (mode {mode & 0o777:o}); "
+                                f"run: chmod 600 {shlex.quote(str(path))}")
+    if not text:
+        raise ServerConfigError(f"{option} {path}: is empty")
+    return text.splitlines()[0].strip()
+
+
+def _auth_launch(auth: AuthSpec, visible_uri: str | None, backend: str, environ: Mapping[str, str]
+                 ) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """The environment and files of MLflow's basic-auth app (admin password and secret key: environment only)."""
+    config_dir = Path(auth.config_dir).expanduser()
+    if not config_dir.is_absolute():
+        raise ServerConfigError(f"--auth-dir {auth.config_dir!r}: give an absolute folder")
+    if auth.default_permission not in PERMISSIONS:
+        raise ServerConfigError(f"--default-permission {auth.default_permission!r}: one of {', '.join(PERMISSIONS)}")
+    if auth.default_permission in ("EDIT", "MANAGE"):
+        raise ServerConfigError(f"--default-permission {auth.default_permission}: every signed-in user could then "
+                                "write every experiment and move every alias; grant EDIT/MANAGE per user instead")
+    if not auth.admin_username or not re.fullmatch(r"[A-Za-z0-9_.@-]+", auth.admin_username):
+        raise ServerConfigError(f"--admin-username {auth.admin_username!r}: letters, digits and _.@- only")
+    if auth.admin_password_file:
+        password = read_secret_file(auth.admin_password_file, "--admin-password-file")
+    elif environ.get(ADMIN_PASSWORD_ENV):
+        password = environ[ADMIN_PASSWORD_ENV]
+    else:
+        raise ServerConfigError(f"--auth needs the admin's password: --admin-password-file FILE (mode 0600) or "
+                                f"${ADMIN_PASSWORD_ENV} in the environment (never on the command line)")
+    database = auth.database_uri
+    if database is None:
+        if backend.startswith("sqlite:///"):
+            database = f"sqlite:///{Path(backend[len('sqlite:///'):]).parent / AUTH_DB}"
+        elif visible_uri is not None and visible_uri.startswith(POSTGRES_DRIVER):
+            database = visible_uri  # the same database: MLflow keeps its auth tables (and migrations) apart
+        else:
+            raise ServerConfigError("--auth: give --auth-database-uri for this backend store (the auth database "
+                                    "must not carry a password in its URI)")
+    if urlsplit(database).password is not None:
+        raise ServerConfigError(f"--auth-database-uri {mask_uri(database)!r}: no password in the URI; PostgreSQL "
+                                "reads PGPASSWORD")
+    ini = "\n".join(["[mlflow]", f"default_permission = {auth.default_permission}", f"database_uri = {database}",
+                     f"admin_username = {auth.admin_username}",
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+                     "grant_default_workspace_access = false", ""])
+    files = [(str(config_dir / AUTH_INI), ini)]
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config_dir / AUTH_INI), ADMIN_PASSWORD_ENV: password,
+           "MLFLOW_AUTH_ADMIN_USERNAME": auth.admin_username}
+    key_file = config_dir / SECRET_KEY_FILE
+    if environ.get(SECRET_KEY_ENV):
+        env[SECRET_KEY_ENV] = environ[SECRET_KEY_ENV]
+    elif key_file.is_file():
+        env[SECRET_KEY_ENV] = read_secret_file(key_file, "the server's secret key")
+    else:
+        import secrets
+
+        env[SECRET_KEY_ENV] = secrets.token_urlsafe(32)
+        files.append((str(key_file), env[SECRET_KEY_ENV] + "\n"))
+    return env, tuple(files)
+
+
 def server_launch(spec: ServerSpec, environ: Mapping[str, str], mlflow: list[str] | None = None) -> ServerLaunch:
-    """Build the ``mlflow server`` command for ``spec`` (pure: nothing is started or read but ``environ``)."""
+    """Build the ``mlflow server`` command for ``spec`` (pure: nothing is started or written; ``environ``
+    and, with auth, the admin password file and an existing secret key file are read)."""
     host = check_bind_host(spec.host)
     if not 0 < spec.port < 65536:
         raise ServerConfigError(f"--port {spec.port} is not a TCP port")
@@ -183,8 +302,49 @@ def server_launch(spec: ServerSpec, environ: Mapping[str, str], mlflow: list[str
     hosts = allowed_hosts(host)
     if hosts:
         argv += ["--allowed-hosts", hosts]
-    url_host = f"[{host}]" if ":" in host else host
-    return ServerLaunch(tuple(argv), {**SERVER_ENV, **secret_env}, f"http://{url_host}:{spec.port}")
+    files: tuple[tuple[str, str], ...] = ()
+    warnings: list[str] = []
+    if spec.auth is not None:
+        auth_env, files = _auth_launch(spec.auth, visible_uri, spec.backend_store_uri, environ)
+        secret_env = {**secret_env, **auth_env}
+        argv += ["--app-name", "basic-auth"]
+    elif not is_loopback(host):
+        warnings.append(f"warning: the MLflow server on {host} has no authentication: anyone who reaches "
+                        f"{host}:{spec.port} can log runs, register models and move the champion alias; "
+                        "start it with --auth (docs/tracking_server.md)")
+    folders = ()
+    if spec.backend_store_uri.startswith("sqlite:///"):
+        folders = (str(Path(spec.backend_store_uri[len("sqlite:///"):]).parent),)
+    url_host = f"[{_ip(host)}]" if ":" in host else host
+    return ServerLaunch(tuple(argv), {**SERVER_ENV, **secret_env}, f"http://{url_host}:{spec.port}", files, folders,
+                        tuple(warnings))
+
+
+def _private_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only: created 0600 with os.open, then renamed over."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older tmp file of the same name keeps its mode otherwise
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_server_files(launch: ServerLaunch) -> None:
+    """Create the launch's folders and private files (config folders 0700, files 0600); just before starting."""
+    for folder in launch.folders:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    for name, text in launch.files:
+        path = Path(name)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        _private_write(path, text)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path | None, timeout_s: float) -> None:
@@ -230,6 +390,7 @@ def running_server(spec: ServerSpec, log: Path, timeout_s: float = 120.0,
     """Start the server in its own process group, wait until healthy, yield (url, process); always stopped."""
     base = dict(os.environ if environ is None else environ)
     launch = server_launch(spec, base)
+    write_server_files(launch)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(launch.argv, stdout=out, stderr=subprocess.STDOUT, env={**base, **launch.env},
@@ -244,5 +405,9 @@ def running_server(spec: ServerSpec, log: Path, timeout_s: float = 120.0,
 def serve_forever(spec: ServerSpec) -> None:
     """Replace this process with the server (signals reach it directly); prints the masked command first."""
     launch = server_launch(spec, os.environ)
-    print(f"MLflow tracking server on {launch.url}\n  {launch.display()}", flush=True)
+    for line in launch.warnings:
+        print(line, file=sys.stderr, flush=True)
+    write_server_files(launch)
+    print(f"MLflow tracking server on {launch.url}{' (basic-auth)' if spec.auth else ''}\n  {launch.display()}",
+          flush=True)
     os.execve(launch.argv[0], list(launch.argv), {**os.environ, **launch.env})

@@ -94,7 +94,10 @@ class PickledModel(mlflow.pyfunc.PythonModel):
 
 
 def cli(argv: list[object], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refuses an option value: exit status 2, one line on stderr
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -495,3 +498,62 @@ def test_credentials_from_the_uri_still_reach_the_client(monkeypatch):
         assert os.environ["MLFLOW_TRACKING_URI"] == "https://tracking.example:443"
     assert os.environ["MLFLOW_TRACKING_URI"] == "https://bob:env%20pw@tracking.example:443"
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+# ---------------------------------------------------------------- study names stay inside the work dir
+
+@pytest.mark.parametrize("name", [".", "..", "../outside", "a/b", "/abs", ".hidden", "-rf", ""])
+def test_a_study_name_cannot_leave_the_workdir(name, data, tmp_path, capsys):
+    """The space's ``name``, ``--name`` and a resume's name are validated before any file is written."""
+    _, prepared = data
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.replace("name: secrets", f"name: {json.dumps(name)}"))
+    workdir = tmp_path / "work" / "runs"
+    code, _, err = cli(["study", "--space", space, "--data", prepared, "--workdir", workdir], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "space.yaml" in err and "name" in err, err  # the space file's field (or its schema check) is named
+    space.write_text(SPACE)
+    for argv in (["study", "--space", space, "--data", prepared, "--workdir", workdir, "--name", name],
+                 ["study", "--resume", "--name", name, "--workdir", workdir],
+                 ["replicate", "--study", name, "--workdir", workdir],
+                 ["report", "--study", name, "--workdir", workdir]):
+        code, _, err = cli(argv, capsys)
+        assert code == 2 and ("--name" in err or "--study" in err), err
+    assert not (tmp_path / "work").exists(), "a refused study name wrote files"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_run_study_validates_the_name_itself(data, tmp_path):
+    """Library callers get the same check as the CLI (mfcon.names.check_study_name)."""
+    from mfcon.names import StudyNameError
+    from mfcon.study.runner import run_study
+
+    _, prepared = data
+    (tmp_path / "space.yaml").write_text(SPACE)
+    with pytest.raises(StudyNameError, match=r"--name '\.\.'"):
+        run_study(tmp_path / "space.yaml", prepared, workdir=tmp_path / "runs", study_name="..")
+    (tmp_path / "dots.yaml").write_text(SPACE.replace("name: secrets", "name: '..'"))
+    with pytest.raises(ValueError, match=r"dots\.yaml.*name"):
+        run_study(tmp_path / "dots.yaml", prepared, workdir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- every printed URI is masked
+
+def test_printed_locations_and_tracking_uris_are_masked(capsys):
+    from mfcon import storage
+    from mfcon.cli.study import print_summary
+    from mfcon.tracking.server import mask_uri
+
+    assert storage.describe("s3://AKIAEXAMPLE:aws-Secret-2b7c9d@bucket/shards/") == "s3://AKIAEXAMPLE:***@bucket/shards"
+    assert mask_uri("postgresql://mfcon:pg-Passw0rd@db:5432/mlflow") == "postgresql://mfcon:***@db:5432/mlflow"
+
+    class Summary:  # what run_study returns, as far as the printer reads it
+        study, num_trials, states, best_trial, best_metric, metric, best_params = "s", 1, {"completed": 1}, None, None, \
+            "dev_eer", {}
+        baseline_line = ""
+        tracking_uri = f"http://alice:{SECRETS['MLFLOW_URI_PASSWORD']}@10.0.0.5:5000"
+
+    print_summary(Summary())
+    out = capsys.readouterr().out
+    assert SECRETS["MLFLOW_URI_PASSWORD"] not in out and "http://alice:***@10.0.0.5:5000" in out

@@ -16,7 +16,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="hyperparameter study: Ray Tune + Optuna + ASHA, tracked in MLflow")
     p.add_argument("--space", help="search_spaces/*.yaml")
     p.add_argument("--data", help="folder made by `mfcon prepare`")
-    p.add_argument("--name", help="study name (default: the space's name)")
+    p.add_argument("--name", type=study_name, help="study name (default: the space's name)")
     p.add_argument("--num-samples", type=int)
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
@@ -25,7 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("replicate", help="equal compute: a study's top configurations and the lambda=0 baseline, "
                                          "retrained with several seeds, scored on the held-out test list")
-    p.add_argument("--study", required=True, help="a finished study (its name under --workdir)")
+    p.add_argument("--study", required=True, type=study_name, help="a finished study (its name under --workdir)")
     p.add_argument("--top-k", type=int, default=1, help="how many of the study's best configurations (by dev)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (the same seeds for every "
                                                        "configuration, so the verdict pairs them)")
@@ -38,11 +38,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_replicate)
 
     p = sub.add_parser("report", help="study summary (trials by eer, best trial, plots) as HTML or Markdown")
-    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    p.add_argument("--study", required=True, type=study_name, help="study name (its MLflow experiment)")
     add_store_options(p)
     p.add_argument("--out", help="output folder (default: <workdir>/<study>/report, or ./<study>-report when --workdir is a URI)")
     p.add_argument("--format", choices=("html", "md"), default="html")
     p.set_defaults(func=_report)
+
+
+def study_name(text: str) -> str:
+    """argparse type of ``--name`` / ``--study``: one safe folder name (``mfcon.names.check_study_name``)."""
+    from mfcon.names import StudyNameError, check_study_name
+
+    try:
+        return check_study_name(text, "study name")
+    except StudyNameError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -75,7 +85,9 @@ def print_summary(summary: StudySummary) -> None:
             print(f"  {key} = {value}")
     if summary.baseline_line:
         print(summary.baseline_line)
-    uri = summary.tracking_uri
+    from mfcon.storage import mask_uri
+
+    uri = mask_uri(summary.tracking_uri)  # never a password on the terminal
     if uri.startswith("sqlite:"):
         print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {uri}")
     else:

@@ -28,7 +28,7 @@ from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_g
 from mfcon.study.search import StudySearch
 from mfcon.evaluation.noise_floor import compare_with_baseline
 from mfcon.evaluation.selection import best_value
-from mfcon.names import BASELINE_KEY
+from mfcon.names import BASELINE_KEY, check_study_name
 from mfcon.study.spaces import DefineByRun, SearchSpace, baseline_sample, check_fits_cluster, load_search_space
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
 from mfcon.tracking import METRIC_TAG, StudyTracker, check_tracking_uri, resolve_tracking_uri
@@ -211,6 +211,8 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
               num_samples: int | None = None, address: str | None = None, tracking_uri: str | None = None,
               resume: bool = False, study_name: str | None = None) -> StudySummary:
     """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended."""
+    if study_name is not None:  # before it names any file: --name, and the study a resume reads
+        check_study_name(study_name, "--name")
     workdir = storage.normalize(workdir)
     space_path, data_dir = _resolve_inputs(space_path, data_dir, workdir, study_name, resume)
     storage.check_cluster_locations(address, data=data_dir, workdir=workdir)  # before anything starts
@@ -219,6 +221,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         space_bytes = local_space.read_bytes()
     if study_name and study_name != space.name:
         space = space.model_copy(update={"name": study_name})
+    check_study_name(space.name, f"{storage.describe(space_path)}: name")
     paths = study_paths(workdir, space.name)
     if resume and tracking_uri is None and storage.exists(paths["info"]):
         tracking_uri = read_study_info(workdir, space.name).get("tracking_uri")  # the store its trials are in

@@ -61,6 +61,13 @@ def tracking_uri(args: argparse.Namespace) -> str:
     return resolve_tracking_uri(args.tracking_uri, args.workdir)
 
 
+def check_store_exists(uri: str) -> None:
+    """An embedded (SQLite) store must already exist for commands that read it; said before MLflow loads."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise FileNotFoundError(2, "MLflow store does not exist; run a study (and mfcon promote) first, or point "
+                                   "--workdir/--tracking-uri at the store they used", uri)
+
+
 def redact_credentials(text: str) -> str:
     """Mask every ``scheme://user:password@`` in ``text`` as ``scheme://user:***@``.
 

@@ -32,15 +32,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from mfcon.promotion.registry import RegistryError, promote, rollback
+    from mfcon.names import RegistryError
+
+    if not args.rollback and (not args.study or not args.data):
+        raise RegistryError("promote needs --study NAME and --data DIR (or --rollback)")
+    from mfcon.promotion.registry import promote, rollback
 
     if args.rollback:
         r = rollback(tracking_uri(args), args.model_name)
         prev = f"v{r.previous}" if r.previous else "none"
         print(f"{r.model_name}: champion v{r.champion} (was v{r.rolled_back}, tagged rolled_back); previous: {prev}")
         return
-    if not args.study or not args.data:
-        raise RegistryError("promote needs --study NAME and --data DIR (or --rollback)")
     result = promote(args.study, tracking_uri(args), model_name=args.model_name, metric=args.metric,
                      data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed,
                      score_norm=args.score_norm, top_n=args.top_n)

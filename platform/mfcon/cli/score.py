@@ -10,7 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mfcon.cli.common import add_score_norm_options, add_store_options, positive_int, tracking_uri
+from mfcon.cli.common import (
+    add_score_norm_options,
+    add_store_options,
+    check_store_exists,
+    positive_int,
+    tracking_uri,
+)
 from mfcon.names import DEFAULT_MODEL_URI
 
 
@@ -74,6 +80,8 @@ def _score(args: argparse.Namespace) -> None:
     assign_splits(args.data, lists)
     needs_store = is_mlflow_uri(args.model) or args.log_to_run
     uri = tracking_uri(args) if needs_store else ""
+    if needs_store:
+        check_store_exists(uri)
     model_uri, tags = check_model_spec(args.model, uri)
     if args.center == "model" and "score_mean" not in tags:
         raise ScoreError(f"--center model: {model_uri} carries no score_mean tag (only a version registered by "

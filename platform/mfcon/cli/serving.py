@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mfcon.cli.common import add_store_options, tracking_uri
+from mfcon.cli.common import add_store_options, check_store_exists, tracking_uri
 from mfcon.names import DEFAULT_MODEL_URI
 
 
@@ -32,7 +33,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_embed)
 
 
+def _check_store(args: argparse.Namespace) -> None:
+    check_store_exists(tracking_uri(args))
+
+
 def _verify(args: argparse.Namespace) -> None:
+    for label, path in (("first recording", args.a_wav), ("second recording", args.b_wav)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(2, f"no such audio file (the {label})", path)
+    _check_store(args)
     from mfcon.serving import verify
 
     r = verify(args.a_wav, args.b_wav, model_uri=args.model, threshold=args.threshold, tracking_uri=tracking_uri(args))
@@ -41,16 +50,19 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from mfcon.evaluation.score_lists import ScoreError, add_parquet_metadata, scoring_metadata
-    from mfcon.serving import embed, list_audio_inputs, pin_model_uri
-    from mfcon.serving.verify import load_cohort
+    from mfcon.evaluation.score_lists import ScoreError
 
     out = Path(args.out)
     if out.is_dir():
         raise ScoreError(f"--out {out}: is a folder; give the .parquet file to write")
-    list_audio_inputs(args.inputs)  # a missing folder or an empty list: said before the model loads
+    if not Path(args.inputs).exists():
+        raise FileNotFoundError(2, "no such folder or list file (the inputs to embed)", args.inputs)
+    _check_store(args)
+    from mfcon.evaluation.score_lists import add_parquet_metadata, scoring_metadata
+    from mfcon.serving import embed, list_audio_inputs, pin_model_uri
+    from mfcon.serving.verify import load_cohort
+
+    list_audio_inputs(args.inputs)  # an empty folder or a bad list: said before the model loads
     uri = tracking_uri(args)
     pinned, _, tags = pin_model_uri(args.model, uri)
     cohort = load_cohort(tags, uri, pinned)

@@ -17,7 +17,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", help="search_spaces/*.yaml")
     p.add_argument("--data", help="folder made by `mfcon prepare`")
     p.add_argument("--name", type=study_name, help="study name (default: the space's name)")
-    p.add_argument("--num-samples", type=int)
+    p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget.num_samples)")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
@@ -41,7 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", required=True, type=study_name, help="study name (its MLflow experiment)")
     add_store_options(p)
     p.add_argument("--out", help="output folder (default: <workdir>/<study>/report, or ./<study>-report when --workdir is a URI)")
-    p.add_argument("--format", choices=("html", "md"), default="html")
+    p.add_argument("--format", choices=("html", "md"), default="html",
+                   help="html: one file with the plots inline; md: Markdown with the plots as PNG files beside it")
     p.set_defaults(func=_report)
 
 

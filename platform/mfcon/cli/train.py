@@ -23,9 +23,13 @@ def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mfcon.config import load_train_config
-    from mfcon.train.local import best_dev_epoch, train_local
+    from mfcon.data.shards import read_manifest
 
-    cfg = load_train_config(args.config)
+    from mfcon.train.local import best_dev_epoch, check_training_inputs, train_local
+
+    cfg = load_train_config(args.config)  # config and data folder checked before torch loads
+    check_training_inputs(cfg, read_manifest(args.data), args.data, args.config)
+
     history = train_local(cfg, args.data, args.out, resume=not args.no_resume, config_name=args.config)
     out = Path(args.out)
     best = best_dev_epoch(history)

@@ -50,7 +50,7 @@ def hold_out_dev(utterances: list[Utterance], exclude: set[str], n_speakers: int
             by_speaker.setdefault(u.speaker, []).append(u.utt_id)
     eligible = sorted(s for s, utts in by_speaker.items() if len(utts) >= 2)
     if n_speakers < 2 or n_speakers > len(eligible) - 2:
-        raise SplitError(f"dev_speakers={n_speakers}: need 2..{len(eligible) - 2} (the corpus has {len(eligible)} "
+        raise SplitError(f"--dev-speakers {n_speakers}: need 2..{len(eligible) - 2} (the corpus has {len(eligible)} "
                          "non-test speakers with >= 2 utterances, and training keeps at least 2)")
     chosen = sorted(np.random.default_rng([seed, 7]).choice(eligible, n_speakers, replace=False).tolist())
     return make_trials({s: sorted(by_speaker[s]) for s in chosen}, trials_per_utt, seed)

@@ -95,20 +95,20 @@ def _adopt_manifest(out: str, feature_cfg: FeatureConfig, tasks: list[ShardTask]
         old = read_manifest(out)
     except ManifestError as e:
         if not overwrite:
-            raise ManifestError(f"{e}\n(choose another output folder, or rebuild it: mfcon prepare --overwrite, "
-                                "overwrite=True in Python)") from None
+            raise ManifestError(f"{e}\n(choose another output folder, or rebuild it: mfcon prepare --overwrite)"
+                                ) from None
         storage.delete(path)
         return
     if old.feature_config != feature_cfg and not overwrite:
         raise ManifestError(
             f"{path}: prepared with a different feature config ({old.feature_config.model_dump()} vs "
             f"{feature_cfg.model_dump()}); choose another output folder (--out), or rebuild every shard "
-            "(mfcon prepare --overwrite; overwrite=True in Python)")
+            "(mfcon prepare --overwrite)")
     if old.feature_dtype != feature_dtype and not overwrite:
         raise ManifestError(
             f"{path}: prepared with feature_dtype {old.feature_dtype}, this run asks for {feature_dtype}; a folder "
             "never mixes the two: choose another output folder (--out), or rebuild every shard "
-            "(mfcon prepare --overwrite; overwrite=True in Python)")
+            "(mfcon prepare --overwrite)")
     by_file = {t.file: t for t in tasks}
     for info in old.splits.values():
         for entry in info.shards:

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from mfcon.config import ConfigError, TrainConfig
-from mfcon.data.local import LocalShardData
-from mfcon.train.checkpoint import (
-    BEST_FILE,
-    LAST_FILE,
-    load_checkpoint,
-    save_checkpoint,
-)
-from mfcon.train.loop import fit
+
+if TYPE_CHECKING:
+    from mfcon.data.shards import Manifest
+
+# torch loads on first use (train_local, checkpoints), so `mfcon train` checks its inputs first
+BEST_FILE, LAST_FILE = "best.pt", "last.pt"  # == mfcon.train.checkpoint.BEST_FILE / LAST_FILE (checked by a test)
 
 PROGRESS_ENV = "MFCON_PROGRESS"  # 0: never show progress bars; 1: show them even when stderr is not a terminal
 
@@ -43,6 +43,8 @@ class LocalRunHooks:
         self._bar = None
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        from mfcon.train.checkpoint import load_checkpoint
+
         last = self.out_dir / LAST_FILE
         return load_checkpoint(last) if self.resume and last.exists() else None
 
@@ -66,6 +68,8 @@ class LocalRunHooks:
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         self._close_bar()
         if state is not None:
+            from mfcon.train.checkpoint import save_checkpoint
+
             save_checkpoint(state, self.out_dir / LAST_FILE)
             if "dev_eer" in metrics and metrics["dev_eer"] <= metrics["best_dev_eer"]:
                 save_checkpoint(state, self.out_dir / BEST_FILE)
@@ -88,20 +92,24 @@ def best_dev_epoch(history: list[dict[str, float]]) -> tuple[float, int] | None:
     return min(scored, key=lambda x: (x[0], x[1])) if scored else None
 
 
-def check_training_inputs(cfg: TrainConfig, data: LocalShardData, config_name: str = "the training config") -> None:
+def check_training_inputs(cfg: TrainConfig, manifest: Manifest, data_dir: str | Path,
+                          config_name: str = "the training config") -> None:
     """What would otherwise fail mid-epoch, said before anything is written: enough speakers for a batch."""
-    speakers = data.manifest.splits["train"].num_speakers
+    speakers = manifest.splits["train"].num_speakers
+    if manifest.splits["train"].rows < 1:
+        raise ConfigError(f"{data_dir}: the train split is empty; prepare the data again")
     if speakers < cfg.data.speakers_per_batch:
         raise ConfigError(f"{config_name}: data.speakers_per_batch is {cfg.data.speakers_per_batch}, but the train "
-                          f"split of {data.data_dir} has {speakers} speakers; lower data.speakers_per_batch to at most "
+                          f"split of {data_dir} has {speakers} speakers; lower data.speakers_per_batch to at most "
                           f"{speakers}, or prepare a corpus with more training speakers")
-    if data.manifest.splits["train"].rows < 1:
-        raise ConfigError(f"{data.data_dir}: the train split is empty; prepare the data again")
 
 
 def train_local(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = True,
                 echo: bool = True, config_name: str = "the training config",
                 progress: bool | None = None) -> list[dict[str, float]]:
+    from mfcon.data.local import LocalShardData
+    from mfcon.train.loop import fit
+
     data = LocalShardData(data_dir, seed=cfg.seed, buffer_rows=cfg.data.shuffle_buffer_rows)
-    check_training_inputs(cfg, data, config_name)
+    check_training_inputs(cfg, data.manifest, data_dir, config_name)
     return fit(cfg, data, LocalRunHooks(out_dir, resume=resume, echo=echo, progress=progress))

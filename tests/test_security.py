@@ -410,8 +410,9 @@ SECRETS = {"MLFLOW_URI_PASSWORD": "uri-Passw0rd-8f3a", "AWS_SECRET_ACCESS_KEY": 
            "PGPASSWORD": "pg-Passw0rd-41e6", "MFCON_DB_PASSWORD": "db-Passw0rd-77c1"}
 
 
-class RayWouldStart(Exception):
-    """Raised instead of starting Ray: everything a study tracks before training has happened by then."""
+class RayWouldStart(BaseException):
+    """Raised instead of starting Ray: everything a study tracks before training has happened by then.
+    (A BaseException: the CLI turns every Exception into a one-line error, and this one must reach the test.)"""
 
 
 def _everything_in_mlflow(url: str, dest: Path) -> str:

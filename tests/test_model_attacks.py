@@ -334,3 +334,13 @@ def test_a_cohort_swapped_after_promotion_is_refused(store, capsys):
     err = capsys.readouterr().err
     assert not store["marker"].exists()
     assert code == 2 and "does not match its sha256 tag" in err and f"models:/{MODEL_NAME}/{version}" in err, err
+
+
+def test_only_logged_model_uris_load(store):
+    """A run's model loads through runs:/<run>/model; a bare folder or artifact path has no recorded checksums."""
+    uri, folder = _logged(store, "uris")
+    run_id = store["client"].get_logged_model(uri.rsplit("/", 1)[-1]).source_run_id
+    assert embedder_of(load_embedder(f"runs:/{run_id}/model", store["uri"], device="cpu")).model_config.embed_dim == 32
+    for other in (str(folder), folder.as_uri(), f"runs:/{run_id}/checkpoint"):
+        with pytest.raises(ValueError, match=r"refused: mfcon loads only logged models|logged no model named"):
+            load_embedder(other, store["uri"], device="cpu")

@@ -321,8 +321,8 @@ def check_model_digests(folder: str | Path, recorded: str | None, where: str, mo
     if not recorded:
         raise UntrustedModelError(
             f"{where}: refused: no checksums recorded on {owner} (tag {FILES_TAG}); it was not logged by this "
-            "mfcon's log_speaker_model, or its tag was removed; log the checkpoint again (mfcon promote logs a "
-            "trial's checkpoint/best.pt when its model is refused)")
+            "mfcon's log_speaker_model (an older mfcon recorded none), or its tag was removed; log the run's "
+            "checkpoint/best.pt again with mfcon.serving.log_speaker_model")
     try:
         expected = json.loads(recorded)
         if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):

@@ -35,8 +35,8 @@ def trial_list():
     return rng, labels, groups
 
 
-def _interval(label_a, label_b, n_speakers=40, **kw) -> PairedInterval:
-    defaults = dict(estimate=-1.0, low=-2.0, high=0.5, confidence=0.95, n_seeds=3, n_speakers=n_speakers,
+def _interval(**kw) -> PairedInterval:
+    defaults = dict(estimate=-1.0, low=-2.0, high=0.5, confidence=0.95, n_seeds=3, n_speakers=40,
                     seed_sd=0.5, speaker_se=0.4, se=0.6, df=4.0, method="seed-paired t")
     return PairedInterval(**{**defaults, **kw})
 
@@ -173,10 +173,10 @@ def test_a_speaker_effect_of_the_configuration_widens_the_interval(trial_list):
 
 
 def test_significance_reads_the_interval_not_the_sign():
-    assert significance(_interval("a", "b", estimate=-1.0, low=-2.0, high=-0.1)) == "significantly better"
-    assert significance(_interval("a", "b", estimate=-1.0, low=-2.0, high=0.1)) == "not significant"
-    assert significance(_interval("a", "b", estimate=1.0, low=0.2, high=2.0)) == "significantly worse"
-    line = verdict_line(ConfigVerdict("x", (9.0,), (0.5,), _interval("x", "b", estimate=-1.0, low=-2.0, high=0.5)))
+    assert significance(_interval(estimate=-1.0, low=-2.0, high=-0.1)) == "significantly better"
+    assert significance(_interval(estimate=-1.0, low=-2.0, high=0.1)) == "not significant"
+    assert significance(_interval(estimate=1.0, low=0.2, high=2.0)) == "significantly worse"
+    line = verdict_line(ConfigVerdict("x", (9.0,), (0.5,), _interval(estimate=-1.0, low=-2.0, high=0.5)))
     assert "-1.00 EER points (-10.0% relative)" in line and "[-2.00, +0.50]" in line
 
 

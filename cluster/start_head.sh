@@ -15,5 +15,7 @@ touch "$db/ray-restarting"  # the tracking supervisor keeps the servers up while
 trap 'rm -f "$db/ray-restarting"' EXIT
 bash "$here/tracking.sh" start
 ray stop
+# The dashboard agent's HTTP port is picked free (0): the job API finds it through the GCS, and a fixed 52365
+# collides with any other Ray on the machine.
 ray start --head --node-ip-address="$MFCON_NODE_IP" --port=6379 --num-cpus=0 --num-gpus=0 --memory=0 \
-    --dashboard-host="$MFCON_NODE_IP" --autoscaling-config="$HOME/ray_bootstrap_config.yaml" --disable-usage-stats
+    --dashboard-host="$MFCON_NODE_IP" --dashboard-agent-listen-port=0 --autoscaling-config="$HOME/ray_bootstrap_config.yaml" --disable-usage-stats

@@ -7,4 +7,7 @@ export MFCON_NODE_IP=${MFCON_NODE_IP:-$(hostname -I | awk '{print $1}')}
 bash "$here/node_env.sh" "${RAY_HEAD_IP:?the autoscaler sets RAY_HEAD_IP}"
 source ~/mfcon.env
 ray stop
-ray start --address="$RAY_HEAD_IP:6379" --node-ip-address="$MFCON_NODE_IP" --disable-usage-stats
+# The dashboard agent's HTTP port is picked free (0): the job API finds it through the GCS, and a fixed 52365
+# collides with any other Ray on the machine.
+ray start --address="$RAY_HEAD_IP:6379" --node-ip-address="$MFCON_NODE_IP" --dashboard-agent-listen-port=0 \
+    --disable-usage-stats

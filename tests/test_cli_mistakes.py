@@ -156,7 +156,10 @@ MISTAKES = [
       r"wav: is a folder, not a trial list file"),
     M("score-list-names-unprepared-utterance", ("score", "{W}/unprepared.txt", "--data", "{W}/data", "--model",
                                                 "{W}/ckpt/best.pt"),
-      r"unprepared\.txt:2: utterance 'id10001/vid00/00009\.wav' is not in the data folder"),
+      r"unprepared\.txt:2: utterance '.*/00009\.wav' is not in the data folder"),
+    M("score-list-mixes-splits", ("score", "{W}/mixed.txt", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt"),
+      r"mixed\.txt:2: utterance 'id10001/vid00/00001\.wav' is in the (dev|train) split, while 2 of the list's "
+      r"utterances are in the test split"),
     M("score-list-only-targets", ("score", "{W}/targets.txt", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt"),
       r"targets\.txt: every trial has label 1"),
     M("score-list-malformed", ("score", "{W}/two-fields.txt", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt"),
@@ -179,7 +182,7 @@ MISTAKES = [
                               "{W}/trials.txt"), r"--out .*trials\.txt: exists and is not a folder"),
     M("score-no-store-for-a-registered-model", ("score", "test", "--data", "{W}/data", "--model",
                                                 "models:/mfcon-speaker@champion", "--workdir", "{W}/nowhere"),
-      r"MLflow store sqlite:///.*nowhere/mlflow\.db does not exist"),
+      r"sqlite:///.*nowhere/mlflow\.db: MLflow store does not exist"),
     M("score-log-to-unknown-run", ("score", "test", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt",
                                    "--log-to-run", "0123456789abcdef", "--workdir", "{W}/runs"),
       r"--log-to-run 0123456789abcdef: no such run"),
@@ -214,7 +217,9 @@ def template(tmp_path_factory) -> Path:
     (w / "two-fields.txt").write_text("\n".join([*good[:2], "1 id10001/vid00/00001.wav", *good[2:]]) + "\n")
     (w / "unknown-utt.txt").write_text("\n".join([*good, "0 id10001/vid00/00001.wav id99999/x/1.wav"]) + "\n")
     nontarget = next(g for g in good if g.startswith("0 "))
-    (w / "unprepared.txt").write_text(f"{nontarget}\n1 id10001/vid00/00001.wav id10001/vid00/00009.wav\n")
+    enroll = nontarget.split()[1]
+    (w / "unprepared.txt").write_text(f"{nontarget}\n1 {enroll} {enroll.rsplit('/', 1)[0]}/00009.wav\n")
+    (w / "mixed.txt").write_text(f"{nontarget}\n1 id10001/vid00/00001.wav id10001/vid00/00002.wav\n")
     (w / "targets.txt").write_text("\n".join(g for g in good if g.startswith("1 ")) + "\n")
     (w / "train.yaml").write_text(TRAIN_CONFIG)
     (w / "huge.yaml").write_text("epochs: 1\nmodel_preset: huge\n")

@@ -130,6 +130,11 @@ def assign_splits(data_dir: str | Path, lists: list[TrialList]) -> None:
             best = max(("test", "dev", "train"), key=lambda s: len(needed & cache[s]))
             missing = next(u for t in tl.trials for u in (t.enroll, t.test) if u not in cache[best])
             line = _line_of(tl.source, missing)
+            elsewhere = [s for s in ("test", "dev", "train") if missing in cache[s]]
+            if elsewhere:
+                raise ScoreError(f"{tl.source}:{line}: utterance {missing!r} is in the {elsewhere[0]} split, while "
+                                 f"{len(needed & cache[best])} of the list's utterances are in the {best} split; "
+                                 "a list scores utterances of one split (its mean embedding centres the scores)")
             raise ScoreError(f"{tl.source}:{line}: utterance {missing!r} is not in the data folder {data_dir} "
                              f"(its {best} split has {len(needed & cache[best])} of the list's {len(needed)} "
                              "utterances); a list names utterance ids of one prepared split, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +28,6 @@ import yaml
 from mfcon.cli import main
 from mfcon.config import FeatureConfig
 from mfcon.serving import embedder_of, load_embedder, log_speaker_model, use_tracking_uri
-from mfcon.serving.embedder import UntrustedModelError
 from mfcon.tracking import default_tracking_uri
 from mlflow.tracking import MlflowClient
 from registry_fixtures import export_micro_model, make_tone_corpus

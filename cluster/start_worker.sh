@@ -9,5 +9,6 @@ source ~/mfcon.env
 ray stop
 # The dashboard agent's HTTP port is picked free (0): the job API finds it through the GCS, and a fixed 52365
 # collides with any other Ray on the machine.
+# --temp-dir: this node's own (a worker without it takes the head's path, which may not be writable here).
 ray start --address="$RAY_HEAD_IP:6379" --node-ip-address="$MFCON_NODE_IP" --dashboard-agent-listen-port=0 \
-    --disable-usage-stats
+    --temp-dir="${TMPDIR:-/tmp}/ray" --disable-usage-stats

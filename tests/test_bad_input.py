@@ -325,7 +325,7 @@ class Row:
 ERRORS = [
     # trial lists (mfcon prepare into an existing data folder)
     Row("trials-missing-file", lambda c: c.prepare(c.tmp / "no-such-list.txt"),
-        r"no-such-list\.txt: cannot read trial list"),
+        r"no-such-list\.txt: no such file \(given as --test-trials\)"),
     Row("trials-malformed-line", lambda c: c.prepare(c.trials_with("1 id10001/vid00/00001.wav")),
         r"bad-trials\.txt:\d+: .*expected '<0\|1> <enroll> <test>', got 2 fields"),
     Row("trials-bad-label", lambda c: c.prepare(c.trials_with("yes id10001/vid00/00001.wav id10002/vid01/00001.wav")),
@@ -388,8 +388,9 @@ ERRORS = [
         r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"),
     Row("tracking-uri-unknown-scheme", lambda c: c.study(None, "--tracking-uri", "mlfow://typo"),
         r"MLflow tracking store mlfow://typo cannot be opened"),
-    Row("tracking-db-down", lambda c: ["verify", "a.wav", "b.wav", "--workdir", c.workdir, "--tracking-uri",
-                                       f"postgresql+psycopg2://mfcon@127.0.0.1:{c.closed_port}/mlflow"],
+    Row("tracking-db-down", lambda c: ["verify", c.inputs.corpus / "id10001/vid00/00001.wav",
+                                       c.inputs.corpus / "id10001/vid00/00002.wav", "--workdir", c.workdir,
+                                       "--tracking-uri", f"postgresql+psycopg2://mfcon@127.0.0.1:{c.closed_port}/mlflow"],
         r"postgresql\+psycopg2://mfcon@127\.0\.0\.1:\d+/mlflow .*(unreachable|refused)", timeout_s=20),
     Row("verify-unknown-model-alias", lambda c: ["verify", c.inputs.corpus / "id10001/vid00/00001.wav",
                                                  c.inputs.corpus / "id10001/vid00/00002.wav", "--model",

@@ -73,8 +73,9 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    # Every worker gets its cpus_per_worker threads: a GPU worker too (it inherits OMP_NUM_THREADS=1 from Ray's
+    # launcher), for its host-side work (reading and cropping ahead of the step, the loss's CPU parts, scoring).
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     marks = dict(config.get("startup_marks") or {})
     marks["workers"] = entered_at
     # Restored after its last epoch (the driver died before Tune recorded the trial as done), the loop

@@ -119,7 +119,9 @@ def _make_corpus(args: argparse.Namespace) -> None:
 
     spec = CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts, n_test_speakers=args.test_speakers,
                       seed=args.seed)
-    layout = make_corpus(Path(args.out), spec)
+    from mfcon.train.local import progress_enabled
+
+    layout = make_corpus(Path(args.out), spec, progress=progress_enabled())
     n_trials = sum(1 for line in layout.trials.read_text().splitlines() if line.strip())
     print(f"corpus: {layout.root} ({args.speakers} speakers x {args.utts} utterances)\n"
           f"trials: {layout.trials} ({n_trials} trials over {args.test_speakers} held-out speakers)")
@@ -145,13 +147,14 @@ def _prepare(args: argparse.Namespace) -> None:
     _check_prepare_options(args)
     augment = augment_from_args(args)
     from mfcon.data.prepare import prepare_dataset
+    from mfcon.train.local import progress_enabled
 
     kept: list[tuple[str, int, int, int]] = []
     manifest = prepare_dataset(args.corpus, args.test_trials, args.out, dev_trials=args.dev_trials,
                                dev_speakers=args.dev_speakers, dev_trials_per_utt=args.dev_trials_per_utt,
                                rows_per_shard=args.rows_per_shard, num_workers=args.workers, seed=args.seed,
                                augment=augment, feature_dtype=args.feature_dtype, overwrite=args.overwrite,
-                               trial_report=lambda *counts: kept.append(counts))
+                               trial_report=lambda *counts: kept.append(counts), progress=progress_enabled())
     print(f"prepared {args.out}: manifest.json, {sum(len(s.shards) for s in manifest.splits.values())} shards, "
           f"{', '.join(manifest.trials[s] for s in manifest.trials)}")
     for name, split in manifest.splits.items():

@@ -66,7 +66,9 @@ def _embed(args: argparse.Namespace) -> None:
     uri = tracking_uri(args)
     pinned, _, tags = pin_model_uri(args.model, uri)
     cohort = load_cohort(tags, uri, pinned)
-    rows = embed(args.inputs, out, model_uri=pinned, tracking_uri=uri, progress=True)
+    from mfcon.train.local import progress_enabled
+
+    rows = embed(args.inputs, out, model_uri=pinned, tracking_uri=uri, progress=progress_enabled())
     recipe = scoring_metadata(tags, cohort)
     add_parquet_metadata(out, recipe)
     how = "AS-norm cohort and top_n, " if cohort is not None else ""

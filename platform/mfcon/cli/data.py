@@ -182,3 +182,7 @@ def _prepare(args: argparse.Namespace) -> None:
                   "(fix or replace those files and prepare again to keep them)", file=sys.stderr)
     print(f"next: mfcon train --config configs/tiny.yaml --data {args.out} --out ckpt/   (one model), or "
           f"mfcon study --space search_spaces/demo.yaml --data {args.out}")
+    speakers = manifest.splits["train"].num_speakers
+    if speakers < 8:
+        print(f"      (configs/tiny.yaml batches 8 speakers and the train split has {speakers}: copy it and set "
+              f"data.speakers_per_batch to at most {speakers})")

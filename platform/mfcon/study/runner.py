@@ -29,7 +29,14 @@ from mfcon.study.search import StudySearch
 from mfcon.evaluation.noise_floor import compare_with_baseline
 from mfcon.evaluation.selection import best_value
 from mfcon.names import BASELINE_KEY, check_study_name
-from mfcon.study.spaces import DefineByRun, SearchSpace, baseline_sample, check_fits_cluster, load_search_space
+from mfcon.study.spaces import (
+    DefineByRun,
+    SearchSpace,
+    baseline_sample,
+    check_fits_cluster,
+    load_search_space,
+    trial_params,
+)
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
 from mfcon.tracking import METRIC_TAG, StudyTracker, check_tracking_uri, resolve_tracking_uri
 
@@ -342,7 +349,7 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudyS
         trial_id = (result.metrics or {}).get("trial_id") or result.path
         value = trial_best_value(result, space.metric) if state != "failed" else None
         if value is not None and (best_value_ is None or value < best_value_):
-            best_trial, best_value_, best_params = trial_id, value, dict(result.config or {})
+            best_trial, best_value_, best_params = trial_id, value, trial_params(space, result.config or {})
         if state != "failed":
             if (result.config or {}).get(BASELINE_KEY):
                 baseline.append(value)

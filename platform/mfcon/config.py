@@ -168,6 +168,11 @@ class DataConfig(Strict):
     reader: Literal["files", "ray_data"] = "files"
     positives: Positives = "utterances"
     spec_augment: SpecAugmentConfig = SpecAugmentConfig()
+    # Batches built ahead of the step by a background thread (pinned host memory on a GPU); 0: synchronous.
+    prefetch_batches: int = Field(2, ge=0, le=64)
+    # Node-local copies of shards read from an object store (never of local shards); cache_bytes 0: off.
+    cache_dir: str | None = None  # None: <system temp dir>/mfcon-shard-cache
+    cache_bytes: int = Field(8 << 30, ge=0)
 
 
 class OptimConfig(Strict):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from mfcon.config import Positives, SpecAugmentConfig
+from mfcon.data.prefetch import prefetched
 from mfcon.data.spec_augment import spec_augment_batch
 
 
@@ -122,6 +123,15 @@ class SpeakerBalancedBatcher:
         self.max_pending = 2 * self.k
 
     def batches(self, rows: Iterable[tuple[np.ndarray, int]]) -> Iterator[CropBatch]:
+        """The epoch's ``steps`` batches. When ``rows`` asks for it (``prefetch_batches`` > 0, as
+        ``shard_stream.Rows`` does) they are built that many ahead by a background thread, pinned for a CUDA
+        ``pin_device``: the same batches in the same order as without (``mfcon.data.prefetch``)."""
+        depth = int(getattr(rows, "prefetch_batches", 0) or 0)
+        if depth > 0:
+            return prefetched(self._batches(rows), depth, getattr(rows, "pin_device", None))
+        return self._batches(rows)
+
+    def _batches(self, rows: Iterable[tuple[np.ndarray, int]]) -> Iterator[CropBatch]:
         pending: dict[int, deque[np.ndarray]] = defaultdict(deque)  # unused rows per speaker
         recent: OrderedDict[int, deque[np.ndarray]] = OrderedDict()  # used rows, LRU over speakers
         seen: set[int] = set()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mfcon.data.corpus.voxceleb import read_trials
-from mfcon.data.shard_stream import ShardStream
+from mfcon.data.shard_stream import Rows, ShardStream, make_cache
 from mfcon.data.shards import (
     EVAL_SPLITS,
     check_shard_schemas,
@@ -75,7 +75,8 @@ class LocalShardData:
     """Implements ``train.loop.TrainData`` over a shard folder (row groups dealt to ranks: ``ShardStream``)."""
 
     def __init__(self, data_dir: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 buffer_rows: int = 2048):
+                 buffer_rows: int = 2048, *, prefetch_batches: int = 0, pin_device: torch.device | None = None,
+                 cache_dir: str | None = None, cache_bytes: int = 0):
         self.data_dir = data_dir
         self.manifest = read_manifest(self.data_dir)
         check_shard_schemas(self.data_dir, self.manifest)  # a foreign shard is an input error, not a crash mid-epoch
@@ -83,11 +84,15 @@ class LocalShardData:
         self.num_classes = len(self.manifest.speakers)
         self.rows_per_worker = self.manifest.splits["train"].rows // world_size
         self.frame_shift_ms = self.manifest.feature_config.frame_shift_ms
-        self.stream = ShardStream(shard_paths(self.data_dir, "train", self.manifest), rank=rank,
-                                  world_size=world_size, seed=seed, buffer_rows=buffer_rows)
+        paths = shard_paths(self.data_dir, "train", self.manifest)
+        # A remote folder's shards are cached on this node, checked against the manifest's sha256.
+        checksums = {p: entry.sha256 for p, entry in zip(paths, self.manifest.splits["train"].shards)}
+        self.stream = ShardStream(paths, rank=rank, world_size=world_size, seed=seed, buffer_rows=buffer_rows,
+                                  prefetch_batches=prefetch_batches, pin_device=pin_device,
+                                  cache=make_cache(paths, cache_dir, cache_bytes), checksums=checksums)
         self._eval: EvalSet | None = None
 
-    def train_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+    def train_rows(self, epoch: int) -> Rows:
         return self.stream.rows(epoch)
 
     def eval_set(self) -> EvalSet | None:

@@ -13,18 +13,27 @@ are disjoint, cover the split, and differ in size by at most one unit (even
 with fewer shards, or row groups, than workers). Each worker then reads its
 units shard by shard (each file opened once per epoch) through a shuffle buffer
 of ``buffer_rows`` rows, as Ray Data's local shuffle did.
+
+Two things make the stream fit a GPU worker (issue 21): ``prefetch_batches``
+(``DataConfig.prefetch_batches``) asks the batcher to build that many batches
+ahead in a background thread (:mod:`mfcon.data.prefetch`; pinned host memory
+when ``pin_device`` is a CUDA device), and a :class:`~mfcon.data.shard_cache.ShardCache`
+keeps a node-local copy of each remote shard once read, so later epochs read
+local files (``DataConfig.cache_dir`` / ``cache_bytes``; never for local shards).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from mfcon import storage
+from mfcon.data.shard_cache import ShardCache
 from mfcon.data.shards import features_from_column, read_shard_table
 from mfcon.evaluation.scoring import EvalSet
 
@@ -45,20 +54,32 @@ class RowGroup:
         return table.slice(bounds[self.part], bounds[self.part + 1] - bounds[self.part])
 
 
-def open_shard(location: str) -> pq.ParquetFile:
-    """A shard for reading row groups: memory-mapped when local, streamed from the object store otherwise."""
+def open_shard(location: str, cache: ShardCache | None = None, sha256: str | None = None,
+               fetch: bool = True) -> pq.ParquetFile:
+    """A shard for reading row groups: memory-mapped when local, streamed from the object store otherwise.
+
+    With ``cache``, a remote shard is read from its node-local copy, made first when ``fetch`` (else only
+    used when already there); ``sha256`` is the manifest's, when known."""
     fs, path = storage.resolve(location)
     if storage.is_remote(location):
+        if cache is not None:
+            local = cache.local_copy(location, sha256) if fetch else cache.lookup(location, sha256)
+            if local is not None:
+                return pq.ParquetFile(local, memory_map=True)
         return pq.ParquetFile(fs.open_input_file(path))
     return pq.ParquetFile(path, memory_map=True)
 
 
-def row_groups(paths: Sequence[str], world_size: int = 1) -> list[RowGroup]:
+def row_groups(paths: Sequence[str], world_size: int = 1, cache: ShardCache | None = None,
+               checksums: Mapping[str, str] | None = None) -> list[RowGroup]:
     """Every row group of the split, in shard order (one footer read per shard); when there are fewer groups
-    than ranks, each group is cut into slices so that every rank still gets rows."""
+    than ranks, each group is cut into slices so that every rank still gets rows. Footers come from cached
+    copies where there are any, but nothing is copied for them (a copy is made when rows are read)."""
     units = []
+    sums = checksums or {}
     for shard, location in enumerate(paths):
-        units.extend(RowGroup(shard, g) for g in range(open_shard(location).metadata.num_row_groups))
+        handle = open_shard(location, cache, sums.get(location), fetch=False)
+        units.extend(RowGroup(shard, g) for g in range(handle.metadata.num_row_groups))
     if 0 < len(units) < world_size:
         parts = -(-world_size // len(units))
         units = [RowGroup(u.shard, u.group, p, parts) for u in units for p in range(parts)]
@@ -91,12 +112,14 @@ def shuffled(rows: Iterator[tuple[np.ndarray, int]], buffer_rows: int,
         yield buffer[i]
 
 
-def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tuple[np.ndarray, int]]:
+def read_units(paths: Sequence[str], units: Sequence[RowGroup], cache: ShardCache | None = None,
+               checksums: Mapping[str, str] | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """The rows of ``units`` in order, (frames (T, F) float32, speaker index); one open file at a time."""
     current, handle = -1, None
+    sums = checksums or {}
     for unit in units:
         if unit.shard != current:
-            current, handle = unit.shard, open_shard(paths[unit.shard])
+            current, handle = unit.shard, open_shard(paths[unit.shard], cache, sums.get(paths[unit.shard]))
         table = unit.rows_of(handle.read_row_group(unit.group, columns=TRAIN_COLUMNS))
         feats = features_from_column(table.column("features"))
         labels = table.column("speaker_index").to_numpy()
@@ -104,23 +127,59 @@ def read_units(paths: Sequence[str], units: Sequence[RowGroup]) -> Iterator[tupl
         yield from ((np.array(f, dtype=np.float32, copy=True), label) for f, label in zip(feats, labels.tolist()))
 
 
+class Rows:
+    """An epoch's rows (an iterator), carrying how its consumer should batch them: ``prefetch_batches`` batches
+    built ahead in a background thread (0: synchronous), into pinned memory for ``pin_device`` when it is a CUDA
+    device (``SpeakerBalancedBatcher.batches`` reads both)."""
+
+    def __init__(self, rows: Iterator[tuple[np.ndarray, int]], prefetch_batches: int = 0,
+                 pin_device: torch.device | None = None):
+        self._rows, self.prefetch_batches, self.pin_device = rows, prefetch_batches, pin_device
+
+    def __iter__(self) -> Rows:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, int]:
+        return next(self._rows)
+
+    def close(self) -> None:
+        close = getattr(self._rows, "close", None)
+        if close is not None:
+            close()
+
+
+def make_cache(paths: Sequence[str], cache_dir: str | None, cache_bytes: int) -> ShardCache | None:
+    """The node-local cache for ``paths``: none when they are local files or ``cache_bytes`` is 0."""
+    if cache_bytes <= 0 or not any(storage.is_remote(p) for p in paths):
+        return None
+    return ShardCache(cache_dir, cache_bytes)
+
+
 class ShardStream:
-    """One worker's training rows, epoch by epoch (``TrainData.train_rows``)."""
+    """One worker's training rows, epoch by epoch (``TrainData.train_rows``).
+
+    ``prefetch_batches`` / ``pin_device``: passed on with each epoch's rows (:class:`Rows`); ``cache``: where
+    remote shards are copied once read (:func:`make_cache`); ``checksums``: {shard location: the manifest's
+    sha256}, when known, which cached copies must match."""
 
     def __init__(self, paths: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
-                 buffer_rows: int = 2048):
+                 buffer_rows: int = 2048, *, prefetch_batches: int = 0, pin_device: torch.device | None = None,
+                 cache: ShardCache | None = None, checksums: Mapping[str, str] | None = None):
         self.paths = list(paths)
         self.rank, self.world_size, self.seed, self.buffer_rows = rank, world_size, seed, buffer_rows
+        self.prefetch_batches, self.pin_device = prefetch_batches, pin_device
+        self.cache, self.checksums = cache, dict(checksums or {})
         self._units: list[RowGroup] | None = None
 
     def units(self, epoch: int) -> list[RowGroup]:
         if self._units is None:
-            self._units = row_groups(self.paths, self.world_size)
+            self._units = row_groups(self.paths, self.world_size, self.cache, self.checksums)
         return deal(self._units, self.rank, self.world_size, self.seed, epoch)
 
-    def rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+    def rows(self, epoch: int) -> Rows:
         rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
-        return shuffled(read_units(self.paths, self.units(epoch)), self.buffer_rows, rng)
+        rows = shuffled(read_units(self.paths, self.units(epoch), self.cache, self.checksums), self.buffer_rows, rng)
+        return Rows(rows, self.prefetch_batches, self.pin_device)
 
 
 def read_eval_shards(paths: Sequence[str], trials: Sequence) -> EvalSet:
@@ -139,15 +198,18 @@ class WorkerShardData:
 
     def __init__(self, train_shards: Sequence[str], dev_shards: Sequence[str], trials: Sequence, *,
                  num_classes: int, train_rows_total: int, frame_shift_ms: float, rank: int, world_size: int,
-                 seed: int, buffer_rows: int):
+                 seed: int, buffer_rows: int, prefetch_batches: int = 0, pin_device: torch.device | None = None,
+                 cache_dir: str | None = None, cache_bytes: int = 0):
         self.num_classes = num_classes
         self.rows_per_worker = train_rows_total // world_size
         self.frame_shift_ms = frame_shift_ms
-        self.stream = ShardStream(train_shards, rank=rank, world_size=world_size, seed=seed, buffer_rows=buffer_rows)
+        self.stream = ShardStream(train_shards, rank=rank, world_size=world_size, seed=seed, buffer_rows=buffer_rows,
+                                  prefetch_batches=prefetch_batches, pin_device=pin_device,
+                                  cache=make_cache(train_shards, cache_dir, cache_bytes))
         self.dev_shards, self.trials = list(dev_shards), trials
         self._eval: EvalSet | None = None
 
-    def train_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+    def train_rows(self, epoch: int) -> Rows:
         return self.stream.rows(epoch)
 
     def eval_set(self) -> EvalSet | None:

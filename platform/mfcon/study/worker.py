@@ -80,12 +80,14 @@ def train_worker(config: dict[str, Any]) -> None:
     marks["workers"] = entered_at
     # Restored after its last epoch (the driver died before Tune recorded the trial as done), the loop
     # trains nothing: the replayed result is the trial's final one.
-    fit(cfg, worker_data(cfg, config, rank, world), RayRunHooks(rank, config.get("selection_metric", "dev_eer")),
+    fit(cfg, worker_data(cfg, config, rank, world, device),
+        RayRunHooks(rank, config.get("selection_metric", "dev_eer")),
         WorkerContext(rank=rank, world_size=world, device=device, started_at=config.get("trial_started_at"),
                       startup_marks=marks))
 
 
-def worker_data(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int) -> TrainData:
+def worker_data(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int,
+                device: torch.device | None = None) -> TrainData:
     """This worker's rows: its share of the shard files, or of the TorchTrainer's Ray Data datasets."""
     common = {"num_classes": config["num_classes"], "train_rows_total": config["train_rows"],
               "frame_shift_ms": config["frame_shift_ms"], "trials": config["trials"], "world_size": world}
@@ -94,4 +96,5 @@ def worker_data(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int)
 
         return RayShardData(**common, seed=cfg.seed + rank, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows)
     return WorkerShardData(config["train_shards"], config["dev_shards"], **common, rank=rank, seed=cfg.seed,
-                           buffer_rows=cfg.data.shuffle_buffer_rows)
+                           buffer_rows=cfg.data.shuffle_buffer_rows, prefetch_batches=cfg.data.prefetch_batches,
+                           pin_device=device, cache_dir=cfg.data.cache_dir, cache_bytes=cfg.data.cache_bytes)

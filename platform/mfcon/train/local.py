@@ -108,8 +108,10 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, res
                 echo: bool = True, config_name: str = "the training config",
                 progress: bool | None = None) -> list[dict[str, float]]:
     from mfcon.data.local import LocalShardData
-    from mfcon.train.loop import fit
+    from mfcon.train.loop import fit, resolve_device
 
-    data = LocalShardData(data_dir, seed=cfg.seed, buffer_rows=cfg.data.shuffle_buffer_rows)
+    data = LocalShardData(data_dir, seed=cfg.seed, buffer_rows=cfg.data.shuffle_buffer_rows,
+                          prefetch_batches=cfg.data.prefetch_batches, pin_device=resolve_device(cfg.device),
+                          cache_dir=cfg.data.cache_dir, cache_bytes=cfg.data.cache_bytes)
     check_training_inputs(cfg, data.manifest, data_dir, config_name)
     return fit(cfg, data, LocalRunHooks(out_dir, resume=resume, echo=echo, progress=progress))

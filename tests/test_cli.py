@@ -135,3 +135,10 @@ def test_the_train_command_s_file_names_are_the_checkpoint_module_s():
     from mfcon.train import checkpoint, local
 
     assert (local.BEST_FILE, local.LAST_FILE) == (checkpoint.BEST_FILE, checkpoint.LAST_FILE)
+
+
+def test_the_parser_s_top_n_floor_is_score_norm_s():
+    from mfcon.cli.common import MIN_TOP_N
+    from mfcon.evaluation.score_norm import MIN_TOP_N as SCORER_MIN
+
+    assert MIN_TOP_N == SCORER_MIN

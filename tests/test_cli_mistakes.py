@@ -175,7 +175,7 @@ MISTAKES = [
     M("score-center-model-on-a-checkpoint", ("score", "test", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt",
                                              "--center", "model"), r"--center model: .*carries no score_mean"),
     M("score-n-boot-zero", ("score", "test", "--data", "{W}/data", "--n-boot", "0"), r"--n-boot: must be >= 1"),
-    M("score-top-n-zero", ("score", "test", "--data", "{W}/data", "--top-n", "0"), r"--top-n: must be >= 1"),
+    M("score-top-n-three", ("score", "test", "--data", "{W}/data", "--top-n", "3"), r"--top-n: must be >= 10"),
     M("score-unknown-norm", ("score", "test", "--data", "{W}/data", "--score-norm", "znorm"),
       r"argument --score-norm: invalid choice: 'znorm'"),
     M("score-out-is-a-file", ("score", "test", "--data", "{W}/data", "--model", "{W}/ckpt/best.pt", "--out",

@@ -4,7 +4,7 @@ No training: the model is the untrained seeded micro MFA-Conformer of :mod:`regi
 on a tone corpus (same-speaker utterances are near-identical recordings). It is
 logged as a pyfunc and registered twice, as ``mfcon promote`` registers versions:
 v1 with ``score_mean`` and ``eer_threshold`` (alias ``champion``), v2 also with an
-AS-norm cohort (``score_norm=asnorm``, ``score_top_n=3``, checksummed cohort).
+AS-norm cohort (``score_norm=asnorm``, ``score_top_n=10``: the 5-speaker cohort used whole).
 What is checked is arithmetic, not accuracy:
 
 * ``mfcon score`` on a checkpoint gives exactly the scores of the evaluation code
@@ -94,7 +94,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
         model_id = model_uri.split("/", 1)[1]
         v1 = client.create_model_version(NAME, source=model_uri, run_id=run_id, tags=common, model_id=model_id)
         v2 = client.create_model_version(NAME, source=model_uri, run_id=run_id, model_id=model_id,
-                                         tags={**common, "score_norm": "asnorm", "score_top_n": "3"})
+                                         tags={**common, "score_norm": "asnorm", "score_top_n": "10"})
     store_cohort(client, NAME, str(v2.version), run_id, cohort)
     client.set_registered_model_alias(NAME, "champion", str(v1.version))
 
@@ -157,16 +157,16 @@ def test_score_a_registered_model_with_asnorm_is_promotions_scorer_and_logs_to_t
     mine.write_text("".join(f"{t.label} {t.enroll} {t.test}\n" for t in picked))
     out = env.base / "out-asnorm"
     stdout = ok(mfcon("score", "test", mine, "--data", env.data, "--model", f"models:/{NAME}@champion",
-                      "--workdir", env.workdir, "--score-norm", "asnorm", "--top-n", 3, "--out", out,
+                      "--workdir", env.workdir, "--score-norm", "asnorm", "--top-n", 10, "--out", out,
                       "--n-boot", 100, "--log-to-run", env.run_id, "--device", "cpu", cwd=env.cwd))
 
-    promotion = score_embedder(env.embedder, read_eval_set(env.data, "test", "asnorm", 3), env.data)
+    promotion = score_embedder(env.embedder, read_eval_set(env.data, "test", "asnorm", 10), env.data)
     _, scores = _scores_file(out / "test.scores.txt")
     np.testing.assert_allclose(scores, promotion.scores, atol=1e-5)
     by_pair = {(t.enroll, t.test): s for t, s in zip(eval_set.trials, scores)}
     _, own = _scores_file(out / "mine.scores.txt")
     np.testing.assert_allclose(own, [by_pair[t.enroll, t.test] for t in picked], atol=1e-6)
-    assert f"model models:/{NAME}/{env.versions[0]}" in stdout and "asnorm(top_n=3)" in stdout
+    assert f"model models:/{NAME}/{env.versions[0]}" in stdout and "asnorm(top_n=10)" in stdout
 
     run = env.client.get_run(env.run_id)
     summary = {s["list"]: s for s in json.loads((out / "summary.json").read_text())["lists"]}

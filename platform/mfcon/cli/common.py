@@ -50,8 +50,9 @@ def add_score_norm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-norm", choices=("mean", "asnorm"), default="mean",
                    help="mean: cosine after subtracting the mean embedding; asnorm: also adaptive s-norm against "
                         "a cohort of training speakers (3 utterances each)")
-    p.add_argument("--top-n", type=positive_int, default=300, metavar="N",
-                   help="AS-norm: the N highest cohort scores averaged per side (capped at the cohort size)")
+    p.add_argument("--top-n", type=top_n_value, default=300, metavar="N",
+                   help=f"AS-norm: the N highest cohort scores averaged per side (at least {MIN_TOP_N}; a smaller "
+                        "cohort is used whole)")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -239,6 +240,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+MIN_TOP_N = 10  # == mfcon.evaluation.score_norm.MIN_TOP_N (tests/test_cli.py checks), kept here: no numpy to parse
+
+
+def top_n_value(text: str) -> int:
+    """An argparse type: AS-norm's top_n, an integer >= MIN_TOP_N."""
+    return _int_at_least(text, MIN_TOP_N)
 
 
 def positive_int(text: str) -> int:

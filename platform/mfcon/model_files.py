@@ -113,7 +113,7 @@ def use_tracking_uri(uri: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_artifacts() -> Iterator[None]:
-    """No tqdm bar per artifact upload/download (the same switch as ``mfcon.tracking.no_artifact_progress_bars``)."""
+    """No tqdm bar per artifact upload/download (``mfcon.tracking.no_artifact_progress_bars`` is this)."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     old = os.environ.get(key)
     os.environ[key] = "false"

@@ -7,19 +7,18 @@ layout itself is described in docs/ARCHITECTURE.md, "Study outputs".
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlflow.tracking import MlflowClient
 
+from mfcon.model_files import quiet_artifacts
 from mfcon.names import SEED_KEY
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mfcon.study", "mfcon.role", "mfcon.trial_id", "mfcon.trial_state"
@@ -31,19 +30,8 @@ SEED_PARAM = SEED_KEY  # a trial run's param: its own training seed, when not th
 SPACE_DIR = "search_space"  # artifact folder of the study's search-space YAML on the parent run
 
 
-@contextlib.contextmanager
-def no_artifact_progress_bars() -> Iterator[None]:
-    """MLflow draws a tqdm bar per artifact upload/download; studies, reports and the CLI do not want them."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+# MLflow draws a tqdm bar per artifact upload/download; studies, reports and the CLI do not want them.
+no_artifact_progress_bars = quiet_artifacts
 
 
 class TrackingUnavailable(RuntimeError):

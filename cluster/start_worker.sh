@@ -12,3 +12,4 @@ ray stop
 # --temp-dir: this node's own (a worker without it takes the head's path, which may not be writable here).
 ray start --address="$RAY_HEAD_IP:6379" --node-ip-address="$MFCON_NODE_IP" --dashboard-agent-listen-port=0 \
     --temp-dir="${TMPDIR:-/tmp}/ray" --disable-usage-stats
+setsid nohup bash "$here/worker_watch.sh" "$RAY_HEAD_IP" >> ~/worker-watch.log 2>&1 < /dev/null &

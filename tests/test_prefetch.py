@@ -13,13 +13,13 @@ import torch
 from mfcon.config import DataConfig, SpecAugmentConfig, TrainConfig
 from mfcon.data.batching import SpeakerBalancedBatcher
 from mfcon.data.prefetch import THREAD_NAME, pin, prefetched
-from mfcon.data.shard_stream import Rows, ShardStream
+from mfcon.data.shard_stream import READER_THREAD_PREFIX, Rows, ShardStream
 from mfcon.data.shards import write_shard
 from mfcon.train.loop import fit
 
 
 def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME or t.name.startswith(READER_THREAD_PREFIX)]
 
 
 def _no_prefetch_thread_left(timeout: float = 5.0) -> bool:
@@ -59,6 +59,25 @@ def test_prefetch_gives_the_same_batches_in_the_same_order(tmp_path, batcher):
         for a, b in zip(ahead, sync):
             assert torch.equal(a.feats, b.feats) and torch.equal(a.labels, b.labels)
             assert torch.equal(a.lengths, b.lengths)
+    assert _no_prefetch_thread_left()
+
+
+def test_reader_threads_give_the_same_rows(tmp_path):
+    paths = _write_split(tmp_path, shards=5, rows=70)
+    rows = {ahead: [(f.tobytes(), label) for f, label in ShardStream(paths, seed=2, buffer_rows=40,
+                                                                         read_ahead=ahead).rows(3)]
+            for ahead in (0, 1, 3)}
+    assert rows[0] == rows[1] == rows[3] and len(rows[0]) == 350
+    assert ShardStream(paths, prefetch_batches=2).read_ahead == 2 and ShardStream(paths).read_ahead == 0
+    # a reader thread's error reaches the consumer as raised, and the readers stop when the consumer stops
+    stream = ShardStream(paths, seed=2, buffer_rows=1, read_ahead=2)
+    stream.units(3)  # footers read: the file breaks afterwards, under the reader threads
+    (tmp_path / "train-00003.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception, match="(?i)parquet"):
+        list(stream.rows(3))
+    it = ShardStream(paths[:3], seed=2, buffer_rows=1, read_ahead=2).rows(3)
+    next(it)
+    it.close()
     assert _no_prefetch_thread_left()
 
 

@@ -140,10 +140,11 @@ class ShardCache:
                 return None
             self._remove(self.data_path(location))
             self._evict(keep_free=info.size)
-            path = self._fetch(location, info, sha256)
+        path = self._fetch(location, info, sha256)  # outside the lock: reader threads copy shards side by side
+        with self._lock:
             self.stats.fetches += 1
             self.stats.refetches += int(stale)
-            return path
+        return path
 
     def _info(self, location: str) -> pafs.FileInfo:
         fs, path = storage.resolve(location)

@@ -24,7 +24,10 @@ local files (``DataConfig.cache_dir`` / ``cache_bytes``; never for local shards)
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +41,8 @@ from mfcon.data.shards import features_from_column, read_shard_table
 from mfcon.evaluation.scoring import EvalSet
 
 TRAIN_COLUMNS = ["features", "speaker_index"]
+READER_THREAD_PREFIX = "mfcon-read"
+READ_AHEAD_SHARDS = 2  # shards read at once when batches are prefetched (ShardStream.read_ahead)
 
 
 @dataclass(frozen=True)
@@ -112,19 +117,57 @@ def shuffled(rows: Iterator[tuple[np.ndarray, int]], buffer_rows: int,
         yield buffer[i]
 
 
-def read_units(paths: Sequence[str], units: Sequence[RowGroup], cache: ShardCache | None = None,
-               checksums: Mapping[str, str] | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    """The rows of ``units`` in order, (frames (T, F) float32, speaker index); one open file at a time."""
-    current, handle = -1, None
-    sums = checksums or {}
+def _rows_of_table(table: pa.Table) -> Iterator[tuple[np.ndarray, int]]:
+    feats = features_from_column(table.column("features"))
+    labels = table.column("speaker_index").to_numpy()
+    # A copy per row: a view would keep its whole row group alive while the row waits in the shuffle buffer.
+    return ((np.array(f, dtype=np.float32, copy=True), label) for f, label in zip(feats, labels.tolist()))
+
+
+def _runs(units: Sequence[RowGroup]) -> list[list[RowGroup]]:
+    """``units`` cut into runs of consecutive units of one shard (``deal`` groups a shard's units together)."""
+    runs: list[list[RowGroup]] = []
     for unit in units:
-        if unit.shard != current:
-            current, handle = unit.shard, open_shard(paths[unit.shard], cache, sums.get(paths[unit.shard]))
-        table = unit.rows_of(handle.read_row_group(unit.group, columns=TRAIN_COLUMNS))
-        feats = features_from_column(table.column("features"))
-        labels = table.column("speaker_index").to_numpy()
-        # A copy per row: a view would keep its whole row group alive while the row waits in the shuffle buffer.
-        yield from ((np.array(f, dtype=np.float32, copy=True), label) for f, label in zip(feats, labels.tolist()))
+        if runs and runs[-1][0].shard == unit.shard:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs
+
+
+def read_units(paths: Sequence[str], units: Sequence[RowGroup], cache: ShardCache | None = None,
+               checksums: Mapping[str, str] | None = None, read_ahead: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """The rows of ``units`` in order, (frames (T, F) float32, speaker index); one open file at a time.
+
+    ``read_ahead`` > 0: up to that many shards' runs of units are read at once by reader threads (their
+    requests and Parquet decoding overlap), still yielded in order, so the rows are the same either way."""
+    sums = checksums or {}
+
+    def read_run(run: list[RowGroup]) -> list[pa.Table]:
+        handle = open_shard(paths[run[0].shard], cache, sums.get(paths[run[0].shard]))
+        return [u.rows_of(handle.read_row_group(u.group, columns=TRAIN_COLUMNS)) for u in run]
+
+    if read_ahead <= 0:
+        for run in _runs(units):
+            handle = open_shard(paths[run[0].shard], cache, sums.get(paths[run[0].shard]))
+            for unit in run:
+                yield from _rows_of_table(unit.rows_of(handle.read_row_group(unit.group, columns=TRAIN_COLUMNS)))
+        return
+    pool = ThreadPoolExecutor(max_workers=read_ahead, thread_name_prefix=READER_THREAD_PREFIX)
+    try:
+        pending: deque[Future] = deque()
+        runs = iter(_runs(units))
+        for run in itertools.islice(runs, read_ahead):
+            pending.append(pool.submit(read_run, run))
+        while pending:
+            tables = pending.popleft().result()  # re-raises a reader's exception as it was raised
+            for run in itertools.islice(runs, 1):
+                pending.append(pool.submit(read_run, run))
+            for table in tables:
+                yield from _rows_of_table(table)
+            del tables
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Rows:
@@ -160,15 +203,19 @@ class ShardStream:
 
     ``prefetch_batches`` / ``pin_device``: passed on with each epoch's rows (:class:`Rows`); ``cache``: where
     remote shards are copied once read (:func:`make_cache`); ``checksums``: {shard location: the manifest's
-    sha256}, when known, which cached copies must match."""
+    sha256}, when known, which cached copies must match; ``read_ahead``: shards read at once by reader threads
+    (default: ``READ_AHEAD_SHARDS`` when ``prefetch_batches`` > 0, else 0; the rows are the same either way)."""
 
     def __init__(self, paths: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
                  buffer_rows: int = 2048, *, prefetch_batches: int = 0, pin_device: torch.device | None = None,
-                 cache: ShardCache | None = None, checksums: Mapping[str, str] | None = None):
+                 cache: ShardCache | None = None, checksums: Mapping[str, str] | None = None,
+                 read_ahead: int | None = None):
         self.paths = list(paths)
         self.rank, self.world_size, self.seed, self.buffer_rows = rank, world_size, seed, buffer_rows
         self.prefetch_batches, self.pin_device = prefetch_batches, pin_device
         self.cache, self.checksums = cache, dict(checksums or {})
+        # Reader threads only where batches are built in the background anyway (not on the training thread).
+        self.read_ahead = READ_AHEAD_SHARDS if read_ahead is None and prefetch_batches > 0 else (read_ahead or 0)
         self._units: list[RowGroup] | None = None
 
     def units(self, epoch: int) -> list[RowGroup]:
@@ -178,7 +225,8 @@ class ShardStream:
 
     def rows(self, epoch: int) -> Rows:
         rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
-        rows = shuffled(read_units(self.paths, self.units(epoch), self.cache, self.checksums), self.buffer_rows, rng)
+        rows = shuffled(read_units(self.paths, self.units(epoch), self.cache, self.checksums, self.read_ahead),
+                        self.buffer_rows, rng)
         return Rows(rows, self.prefetch_batches, self.pin_device)
 
 

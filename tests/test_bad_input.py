@@ -462,3 +462,27 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(row: Row, inputs: Inpu
     for name, path in (("data", data), ("workdir", workdir), ("checkpoints", checkpoints), ("corpus", inputs.corpus)):
         assert tree_digest(path) == watched[name], f"the {name} folder changed"
     assert not (tmp_path / "PWNED").exists(), "unpickling the checkpoint ran code"
+
+
+def test_trials_lost_to_a_skipped_file_are_counted_and_warned_about(inputs: Inputs, tmp_path):
+    """A silent test utterance is skipped; the trials naming it leave the normalised list, and prepare says so:
+    how many each list kept, and one warning line with the dropped share (the issue: 24% vanished silently)."""
+    corpus = tmp_path / "wav"
+    shutil.copytree(inputs.corpus, corpus)
+    listed = inputs.trials.read_text().splitlines()
+    victim = listed[0].split()[1]
+    sf.write(corpus / victim, np.zeros(SR), SR)
+    lost = sum(victim in line.split()[1:] for line in listed)
+
+    code, out, err = cli(["prepare", "--corpus", corpus, "--test-trials", inputs.trials, "--dev-speakers", "2",
+                          "--out", tmp_path / "data", "--workers", "0"])
+
+    assert code == 0, err
+    kept = len(listed) - lost
+    assert f"test trials: kept {kept} of {len(listed)} (trials-test.txt)" in out
+    assert len((tmp_path / "data" / "trials-test.txt").read_text().splitlines()) == kept
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the test trial list lost {lost} of {len(listed)} trials "
+                        f"({100 * lost / len(listed):.1f}%) because they name 1 skipped file; its EER is measured "
+                        f"on the {kept} left (fix or replace those files and prepare again to keep them)"]
+    assert f"prepared {tmp_path / 'data'}: manifest.json" in out and "next: mfcon train" in out

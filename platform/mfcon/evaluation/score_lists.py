@@ -82,7 +82,7 @@ def _list_name(spec: str, taken: set[str]) -> str:
 
 
 def read_lists(data_dir: str | Path, specs: Sequence[str]) -> list[TrialList]:
-    """``dev``/``test`` (the data folder's lists) or trial-list files -> parsed lists (file and line named on errors)."""
+    """``dev``/``test`` (the data folder's lists) or trial-list files -> parsed lists (errors name file and line)."""
     from mfcon.data.shards import read_manifest, trials_path
 
     manifest = read_manifest(data_dir)
@@ -110,7 +110,8 @@ def read_lists(data_dir: str | Path, specs: Sequence[str]) -> list[TrialList]:
 def _split_ids(data_dir: str | Path, split: str) -> set[str]:
     from mfcon.data.shards import read_shard_table, shard_paths
 
-    return {u for p in shard_paths(data_dir, split) for u in read_shard_table(p, ["utt_id"]).column("utt_id").to_pylist()}
+    return {u for path in shard_paths(data_dir, split)
+            for u in read_shard_table(path, ["utt_id"]).column("utt_id").to_pylist()}
 
 
 def assign_splits(data_dir: str | Path, lists: list[TrialList]) -> None:
@@ -499,6 +500,7 @@ def score_pairs(emb: Embeddings, pairs: Sequence[tuple[str, str]]) -> np.ndarray
 
 __all__ = ["CENTERS", "NAMED_LISTS", "Embeddings", "Interval", "ListResult", "ScoreError", "ScoringModel",
            "TrialList", "TrialListError", "add_parquet_metadata", "assign_splits", "check_model_spec", "check_run",
-           "cluster_bootstrap_min_dcf", "eer_interval", "enrollment_speakers", "format_results", "load_scoring_model",
+           "cluster_bootstrap_min_dcf", "eer_interval", "enrollment_speakers", "format_results", "is_mlflow_uri",
+           "load_scoring_model",
            "log_to_run", "read_embeddings", "read_lists", "score_lists", "score_pairs", "scoring_metadata",
            "write_outputs"]

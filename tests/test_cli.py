@@ -69,7 +69,7 @@ def _subcommands():
 def test_every_option_of_every_command_has_help_and_shows_its_default():
     import argparse
 
-    from mfcon.cli.common import HelpFormatter
+    from mfcon.cli.common import HelpFormatter, has_default
 
     parser, commands = _subcommands()
     missing, no_default = [], []
@@ -81,13 +81,13 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
             if not (action.help or "").strip():
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
             shown = formatter._get_help_string(action) or ""
-            has_default = action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
-            if has_default and "default" not in shown:
+            if has_default(action) and "default" not in shown:
                 no_default.append(f"{name} {action.option_strings[0]}")
     assert missing == [], f"options without help: {missing}"
     assert no_default == [], f"options whose help hides their default: {no_default}"
     rendered = commands["prepare"].format_help()
     assert "(default: 256)" in rendered and "(default: 2)" in rendered  # --rows-per-shard, --workers
+    assert "bootstrap seed (default: 0)" in " ".join(commands["score"].format_help().split())  # 0 is a default too
 
 
 def test_version_and_one_line_usage_errors():

@@ -216,6 +216,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- the parser
 
 
+def has_default(action: argparse.Action) -> bool:
+    """An option with a default worth showing (not None, a store_true's False, an empty list or SUPPRESS)."""
+    d = action.default
+    return bool(action.option_strings) and not (d is None or d is False or d is argparse.SUPPRESS
+                                                or (isinstance(d, list) and not d))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless it says it already or there is none to show."""
 
@@ -223,9 +230,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "(default" in text or "default:" in text:
             return text
-        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        if isinstance(action.default, list) and not action.default:
+        if not has_default(action):
             return text
         shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
         return f"{text} (default: {shown})"

@@ -87,6 +87,15 @@ def test_prefetch_zero_is_synchronous(tmp_path):
     it = SpeakerBalancedBatcher(4, 2, 30, steps=3, seed=0).batches(rows)
     next(it)
     assert not _prefetch_threads()
+    # the batcher's own setting holds over the rows' (and works for any row source)
+    it = SpeakerBalancedBatcher(4, 2, 30, steps=3, seed=0, prefetch_batches=0).batches(
+        ShardStream(paths, seed=0, prefetch_batches=2).rows(1))
+    next(it)
+    assert not _prefetch_threads()
+    plain = iter(list(ShardStream(paths, seed=0).rows(1)))
+    ahead = list(SpeakerBalancedBatcher(4, 2, 30, steps=3, seed=0, prefetch_batches=2).batches(plain))
+    again = list(SpeakerBalancedBatcher(4, 2, 30, steps=3, seed=0).batches(ShardStream(paths, seed=0).rows(1)))
+    assert all(torch.equal(a.feats, b.feats) for a, b in zip(ahead, again)) and len(ahead) == 3
 
 
 def _failing_rows(after: int, error: BaseException):

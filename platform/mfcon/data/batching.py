@@ -98,7 +98,8 @@ class SpeakerBalancedBatcher:
     ``reservoir_rows`` bounds the rows kept for end-of-epoch top-ups (default
     8 P K: the last K rows of each of the 8 P most recently used speakers).
     ``positives`` and ``spec_augment`` are ``DataConfig``'s fields of the same
-    names (see the module docstring).
+    names (see the module docstring). ``prefetch_batches`` / ``pin_device``: build batches that many ahead in a
+    background thread, pinned for a CUDA device (``mfcon.data.prefetch``); None takes them from the rows.
 
     >>> b = SpeakerBalancedBatcher(2, 2, 40, steps=1, seed=0, positives="views",
     ...                            spec_augment=SpecAugmentConfig(prob=1.0))
@@ -106,7 +107,8 @@ class SpeakerBalancedBatcher:
 
     def __init__(self, speakers_per_batch: int, utts_per_speaker: int, crop_frames: int,
                  steps: int, seed: int, reservoir_rows: int | None = None, *,
-                 positives: Positives = "utterances", spec_augment: SpecAugmentConfig | None = None):
+                 positives: Positives = "utterances", spec_augment: SpecAugmentConfig | None = None,
+                 prefetch_batches: int | None = None, pin_device: torch.device | None = None):
         if utts_per_speaker < 2:
             raise ValueError("utts_per_speaker must be >= 2 so every anchor has a positive")
         if speakers_per_batch < 1 or crop_frames < 1 or steps < 0:
@@ -121,14 +123,18 @@ class SpeakerBalancedBatcher:
         rows = reservoir_rows or 8 * self.p * self.k
         self.reservoir_speakers = max(2 * self.p, rows // self.k)
         self.max_pending = 2 * self.k
+        # None: as the rows ask (``shard_stream.Rows``); set by the caller, it holds for any row source.
+        self.prefetch_batches, self.pin_device = prefetch_batches, pin_device
 
     def batches(self, rows: Iterable[tuple[np.ndarray, int]]) -> Iterator[CropBatch]:
         """The epoch's ``steps`` batches. When ``rows`` asks for it (``prefetch_batches`` > 0, as
         ``shard_stream.Rows`` does) they are built that many ahead by a background thread, pinned for a CUDA
         ``pin_device``: the same batches in the same order as without (``mfcon.data.prefetch``)."""
-        depth = int(getattr(rows, "prefetch_batches", 0) or 0)
+        depth = self.prefetch_batches
+        if depth is None:
+            depth = int(getattr(rows, "prefetch_batches", 0) or 0)
         if depth > 0:
-            return prefetched(self._batches(rows), depth, getattr(rows, "pin_device", None))
+            return prefetched(self._batches(rows), depth, self.pin_device or getattr(rows, "pin_device", None))
         return self._batches(rows)
 
     def _batches(self, rows: Iterable[tuple[np.ndarray, int]]) -> Iterator[CropBatch]:

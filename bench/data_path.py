@@ -26,8 +26,19 @@
    waiting in the shuffle buffer does not keep its whole row group alive). For ``ray_data`` this is the
    consuming process only: Ray Data reads in Ray worker processes and hands blocks through the object store.
 
+4. ``--gpu-rate`` (issue 21; runs only this part): the paper shape read from an S3-protocol server (moto on
+   127.0.0.1) through a TCP proxy that holds every client->server chunk (one per request) for ``--latency-ms``
+   (20 ms), against a consumer that steps at a GPU-like ``--step-s`` (0.1 s: it sleeps, releasing the GIL as a
+   thread waiting on CUDA does). Per case, epochs of ``ShardStream`` -> ``SpeakerBalancedBatcher`` as a worker:
+   - capacity: batches/s with a consumer that does not step (what the data path can deliver), synchronous and
+     with the prefetcher (a batch-building thread and ``READ_AHEAD_SHARDS`` reader threads);
+   - steps/s of the 0.1 s consumer with ``prefetch_batches`` 0 (synchronous) and 2, and the time it waits;
+   - the node-local shard cache: a cold epoch (copies made) against a warm one (local copies).
+   Ratios: capacity / consumption (goal >= 2 with the prefetcher), prefetch / synchronous steps/s, warm / cold.
+
     .venv/bin/python bench/data_path.py [--data DIR] [--workdir DIR] [--reps 5]
         [--wide 6] [--paper-crops 16] [--feature-dtype float32] [--json bench/results/data_path.json]
+    .venv/bin/python bench/data_path.py --gpu-rate [--latency-ms 20] [--step-s 0.1] [--gpu-reps 2] [--wide 12]
 """
 
 from __future__ import annotations
@@ -57,7 +68,8 @@ import pyarrow.parquet as pq
 import torch
 from machine_facts import machine_facts
 from mfcon.data.batching import SpeakerBalancedBatcher
-from mfcon.data.shard_stream import ShardStream
+from mfcon.data.shard_cache import ShardCache
+from mfcon.data.shard_stream import READ_AHEAD_SHARDS, ShardStream
 from mfcon.data.shards import ROW_GROUP_ROWS, read_manifest, schema_feature_dtype, shard_paths, writer_options
 from mfcon.study.spaces import load_search_space
 from mfcon.train.heap import keep_freed_memory
@@ -351,6 +363,185 @@ def measure_rss(reader: str, paths: Sequence[str], buffer_rows: int, crop: int, 
     return json.loads(found[-1][len(RSS_MARK):])
 
 
+# ---------------------------------------------------------------- GPU rate (issue 21): object store + latency
+
+
+def latency_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
+    """A TCP proxy on 127.0.0.1 that holds each client->server chunk ``delay_s`` before passing it on."""
+    import socket
+    import threading
+
+    def pipe(src, dst, delay):
+        try:
+            while data := src.recv(1 << 16):
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", listen_port))
+    server.listen(128)
+    print("PROXY READY", flush=True)
+    while True:
+        client, _ = server.accept()
+        upstream = socket.create_connection(("127.0.0.1", target_port))
+        threading.Thread(target=pipe, args=(client, upstream, delay_s), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client, 0.0), daemon=True).start()
+
+
+@dataclass
+class GpuEpoch:
+    batches: int
+    seconds: float
+    wait_s: float  # time the consumer spent waiting for its next batch
+
+    @property
+    def rate(self) -> float:
+        return self.batches / self.seconds
+
+
+def consume_epoch(stream: ShardStream, shape: Shape, rows: int, epoch: int, step_s: float, prefetch: int) -> GpuEpoch:
+    stream.prefetch_batches = prefetch
+    stream.read_ahead = READ_AHEAD_SHARDS if prefetch else 0  # as ShardStream sets it from prefetch_batches
+    batcher = SpeakerBalancedBatcher(shape.p, shape.k, shape.crop_frames, steps=max(1, rows // shape.crops),
+                                     seed=epoch)
+    started, wait, n = time.perf_counter(), 0.0, 0
+    batches = batcher.batches(stream.rows(epoch))
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
+        n += 1
+        if step_s:
+            time.sleep(step_s)  # the training step: the thread waits on the GPU (GIL released)
+    return GpuEpoch(n, time.perf_counter() - started, wait)
+
+
+def gpu_rate_main(args) -> int:
+    sys.path.insert(0, str(REPO / "tests"))
+    from mlflow_fixtures import free_port, stop_process_group
+    from object_store_fixtures import run_s3_server
+
+    from mfcon import storage
+
+    started = time.perf_counter()
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, load average {info['load_average_1m']}")
+    print(f"python {info['python']}, torch {info['torch']}, pyarrow {info['pyarrow']}, numpy {info['numpy']}",
+          flush=True)
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="mfcon-data-gpu-") if args.workdir is None else None
+    work = Path(tmp_ctx.name) if tmp_ctx else args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": sys.argv[1:], "machine": info, "latency_ms": args.latency_ms, "step_s": args.step_s}
+    try:
+        data = args.data.resolve() if args.data else make_data(work, args.speakers, args.utts, args.feature_dtype)
+        manifest = read_manifest(data)
+        wide = widen(train_split(data), work / "wide", args.wide)
+        shape = space_shape("paper", manifest.feature_config.frame_shift_ms)
+        rows = wide.rows
+        with run_s3_server(work) as s3:
+            os.environ.update(s3.env)
+            uris = []
+            for path in wide.paths:
+                uri = s3.uri("wide", Path(path).name)
+                storage.write_bytes(uri, Path(path).read_bytes())  # straight to moto, not through the proxy
+                uris.append(uri)
+            shard_bytes = sum(Path(p).stat().st_size for p in wide.paths)
+            port = free_port()
+            proxy = subprocess.Popen([sys.executable, __file__, "--latency-proxy", str(port),
+                                      s3.endpoint.rsplit(":", 1)[1], str(args.latency_ms / 1000)],
+                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+            try:
+                assert proxy.stdout.readline().strip() == "PROXY READY"
+                os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"  # reads go through the proxy
+                print(f"paper shape P={shape.p} K={shape.k} crop {shape.crop_frames} frames; {rows} rows, "
+                      f"{wide.num_speakers} speakers, {len(uris)} shards ({shard_bytes / 1e6:.0f} MB) in the bucket, "
+                      f"{rows // shape.crops} batches/epoch; +{args.latency_ms:g} ms per request; "
+                      f"consumer step {args.step_s} s", flush=True)
+                results.update(gpu_cases(args, uris, shape, rows, work))
+            finally:
+                stop_process_group(proxy)
+        results["data"] = {"rows": rows, "speakers": wide.num_speakers, "shards": len(uris),
+                           "shard_bytes": shard_bytes, "batches_per_epoch": rows // shape.crops,
+                           "shape": {"p": shape.p, "k": shape.k, "crop_frames": shape.crop_frames}}
+    finally:
+        if tmp_ctx:
+            tmp_ctx.cleanup()
+    results["load_average_end"] = os.getloadavg()[0]
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    print_gpu_report(results)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def gpu_cases(args, uris: list[str], shape: Shape, rows: int, work: Path) -> dict:
+    """Each case ``--gpu-reps`` times, in alternating order; epochs differ per repetition (other row orders)."""
+    step = args.step_s
+    plain = ShardStream(uris, seed=0, buffer_rows=DEFAULT_BUFFER)
+    plain.units(1)  # footers read once, as a worker does before its first epoch
+    cases: dict[str, list[GpuEpoch]] = {}
+    cache_cases: dict[str, list[GpuEpoch]] = {"cold": [], "warm": [], "warm_step_prefetch": []}
+
+    def run(name: str, stream: ShardStream, epoch: int, step_s: float, prefetch: int) -> GpuEpoch:
+        e = consume_epoch(stream, shape, rows, epoch, step_s, prefetch)
+        print(f"  {name:<28} epoch {epoch}: {e.batches} batches in {e.seconds:6.2f} s = {e.rate:6.2f}/s, "
+              f"waited {e.wait_s:5.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+        return e
+
+    order = [("capacity, no cache", 0.0, 0), ("capacity, no cache, prefetch", 0.0, 2),
+             ("step, synchronous", step, 0), ("step, prefetch 2", step, 2)]
+    for rep in range(args.gpu_reps):
+        for name, step_s, prefetch in order if rep % 2 == 0 else order[::-1]:
+            cases.setdefault(name, []).append(run(name, plain, rep + 1, step_s, prefetch))
+        cache = ShardCache(work / f"cache-{rep}", 8 << 30)  # empty: the first epoch makes the copies
+        cached = ShardStream(uris, seed=0, buffer_rows=DEFAULT_BUFFER, cache=cache)
+        cached.units(1)
+        cache_cases["cold"].append(run("cache cold (copies made)", cached, rep + 1, 0.0, 0))
+        cache_cases["warm"].append(run("cache warm", cached, rep + 2, 0.0, 0))
+        cache_cases["warm_step_prefetch"].append(run("cache warm, step, prefetch 2", cached, rep + 3, step, 2))
+        print(f"  cache: {cache.stats}", flush=True)
+    consumption = 1 / step
+    rate = {k: med(e.rate for e in v) for k, v in {**cases, **{f"cache {k}": v for k, v in cache_cases.items()}}.items()}
+    waits = {k: med(e.wait_s / e.batches for e in v) for k, v in cases.items()}
+    ratios = {
+        "capacity/consumption, from the bucket": rate["capacity, no cache"] / consumption,
+        "capacity/consumption, from the bucket, prefetch": rate["capacity, no cache, prefetch"] / consumption,
+        "capacity/consumption, warm cache": rate["cache warm"] / consumption,
+        "steps/s prefetch 2 / synchronous": med(a.rate / b.rate for a, b in
+                                               zip(cases["step, prefetch 2"], cases["step, synchronous"])),
+        "steps/s prefetch 2 / ideal": rate["step, prefetch 2"] / consumption,
+        "steps/s synchronous / ideal": rate["step, synchronous"] / consumption,
+        "steps/s warm cache + prefetch 2 / ideal": rate["cache warm_step_prefetch"] / consumption,
+        "cache warm / cold epoch rate": med(w.rate / c.rate for w, c in zip(cache_cases["warm"], cache_cases["cold"])),
+        "cache warm / no cache epoch rate": rate["cache warm"] / rate["capacity, no cache"],
+    }
+    return {"rates": rate, "wait_s_per_step": waits, "ratios": ratios,
+            "epochs": {k: [e.__dict__ for e in v] for k, v in {**cases, **cache_cases}.items()}}
+
+
+def print_gpu_report(r: dict) -> None:
+    print(f"\nload average: {r['machine']['load_average_1m']} at the start, {r['load_average_end']:.1f} at the end; "
+          f"+{r['latency_ms']:g} ms per request, consumer step {r['step_s']} s (ideal {1 / r['step_s']:.1f} steps/s)")
+    print(f"{'case':<34} {'batches/s':>9}")
+    for k, v in r.get("rates", {}).items():
+        print(f"{k:<34} {v:>9.2f}")
+    for k, v in r.get("ratios", {}).items():
+        print(f"ratio {k}: {v:.2f}")
+    print(f"total {r['total_s']} s")
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -380,7 +571,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-readers", nargs="*", default=["files", "ray_data"], choices=["files", "ray_data"])
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-rate", action="store_true", help="only part 4: object store + latency, GPU-rate consumer")
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="added to every request (--gpu-rate)")
+    ap.add_argument("--step-s", type=float, default=0.1, help="the consumer's step time (--gpu-rate)")
+    ap.add_argument("--gpu-reps", type=int, default=2, help="repetitions of every --gpu-rate case")
+    ap.add_argument("--latency-proxy", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.latency_proxy:
+        listen, target, delay = args.latency_proxy
+        latency_proxy(int(listen), int(target), float(delay))
+        return 0
+    if args.gpu_rate:
+        return gpu_rate_main(args)
     if args.rss_child:
         reader, paths_file, buffer_rows, crop = args.rss_child
         rss_child(reader, paths_file, int(buffer_rows), int(crop))

@@ -128,3 +128,24 @@ def test_unknown_train_config_key_is_rejected(tmp_path):
     path.write_text("epochs: 2\nloss: {mfcon_wieght: 0.1}\n")
     with pytest.raises(ConfigError, match=r"loss\.mfcon_wieght"):
         load_train_config(path)
+
+
+@pytest.mark.parametrize("param, message", [
+    ("{type: categorical, choices: [aam, bogus]}", r"params.loss.margin_loss: not a valid training-config field or value: 'bogus'"),
+    ("{type: uniform, low: 0.1, high: 5.0}", r"params.loss.margin: not a valid training-config field or value: 5.0"),
+])
+def test_every_choice_and_both_range_ends_are_applied_at_load(tmp_path, param, message):
+    """A value the searcher may sample must not fail a trial at run time: the high end and later choices too."""
+    key = "loss.margin_loss" if "categorical" in param else "loss.margin"
+    path = tmp_path / "space.yaml"
+    path.write_text(f"name: t\nbase: {{model_preset: tiny}}\nparams:\n  {key}: {param}\n")
+    with pytest.raises(SearchSpaceError, match=message):
+        load_search_space(path)
+
+
+def test_choices_on_a_per_block_selection_are_refused_not_ignored(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("name: t\nbase: {model_preset: tiny}\n"
+                    "params:\n  loss.mfcon_blocks: {type: blocks, encoding: per_block, choices: [deep]}\n")
+    with pytest.raises(SearchSpaceError, match="choices apply to encoding: named only"):
+        load_search_space(path)

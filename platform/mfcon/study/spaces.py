@@ -95,6 +95,9 @@ class BlockSelection(_Param):
 
     @model_validator(mode="after")
     def _known_names(self):
+        if self.encoding == "per_block" and "choices" in self.model_fields_set:
+            raise ValueError("choices apply to encoding: named only (per_block searches one boolean per block); "
+                             "remove choices or set encoding: named")
         if self.encoding == "named":
             if not self.choices:
                 raise ValueError("named block selection needs at least one choice")
@@ -200,11 +203,13 @@ def load_search_space(path: str | Path) -> SearchSpace:
         field = "params.eval_every" if "eval_every" in space.params else "base.eval_every"
         raise SearchSpaceError(f"{path}: {field}: a study scores the dev list every epoch (ASHA stops trials and "
                                f"the searcher learns from each epoch's {space.metric}); remove it or set it to 1")
-    for key in space.params:
-        try:
-            apply_overrides(base, {key: _probe_value(space.params[key], space.num_blocks())}, f"{path}: params.{key}")
-        except ConfigError as e:
-            raise SearchSpaceError(f"{path}: params.{key}: not a valid training-config field or value\n{e}") from None
+    for key, param in space.params.items():
+        for value in _probe_values(param):  # every choice and both range ends: a sampled value never fails a trial
+            try:
+                apply_overrides(base, {key: value}, f"{path}: params.{key}")
+            except ConfigError as e:
+                raise SearchSpaceError(f"{path}: params.{key}: not a valid training-config field or value: {value!r} "
+                                       f"(every choice and both range ends are checked)\n{e}") from None
     return space
 
 
@@ -267,13 +272,13 @@ def check_fits_cluster(space: SearchSpace, cpus: float, gpus: float, source: str
                                f"has {gpus:g}; set use_gpu: auto or false, or lower resources.num_workers")
 
 
-def _probe_value(param: Any, num_blocks: int) -> Any:
-    """A representative value, used to check that a dotted key exists in TrainConfig."""
+def _probe_values(param: Any) -> list[Any]:
+    """Every value the searcher can hand a trial at the edges: each choice, or both ends of a range."""
     if isinstance(param, BlockSelection):
-        return "all" if param.encoding == "per_block" else param.choices[0]
+        return ["all", "none"] if param.encoding == "per_block" else list(param.choices)
     if isinstance(param, Categorical):
-        return param.choices[0]
-    return param.low
+        return list(param.choices)
+    return [param.low, param.high]
 
 
 def block_param_name(key: str, block: int) -> str:

@@ -234,7 +234,6 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     if resume and tracking_uri is None and storage.exists(paths["info"]):
         tracking_uri = read_study_info(workdir, space.name).get("tracking_uri")  # the store its trials are in
     uri = study_tracking_uri(tracking_uri, workdir)
-    check_tracking_uri(uri)  # before any training starts
     verify_shards(data_dir)
     runtime = build_runtime(space, data_dir, paths["train"])  # input errors surface before anything is written
     if address is None and not ray.is_initialized():  # the private local Ray: its size is known before it starts
@@ -243,6 +242,7 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
     if can_restore and not resume:
         raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "
                          f"continue it with --resume or choose another --name")
+    check_tracking_uri(uri)  # after every input check (an SQLite store is created here), before any training
     storage.makedirs(paths["root"])
     if not can_restore:
         storage.write_bytes(paths["space"], space_bytes)

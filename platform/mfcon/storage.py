@@ -162,13 +162,15 @@ class ClusterStorageError(ValueError):
 
 
 def _this_machine_addresses() -> set[str]:
+    """This machine's names and addresses: its host name's, and the source address of its default route."""
     import socket
 
-    import psutil
-
     found = {"localhost", socket.gethostname()}
-    for addrs in psutil.net_if_addrs().values():
-        found.update(a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+    with contextlib.suppress(OSError):
+        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: only the route is looked up
+        found.add(probe.getsockname()[0])
     return found
 
 

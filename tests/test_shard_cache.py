@@ -134,3 +134,15 @@ def test_local_shards_are_never_cached_and_remote_data_folders_use_the_manifest(
     assert data.stream.cache.stats.fetches == len(data.manifest.splits["train"].shards)
     list(data.train_rows(2))
     assert data.stream.cache.stats.hits == len(data.manifest.splits["train"].shards)
+
+
+def test_workers_of_one_node_copy_the_same_shard_at_once(s3, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris, sums = _upload(s3, tmp_path, "race", shards=2)
+    caches = [ShardCache(tmp_path / "cache", 1 << 30) for _ in range(4)]  # four workers, one folder, no shared lock
+    with ThreadPoolExecutor(4) as pool:
+        shares = list(pool.map(lambda c: _labels(ShardStream(uris, seed=4, buffer_rows=8, cache=c, checksums=sums), 1),
+                               caches))
+    assert all(s == shares[0] for s in shares) and len(shares[0]) == 80
+    assert sorted(file_sha256(p) for _, _, p in caches[0].entries()) == sorted(sums.values())

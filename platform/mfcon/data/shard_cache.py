@@ -19,8 +19,10 @@ memory-mapped. Local shards are never cached.
   and last-modified time (one HEAD request; pyarrow does not expose ETags) are
   still the entry's. A stale or damaged entry is fetched again.
 - Several processes may share the folder: copies are written under a unique
-  temporary name and renamed into place; deleting a file another process has
-  memory-mapped is safe on POSIX (its pages stay valid until unmapped).
+  temporary name and renamed into place (a copy that is there is replaced, never
+  deleted first); deleting a file another process has memory-mapped is safe on
+  POSIX (its pages stay valid until unmapped), and a reader whose copy was
+  evicted before it opened it reads the object store instead.
 """
 
 from __future__ import annotations
@@ -138,7 +140,10 @@ class ShardCache:
             if info.size > self.max_bytes or not self._room_on_disk(info.size):
                 self.stats.bypassed += 1
                 return None
-            self._remove(self.data_path(location))
+            # Only the sidecar goes: the data file is replaced atomically by the new copy, so another process
+            # that has just made (and is about to open) a copy never finds it deleted under it.
+            with contextlib.suppress(FileNotFoundError):
+                self.meta_path(location).unlink()
             self._evict(keep_free=info.size)
         path = self._fetch(location, info, sha256)  # outside the lock: reader threads copy shards side by side
         with self._lock:

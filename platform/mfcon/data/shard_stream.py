@@ -24,6 +24,7 @@ local files (``DataConfig.cache_dir`` / ``cache_bytes``; never for local shards)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,7 +71,8 @@ def open_shard(location: str, cache: ShardCache | None = None, sha256: str | Non
         if cache is not None:
             local = cache.local_copy(location, sha256) if fetch else cache.lookup(location, sha256)
             if local is not None:
-                return pq.ParquetFile(local, memory_map=True)
+                with contextlib.suppress(FileNotFoundError):  # evicted by another worker of the node just now
+                    return pq.ParquetFile(local, memory_map=True)
         return pq.ParquetFile(fs.open_input_file(path))
     return pq.ParquetFile(path, memory_map=True)
 

@@ -9,6 +9,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 export MFCON_NODE_IP=${MFCON_NODE_IP:-$(hostname -I | awk '{print $1}')}
 db=${MFCON_DB_DIR:-$HOME/mfcon-db}
 bash "$here/node_env.sh" "$MFCON_NODE_IP"
+# Jobs on the head (the study driver logs every trial, promote moves `champion`) authenticate as the tracking
+# server's admin. The password is read from its 0600 file when this is sourced and never written here; processes
+# on worker nodes never talk to MLflow and get no credentials. docs/tracking_server.md: per-user accounts.
+cat >> ~/mfcon.env << ENV
+export MLFLOW_TRACKING_USERNAME=admin
+export MLFLOW_TRACKING_PASSWORD="\$(cat "$db/mlflow_admin_password")"
+ENV
 source ~/mfcon.env
 
 touch "$db/ray-restarting"  # the tracking supervisor keeps the servers up while Ray restarts

@@ -9,7 +9,7 @@
 #                           stopped on this node (`ray down`), but not while start_head.sh restarts Ray
 #
 # Everything lives in $MFCON_DB_DIR (~/mfcon-db; on cluster.yaml a host folder, so it outlives the container):
-#   pgdata/  pg_password  run/ (socket)  supervisor.pid  mlflow-server.pid (written by the server's own shell,
+#   pgdata/  pg_password  mlflow_admin_password  mlflow-auth/  run/ (socket)  supervisor.pid  mlflow-server.pid (written by the server's own shell,
 #   which then execs the server: the pid is the server's, whatever shell Ray runs this in)  *.log
 # Settings (from the environment of start_head.sh): MFCON_NODE_IP, MFCON_ARTIFACTS, MFCON_MLFLOW_PORT (5000),
 # MFCON_MLFLOW_WORKERS (2).
@@ -27,6 +27,9 @@ init() {
         pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
     fi
     mkdir -p "$db/run" && chmod 700 "$db"
+    # The tracking server's admin (MLflow basic auth): generated once, kept with the data like pg_password.
+    [ -s "$db/mlflow_admin_password" ] || (umask 077 && "$venv/bin/python" -c \
+        'import secrets; print(secrets.token_urlsafe(24))' > "$db/mlflow_admin_password")
     if [ -f "$db/pgdata/PG_VERSION" ]; then
         [ -s "$db/pg_password" ] || { echo "$db/pgdata exists but $db/pg_password is missing: restore it" >&2; exit 1; }
         return
@@ -37,9 +40,10 @@ init() {
 }
 
 server_command() {
-    # AUTH: once `mfcon tracking-server --auth` exists (MLflow basic auth, admin credentials from a file, never
-    # argv), add it here with the credentials file kept beside pg_password.
+    # MLflow basic auth: anonymous clients may not write (default permission READ); the admin's password is read
+    # from its 0600 file beside pg_password, never from argv; users and permissions live in the same database.
     echo "$venv/bin/python -m mfcon.cli.tracking_server" \
+        "--auth --auth-dir $db/mlflow-auth --admin-password-file $db/mlflow_admin_password" \
         "--backend-store-uri postgresql://mfcon@/mlflow?host=$db/run" \
         "--artifacts-destination ${MFCON_ARTIFACTS:?set MFCON_ARTIFACTS, e.g. s3://bucket/mlflow}" \
         "--host ${MFCON_NODE_IP:?} --port ${MFCON_MLFLOW_PORT:-5000} --workers ${MFCON_MLFLOW_WORKERS:-2}"

@@ -138,24 +138,29 @@ def test_each_node_type_gets_its_own_least_privilege_profile():
     assert passrole["Resource"].endswith("role/mfcon-worker")
 
 
-def _server_argv(env: dict[str, str]) -> list[str]:
+def _server_argv(env: dict[str, str], db: str = "/home/ray/mfcon-db") -> list[str]:
     """The tracking-server command cluster/tracking.sh builds for the head."""
     script = REPO / "cluster" / "tracking.sh"
     src = script.read_text()
     body = src.split("server_command() {", 1)[1].split("\n}\n", 1)[0]
-    done = subprocess.run(["bash", "-c", f"set -eu; venv=/v; db=/home/ray/mfcon-db\n{body}"], env=env,
+    done = subprocess.run(["bash", "-c", f"set -eu; venv=/v; db={db}\n{body}"], env=env,
                           capture_output=True, text=True, check=True)
     return shlex.split(done.stdout)
 
 
-def test_the_head_serves_mlflow_on_its_private_ip_with_postgres_on_a_socket_and_s3():
+def test_the_head_serves_mlflow_on_its_private_ip_with_postgres_on_a_socket_and_s3(tmp_path):
     import argparse
 
     from mfcon.cli.tracking_server import add_commands, server_spec
     from mfcon.tracking.server import server_launch
 
+    db = tmp_path / "mfcon-db"
+    db.mkdir(mode=0o700)
+    password = "cluster-admin-" + "x" * 16
+    (db / "mlflow_admin_password").write_text(password + "\n")
+    (db / "mlflow_admin_password").chmod(0o600)
     argv = _server_argv({"MFCON_NODE_IP": "10.0.1.23", "MFCON_ARTIFACTS": "s3://mfcon-studio-artifacts/mlflow",
-                         "PATH": "/usr/bin:/bin"})
+                         "PATH": "/usr/bin:/bin"}, str(db))
     assert argv[:3] == ["/v/bin/python", "-m", "mfcon.cli.tracking_server"]
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
@@ -163,9 +168,12 @@ def test_the_head_serves_mlflow_on_its_private_ip_with_postgres_on_a_socket_and_
     launch = server_launch(server_spec(args), {"PGPASSWORD": "x"}, ["mlflow"])  # refuses 0.0.0.0, public IPs
     out = list(launch.argv)
     assert out[out.index("--host") + 1] == "10.0.1.23"
-    assert out[out.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mfcon@/mlflow?host=/home/ray/mfcon-db/run"
+    assert out[out.index("--backend-store-uri") + 1] == f"postgresql+psycopg2://mfcon@/mlflow?host={db}/run"
     assert out[out.index("--artifacts-destination") + 1].startswith("s3://")
     assert launch.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # Authenticated by default: MLflow's basic-auth app, the admin password from its file, never in argv.
+    assert out[out.index("--app-name") + 1] == "basic-auth"
+    assert password not in " ".join(out) and password not in " ".join(argv)
 
 
 def test_no_password_in_any_config_and_postgres_has_no_tcp():

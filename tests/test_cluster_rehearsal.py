@@ -224,7 +224,7 @@ print(json.dumps({"job_start_ms": job.start_time, "workers": [
 """
 
 
-def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small_corpus, tmp_path):
+def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small_corpus, tmp_path, monkeypatch):
     reason = _missing()
     if reason:
         pytest.skip(reason)
@@ -296,8 +296,17 @@ def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small
             second_server_pid = _pid("mlflow-server.pid")
             server_cmdline = Path(f"/proc/{second_server_pid}/cmdline").read_bytes().decode().split("\0")
             assert _postmaster_pid() == postmaster, "PostgreSQL was restarted by `ray up`"
+            from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
 
+            # The head's server runs MLflow basic auth: anonymous clients cannot write, the admin (whose password
+            # lives beside the database, 0600) can read everything the jobs wrote.
+            password_file = _head_file("mlflow_admin_password")
+            assert password_file.stat().st_mode & 0o077 == 0
+            with pytest.raises(MlflowException):
+                MlflowClient(tracking).create_experiment("anonymous-write")
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password_file.read_text().strip())
             client = MlflowClient(tracking)
             exp = client.get_experiment_by_name(STUDY)
             trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mfcon.role") == "trial"]

@@ -1,4 +1,4 @@
-"""Data path: what the shard readers deliver to a training worker, against what training consumes (issue 12, item 4).
+"""Data path: what the shard readers deliver to a training worker, against what training consumes.
 
 1. Delivered rate: P x K crop batches/s a single-threaded consumer gets from each reader through
    ``SpeakerBalancedBatcher`` (the worker's path), one epoch per repetition, median over repetitions:
@@ -26,7 +26,7 @@
    waiting in the shuffle buffer does not keep its whole row group alive). For ``ray_data`` this is the
    consuming process only: Ray Data reads in Ray worker processes and hands blocks through the object store.
 
-4. ``--gpu-rate`` (issue 21; runs only this part): the paper shape read from an S3-protocol server (moto on
+4. ``--gpu-rate`` (runs only this part): the paper shape read from an S3-protocol server (moto on
    127.0.0.1) through a TCP proxy that holds every client->server chunk (one per request) for ``--latency-ms``
    (20 ms), against a consumer that steps at a GPU-like ``--step-s`` (0.1 s: it sleeps, releasing the GIL as a
    thread waiting on CUDA does). Per case, epochs of ``ShardStream`` -> ``SpeakerBalancedBatcher`` as a worker:
@@ -363,7 +363,7 @@ def measure_rss(reader: str, paths: Sequence[str], buffer_rows: int, crop: int, 
     return json.loads(found[-1][len(RSS_MARK):])
 
 
-# ---------------------------------------------------------------- GPU rate (issue 21): object store + latency
+# ---------------------------------------------------------------- GPU rate: object store + latency
 
 
 def latency_proxy(listen_port: int, target_port: int, delay_s: float) -> None:

@@ -1,4 +1,4 @@
-"""Recipe parity (issue 11): does training-data augmentation, SpecAugment or AS-norm change test EER here?
+"""Recipe parity: does training-data augmentation, SpecAugment or AS-norm change test EER here?
 
 One command, one run. It generates the demo corpus (``pipelines/demo.py``'s spec, seeded), banks in the
 MUSAN and RIRS_NOISES layouts (coloured noise, tone-sequence music, babble from the corpus's TRAINING

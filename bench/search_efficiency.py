@@ -1,4 +1,4 @@
-"""Search efficiency on the demo task (issue 12, item 6): TPE + ASHA against random search at equal trial-epochs.
+"""Search efficiency on the demo task: TPE + ASHA against random search at equal trial-epochs.
 
 Three arms, each given the same budget of B trial-epochs (one trial-epoch = one epoch of one
 trial, trained and scored on the dev list), with the demo study's search space

@@ -1,6 +1,6 @@
 """Shard size: bytes of shards per hour of audio, float32 (today) vs compact float16, and the EER of the same training.
 
-Issue 12, item 5. One synthetic corpus (the demo's: 48 speakers x 10 utterances) is prepared twice, with
+Shard size. One synthetic corpus (the demo's: 48 speakers x 10 utterances) is prepared twice, with
 ``feature_dtype="float32"`` (pyarrow defaults: snappy, dictionary pages) and ``"float16"`` (BYTE_STREAM_SPLIT +
 zstd). For each folder it reports the shard bytes per hour of audio (hours = the shards' ``num_frames`` x the
 manifest's frame shift), the ratio compact / today, the extrapolation to VoxCeleb2-dev (about 2,400 h), and how

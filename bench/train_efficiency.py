@@ -1,4 +1,4 @@
-"""Training efficiency against the machine's matmul peak, and what MFCon adds to a step (issue 12, items 2-3).
+"""Training efficiency against the machine's matmul peak, and what MFCon adds to a step.
 
 1. Efficiency: FLOP/s of one full training step (forward, backward, optimizer step, as
    ``mfcon.train.loop._train_step`` runs it; FLOPs counted by ``FlopCounterMode`` over one step)

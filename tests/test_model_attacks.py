@@ -34,7 +34,7 @@ from registry_fixtures import export_micro_model, make_tone_corpus
 
 try:
     from mfcon.model_files import FILES_TAG
-except ImportError:  # the code before issue 18 recorded no checksums
+except ImportError:  # older models recorded no checksums
     FILES_TAG = "mfcon.model_files_sha256"
 
 MODEL_NAME = "mfcon-speaker"

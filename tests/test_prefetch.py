@@ -1,4 +1,4 @@
-"""Background batch prefetch (issue 21): the same batches as the synchronous path, errors reach the training
+"""Background batch prefetch: the same batches as the synchronous path, errors reach the training
 thread unchanged, and no thread outlives its epoch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Node-local cache of remote shards (issue 21): the second epoch reads local copies, the cache stays within its
+"""Node-local cache of remote shards: the second epoch reads local copies, the cache stays within its
 byte bound (least recently used out first), and a copy that does not match the manifest is fetched again.
 
 Against a real S3-protocol server (moto on 127.0.0.1, tests/object_store_fixtures.py)."""

@@ -46,7 +46,7 @@ def test_reduced_grid_is_calibrated(n_seeds, seed_sd, n_speakers):
 
 
 def test_the_old_unpaired_seed_bootstrap_is_too_narrow_with_few_seeds():
-    """What issue 17 measured: 2 seeds, seed sd ~3 points -> equal systems 'significant' far above 5%."""
+    """The former method's failure: 2 seeds, seed sd ~3 points -> equal systems 'significant' far above 5%."""
     c = cell(2, 3.0, 40)
     assert c.old_false_sig_ci[0] > 0.05 and c.false_sig_ci[0] <= 0.05
 

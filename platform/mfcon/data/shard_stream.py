@@ -14,7 +14,7 @@ with fewer shards, or row groups, than workers). Each worker then reads its
 units shard by shard (each file opened once per epoch) through a shuffle buffer
 of ``buffer_rows`` rows, as Ray Data's local shuffle did.
 
-Two things make the stream fit a GPU worker (issue 21): ``prefetch_batches``
+Two things make the stream fit a GPU worker: ``prefetch_batches``
 (``DataConfig.prefetch_batches``) asks the batcher to build that many batches
 ahead in a background thread (:mod:`mfcon.data.prefetch`; pinned host memory
 when ``pin_device`` is a CUDA device), and a :class:`~mfcon.data.shard_cache.ShardCache`

@@ -28,7 +28,6 @@ from pydantic import (
     model_validator,
 )
 
-from mfcon.names import BASELINE_KEY, SEED_KEY, SELECTION_METRICS
 from mfcon.config import (
     NAMED_BLOCK_SETS,
     ConfigError,
@@ -37,6 +36,7 @@ from mfcon.config import (
     format_validation_error,
     read_yaml,
 )
+from mfcon.names import BASELINE_KEY, SEED_KEY, SELECTION_METRICS
 
 
 class _Param(BaseModel):

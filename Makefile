@@ -1,5 +1,6 @@
 # Fresh machine: `make demo` runs the main job, `make test` runs the tests. Both create .venv when missing.
-PYTHON ?= python3
+# requirements.lock pins wheels for Python 3.11 (the cluster image's): prefer that interpreter where it exists.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,6 +13,9 @@ UV_VERSION := 0.13.10
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(VENV) runs Python \
+	$$($(PY) -c 'import platform; print(platform.python_version())'), but $(LOCK) pins wheels for Python 3.11: \
+	remove $(VENV) and run make PYTHON=/path/to/python3.11"; exit 2; }
 	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)

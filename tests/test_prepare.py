@@ -270,7 +270,7 @@ def test_held_out_dev_speakers_are_seeded_and_disjoint(corpus, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"dev_trials": None}, "give exactly one of dev_trials"),
     ({"dev_speakers": 2}, "give exactly one of dev_trials"),
-    ({"dev_trials": None, "dev_speakers": 3}, "dev_speakers=3: need 2..2"),
+    ({"dev_trials": None, "dev_speakers": 3}, "--dev-speakers 3: need 2..2"),
 ])
 def test_dev_set_must_be_given_once_and_fit(corpus, tmp_path, kwargs, message):
     from mfcon.data.plan import SplitError

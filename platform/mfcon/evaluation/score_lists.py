@@ -46,16 +46,15 @@ from typing import Any, Callable
 import numpy as np
 
 from mfcon.data.corpus.voxceleb import TrialPair, TrialListError, read_trials
-from mfcon.evaluation.metrics import bootstrap_eer_difference, equal_error_rate, min_dcf
+from mfcon.evaluation.exported_embeddings import (  # noqa: F401 (mfcon embed's file; docs import it from here)
+    SCORE_FORMULA, Embeddings, add_parquet_metadata, read_embeddings, score_pairs, scoring_metadata)
+from mfcon.evaluation.intervals import Interval, cluster_bootstrap_min_dcf, eer_interval, enrollment_speakers
+from mfcon.evaluation.metrics import equal_error_rate, min_dcf
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, SCORE_NORMS, TrialScorer, speaker_cohort
 
 NAMED_LISTS = ("dev", "test")
 CENTERS = ("split", "model")
 P_TARGETS = (0.01, 0.05)
-SCORE_FORMULA = ("score = cos(e - m, t - m) with m = mfcon.score_mean (the L2-normalised embeddings e, t minus the "
-                 "mean, each re-normalised); with mfcon.score_norm = asnorm: 0.5 * ((score - mu_e) / sd_e + "
-                 "(score - mu_t) / sd_t), mu/sd = mean/std of the mfcon.score_top_n highest cos(x - m, c - m) "
-                 "over the rows c of mfcon.score_cohort (std floored at 1e-6)")
 
 
 class ScoreError(ValueError):
@@ -238,54 +237,6 @@ def load_scoring_model(model: str, tracking_uri: str, tags: dict[str, str] | Non
     return ScoringModel(model, embed, None)
 
 
-# ---------------------------------------------------------------- intervals
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
-
-
-def enrollment_speakers(trials: Sequence[TrialPair]) -> np.ndarray:
-    """The resampling unit of every trial: its enrollment utterance's speaker (``<speaker>/...``)."""
-    return np.array([t.enroll.split("/", 1)[0] for t in trials])
-
-
-def cluster_bootstrap_min_dcf(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, p_target: float,
-                              n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """minDCF at ``p_target`` with a percentile interval over resampled groups (resamples lacking a class
-    are drawn again)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    estimate = float(min_dcf(scores, labels, p_target=p_target)[0])
-    _, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-    rng = np.random.default_rng(seed)
-    values: list[float] = []
-    draws = 0
-    while len(values) < n_boot:
-        if draws > 20 * n_boot:
-            raise ScoreError("too few bootstrap resamples contain both targets and non-targets: "
-                             "the list needs more enrollment speakers")
-        draws += 1
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
-        lab = labels[idx]
-        if lab.min() == lab.max():
-            continue
-        values.append(float(min_dcf(scores[idx], lab, p_target=p_target)[0]))
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
-    return Interval(estimate, float(low), float(high))
-
-
-def eer_interval(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int = 1000,
-                 confidence: float = 0.95, seed: int = 0) -> Interval:
-    """EER (%) with its cluster-bootstrap interval: the paired bootstrap against a perfect scorer (EER 0 on
-    every resample), as promotion computes it."""
-    r = bootstrap_eer_difference(scores, labels.astype(np.float64), labels, groups, n_boot, confidence, seed)
-    return Interval(100.0 * float(equal_error_rate(scores, labels)[0]), 100.0 * r.low, 100.0 * r.high)
-
-
 # ---------------------------------------------------------------- scoring
 
 @dataclass
@@ -432,70 +383,6 @@ def format_results(results: list[ListResult]) -> str:
                     f"[{r.eer.low:5.2f}, {r.eer.high:5.2f}]  {d1.estimate:9.4f} [{d1.low:.3f}, {d1.high:.3f}]  "
                     f"{d5.estimate:9.4f} [{d5.low:.3f}, {d5.high:.3f}]")
     return "\n".join(rows)
-
-
-# ---------------------------------------------------------------- exported embeddings (mfcon embed)
-
-def scoring_metadata(tags: dict[str, str], cohort: np.ndarray | None) -> dict[str, str]:
-    """Parquet metadata that makes exported embeddings score exactly as ``mfcon verify`` does with that version:
-    ``mfcon.score_mean`` (JSON floats), ``mfcon.score_norm``, ``mfcon.score_top_n``, ``mfcon.score_cohort``
-    (JSON rows, AS-norm only), ``mfcon.eer_threshold``, and the formula in words."""
-    meta = {"mfcon.score_formula": SCORE_FORMULA,
-            "mfcon.score_norm": "asnorm" if cohort is not None else "mean"}
-    if "score_mean" in tags:
-        meta["mfcon.score_mean"] = tags["score_mean"]
-    if "eer_threshold" in tags:
-        meta["mfcon.eer_threshold"] = tags["eer_threshold"]
-    if cohort is not None:
-        meta["mfcon.score_top_n"] = str(int(tags.get("score_top_n", DEFAULT_TOP_N)))
-        meta["mfcon.score_cohort"] = json.dumps(np.asarray(cohort, dtype=np.float32).tolist())
-    return meta
-
-
-def add_parquet_metadata(path: str | Path, extra: dict[str, str]) -> None:
-    """Rewrite a Parquet file with ``extra`` added to its schema metadata (atomically)."""
-    import pyarrow.parquet as pq
-
-    from mfcon.files import atomic_path
-
-    table = pq.read_table(path)
-    meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in extra.items()}}
-    with atomic_path(Path(path)) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-
-
-@dataclass
-class Embeddings:
-    utt_ids: list[str]
-    vectors: np.ndarray  # (N, E) float32, L2-normalised
-    scorer: TrialScorer
-    threshold: float | None
-
-
-def read_embeddings(path: str | Path) -> Embeddings:
-    """An ``mfcon embed`` file and its scoring recipe; :func:`score_pairs` then scores as ``mfcon verify``."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    mean = np.asarray(json.loads(meta["mfcon.score_mean"]), dtype=np.float32) if "mfcon.score_mean" in meta else None
-    cohort = (np.asarray(json.loads(meta["mfcon.score_cohort"]), dtype=np.float32)
-              if meta.get("mfcon.score_norm") == "asnorm" else None)
-    scorer = TrialScorer(mean, cohort, int(meta.get("mfcon.score_top_n", DEFAULT_TOP_N)))
-    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    threshold = float(meta["mfcon.eer_threshold"]) if "mfcon.eer_threshold" in meta else None
-    return Embeddings(table.column("utt_id").to_pylist(), vectors, scorer, threshold)
-
-
-def score_pairs(emb: Embeddings, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    """Scores of (enroll utt_id, test utt_id) pairs from exported embeddings."""
-    index = {u: i for i, u in enumerate(emb.utt_ids)}
-    missing = [u for pair in pairs for u in pair if u not in index]
-    if missing:
-        raise ScoreError(f"{len(missing)} utterances have no embedding, e.g. {missing[:3]}")
-    a = emb.vectors[[index[x] for x, _ in pairs]]
-    b = emb.vectors[[index[y] for _, y in pairs]]
-    return emb.scorer.score(a, b)
 
 
 __all__ = ["CENTERS", "NAMED_LISTS", "Embeddings", "Interval", "ListResult", "ScoreError", "ScoringModel",

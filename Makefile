@@ -4,8 +4,8 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Every third-party package at an exact version and hash (extras test + server included): CI and every cluster
-# node install this file, so CI tests exactly what the cluster runs. `make lock` regenerates it from pyproject.toml.
+# Every third-party package at an exact version and hash (extras server, dashboard and test included): CI and
+# every cluster node install this file, so CI tests exactly what the cluster runs. `make lock` regenerates it from pyproject.toml.
 LOCK := requirements.lock
 UV_VERSION := 0.13.10
 
@@ -23,7 +23,7 @@ $(STAMP): $(LOCK) pyproject.toml
 # The lock for Linux x86_64, Python 3.11 (the cluster image's and CI's), from PyPI; uv lives in its own venv.
 lock:
 	test -x .lock-venv/bin/uv || ($(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q uv==$(UV_VERSION))
-	.lock-venv/bin/uv pip compile pyproject.toml --extra server --extra test --generate-hashes \
+	.lock-venv/bin/uv pip compile pyproject.toml --extra server --extra dashboard --extra test --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
 		--custom-compile-command "make lock" -o $(LOCK)
 

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from mfcon import __version__
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+OPTUNA_STORAGE_ENV = "MFCON_OPTUNA_STORAGE"  # == mfcon.study.optuna_storage.OPTUNA_STORAGE_ENV (no Optuna to parse)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*):(?P<password>[^\s/@]*)@")
 # scheme -> (user variable or None to keep the user in the URI, password variable)
 _CREDENTIAL_ENV = {"http": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
@@ -116,6 +117,8 @@ def credentials_out_of_uris(args: argparse.Namespace) -> Iterator[None]:
         if env:
             moved[TRACKING_URI_ENV] = clean
             moved.update({k: v for k, v in env.items() if k not in moved})
+    if getattr(args, "optuna_storage", None) or os.environ.get(OPTUNA_STORAGE_ENV):
+        _move_optuna_credentials(args, moved)
     saved = {name: os.environ.get(name) for name in moved}
     os.environ.update(moved)
     try:
@@ -126,6 +129,25 @@ def credentials_out_of_uris(args: argparse.Namespace) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _move_optuna_credentials(args: argparse.Namespace, moved: dict[str, str]) -> None:
+    """``--optuna-storage`` / ``$MFCON_OPTUNA_STORAGE`` without a password (it would be pickled into Tune's searcher
+    state and written to study.json); PostgreSQL reads it from ``PGPASSWORD``, one for both stores."""
+    url = getattr(args, "optuna_storage", None) or os.environ[OPTUNA_STORAGE_ENV]
+    clean, env = split_credentials(url)
+    for name, value in env.items():
+        if moved.get(name, value) != value:
+            print(error_text(f"the tracking URI and the Optuna storage carry different passwords; both are given to "
+                             f"PostgreSQL as ${name}: use one login for both, or put it in ${name} yourself"),
+                  file=sys.stderr)
+            raise SystemExit(2)
+    if env:
+        if getattr(args, "optuna_storage", None):
+            args.optuna_storage = clean
+        else:
+            moved[OPTUNA_STORAGE_ENV] = clean
+        moved.update(env)
 
 
 def _message(e: BaseException) -> str:

@@ -20,6 +20,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget.num_samples)")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="database for the study's Optuna (TPE) trials, what optuna-dashboard opens (default: "
+                        "$MFCON_OPTUNA_STORAGE, else sqlite <workdir>/optuna.db; with an object-store --workdir, "
+                        "a file on this machine); teams: postgresql://user@host:5432/optuna")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p.set_defaults(func=_study)
 
@@ -61,7 +65,7 @@ def _study(args: argparse.Namespace) -> None:
 
     summary = run_study(args.space, args.data, workdir=args.workdir, num_samples=args.num_samples,
                         address=args.address, tracking_uri=args.tracking_uri, resume=args.resume,
-                        study_name=args.name)
+                        study_name=args.name, optuna_storage=args.optuna_storage)
     print_summary(summary)
 
 
@@ -76,7 +80,8 @@ def _replicate(args: argparse.Namespace) -> None:
 
 
 def print_summary(summary: StudySummary) -> None:
-    """A finished study for the terminal: trial states, the best trial and its parameters, where MLflow is."""
+    """A finished study for the terminal: trial states, the best trial and its parameters, where MLflow and the
+    Optuna study are."""
     states = ", ".join(f"{n} {state}" for state, n in sorted(summary.states.items()))
     print(f"\nstudy {summary.study}: {summary.num_trials} trials ({states})")
     if summary.best_trial is not None and summary.best_metric is not None:
@@ -93,6 +98,9 @@ def print_summary(summary: StudySummary) -> None:
         print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {uri}")
     else:
         print(f"\ntrials are in MLflow at {uri}")
+    optuna = getattr(summary, "optuna_storage", None)
+    if optuna:
+        print(f"next: TPE's view of the trials (states, params, history):  optuna-dashboard {mask_uri(optuna)}")
 
 
 def _report(args: argparse.Namespace) -> None:

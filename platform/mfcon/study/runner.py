@@ -24,6 +24,7 @@ from mfcon.data.shards import (
     verify_shards,
 )
 from mfcon.study.callbacks import MLflowStudyCallback
+from mfcon.study.optuna_storage import study_storage
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.search import StudySearch
 from mfcon.evaluation.noise_floor import compare_with_baseline
@@ -60,6 +61,7 @@ class StudySummary:
     best_params: dict[str, Any]
     metric: str
     baseline: dict[str, Any] | None = None  # the baseline comparison: values, noise floor, verdict and its line
+    optuna_storage: str | None = None  # the database holding the study's Optuna study (None: a study from before)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -142,11 +144,12 @@ def make_trainable(space: SearchSpace, runtime: StudyRuntime):
 
 
 def make_tuner(space: SearchSpace, runtime: StudyRuntime, paths: dict[str, str], tracking_uri: str,
-               workdir: str, num_samples: int) -> tune.Tuner:
-    """``num_samples`` searched trials, plus the space's baseline trials (run first)."""
+               workdir: str, num_samples: int, optuna_storage=None) -> tune.Tuner:
+    """``num_samples`` searched trials, plus the space's baseline trials (run first); ``optuna_storage``: the
+    ``RDBStorage`` that holds TPE's trials (None: in memory, in Tune's searcher checkpoint)."""
     budget = space.budget
     # A space with nothing to search (the baseline) runs its fixed config num_samples times.
-    search = study_search(space, budget.seed) if space.params else None
+    search = study_search(space, budget.seed, storage=optuna_storage) if space.params else None
     scheduler = study_scheduler(space)
     stop = {"time_total_s": budget.trial_time_budget_s} if budget.trial_time_budget_s else None
     return tune.Tuner(
@@ -186,11 +189,13 @@ def baseline_seeds(space: SearchSpace) -> tuple[int, ...]:
     return tuple(base + i for i in range(space.baseline_trials()))
 
 
-def study_search(space: SearchSpace, seed: int, with_baseline: bool = True) -> StudySearch:
+def study_search(space: SearchSpace, seed: int, with_baseline: bool = True, storage=None) -> StudySearch:
     """The study's searcher: the baseline trials first, then TPE over the space (ASHA-stopped trials told to
-    Optuna as pruned). ``with_baseline=False``: the search alone (benchmarks of the searcher)."""
+    Optuna as pruned), its Optuna study named after the study, in ``storage`` (an ``RDBStorage``) when given.
+    ``with_baseline=False``: the search alone (benchmarks of the searcher)."""
     seeds = baseline_seeds(space) if with_baseline else ()
     return StudySearch(space=DefineByRun(space), metric=space.metric, mode="min", sampler=tpe_sampler(seed),
+                       study_name=space.name, storage=storage,
                        max_epochs=space.base_config().epochs, baseline_seeds=seeds,
                        baseline=baseline_sample(space) if seeds else None)
 
@@ -217,8 +222,10 @@ def study_scheduler(space: SearchSpace) -> ASHAScheduler:
 
 def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdir: str | Path = "runs",
               num_samples: int | None = None, address: str | None = None, tracking_uri: str | None = None,
-              resume: bool = False, study_name: str | None = None) -> StudySummary:
-    """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended."""
+              resume: bool = False, study_name: str | None = None,
+              optuna_storage: str | None = None) -> StudySummary:
+    """Start (or with ``resume`` continue) a study; returns its summary once every trial has ended.
+    ``optuna_storage``: the database URL for its Optuna study (:mod:`mfcon.study.optuna_storage`)."""
     if study_name is not None:  # before it names any file: --name, and the study a resume reads
         check_study_name(study_name, "--name")
     workdir = storage.normalize(workdir)
@@ -231,8 +238,9 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         space = space.model_copy(update={"name": study_name})
     check_study_name(space.name, f"{storage.describe(space_path)}: name")
     paths = study_paths(workdir, space.name)
-    if resume and tracking_uri is None and storage.exists(paths["info"]):
-        tracking_uri = read_study_info(workdir, space.name).get("tracking_uri")  # the store its trials are in
+    info = read_study_info(workdir, space.name) if resume and storage.exists(paths["info"]) else {}
+    if resume and tracking_uri is None:
+        tracking_uri = info.get("tracking_uri")  # the store its trials are in
     uri = study_tracking_uri(tracking_uri, workdir)
     verify_shards(data_dir)
     runtime = build_runtime(space, data_dir, paths["train"])  # input errors surface before anything is written
@@ -243,10 +251,12 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
         raise StudyError(f"study {space.name!r} already exists in {paths['root']}; "
                          f"continue it with --resume or choose another --name")
     check_tracking_uri(uri)  # after every input check (an SQLite store is created here), before any training
+    optuna_url, optuna_rdb = study_storage(optuna_storage, workdir, space.name, bool(space.params), info, can_restore)
     storage.makedirs(paths["root"])
     if not can_restore:
         storage.write_bytes(paths["space"], space_bytes)
-        storage.write_text(paths["info"], json.dumps({"space": paths["space"], "data": data_dir, "tracking_uri": uri}))
+        storage.write_text(paths["info"], json.dumps({"space": paths["space"], "data": data_dir, "tracking_uri": uri,
+                                                      "optuna_storage": optuna_url}))
     # A failure from here on marks the study run FAILED (KILLED on Ctrl-C) without hiding the error; the end
     # waits a bounded time for the tracking spool to drain and says how to replay what is left (mfcon sync).
     with StudyTracker(uri, space.name, workdir) as tracker:
@@ -263,9 +273,11 @@ def run_study(space_path: str | Path | None, data_dir: str | Path | None, workdi
             tuner = tune.Tuner.restore(paths["experiment"], trainable=make_trainable(space, runtime),
                                        resume_unfinished=True, resume_errored=True)
         else:
-            tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples)
+            tuner = make_tuner(space, runtime, paths, uri, workdir, num_samples or space.budget.num_samples,
+                               optuna_rdb)
         grid = tuner.fit()
         summary = summarize(grid, space, uri, paths["experiment"])
+        summary.optuna_storage = optuna_url
         if summary.best_trial is not None and summary.best_metric is not None:
             tracker.log_best(summary.best_trial, summary.best_metric, space.metric, mode="min")
         _log_baseline(tracker, summary)

@@ -18,12 +18,18 @@ It also runs the study's baseline: the first trials it suggests are the lambda =
 configuration of the base config, one per baseline seed. The first is told to
 Optuna when the space can express it (so TPE learns from it); the other seeds
 only measure the noise floor and stay out of TPE.
+
+Given a storage (:mod:`mfcon.study.optuna_storage`), each Optuna trial carries its
+Tune trial id (user attribute ``trial_id``, the MLflow run's ``mfcon.trial_id``), and a
+restore fails the trials asked after the checkpoint it restores: Tune does not know
+them and asks for their replacements, so they would otherwise stay RUNNING for ever.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -47,18 +53,39 @@ class StudySearch(OptunaSearch):
         self._baseline_queue = list(self._baseline_seeds)  # saved with the searcher: a resume continues it
         self._baseline = baseline
         self._best: dict[str, float] = {}  # trial -> best value so far (what a COMPLETE trial is told)
+        if self._ot_study is not None and self._storage is not None and self.metric:
+            with warnings.catch_warnings():  # set_metric_names is experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self.metric])  # the dashboard's axis label
 
     def suggest(self, trial_id: str) -> dict | None:
         if not self._baseline_queue:
-            return super().suggest(trial_id)
+            return self._label(trial_id, super().suggest(trial_id))
         sample, expressed = self._baseline
         seed = self._baseline_queue.pop(0)
         if seed == self._baseline_seeds[0] and expressed:  # Optuna's own trial with these values, so TPE learns from the baseline
             self._ot_study.enqueue_trial(sample)
-            config = super().suggest(trial_id) or {}
+            config = self._label(trial_id, super().suggest(trial_id)) or {}
         else:
             config = dict(sample)
         return {**config, BASELINE_KEY: True, SEED_KEY: seed}
+
+    def _label(self, trial_id: str, config: dict | None) -> dict | None:
+        """Name the Optuna trial after its Tune trial (a stored study is read by people, beside MLflow)."""
+        if self._storage is not None and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
+        return config
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self._storage is None or self._ot_study is None:
+            return
+        known = {t._trial_id for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for orphan in (t for t in running if t._trial_id not in known):
+            self._ot_study._storage.set_trial_user_attr(orphan._trial_id, "mfcon.orphaned",
+                                                        "asked after the checkpoint a resume restored")
+            self._ot_study._storage.set_trial_state_values(orphan._trial_id, optuna.trial.TrialState.FAIL)
 
     def _value(self, result: dict | None) -> float | None:
         value = (result or {}).get(self.metric)

@@ -1,7 +1,8 @@
 """An in-memory ``optuna.Study`` rebuilt from a study's MLflow runs, for its figures and report.
 
-Ray Tune drives the search, so no Optuna storage exists to read back; the study
-is rebuilt from what MLflow holds (docs/ARCHITECTURE.md, "Study outputs"): each
+The study's own Optuna storage (:mod:`mfcon.study.optuna_storage`) may sit on a driver's
+disk that the reader of a tracking server never sees, and studies from before it have
+none; so the figures and report read MLflow alone (docs/ARCHITECTURE.md, "Study outputs"): each
 run's best ``eer`` is the trial value, per-epoch ``eer`` the intermediate values,
 ``mfcon.trial_state`` the state. Distributions come from the study's own search
 space where every logged value fits it, and are inferred from the values otherwise.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -43,11 +44,11 @@ def pair_list(path: Path, speakers: tuple[str, str]) -> Path:
     return path
 
 
-def write_tiny_corpus(base: Path, seed: int = 0) -> tuple[Path, Path, Path]:
+def write_tiny_corpus(base: Path, seed: int = 0, n_speakers: int = N_SPEAKERS) -> tuple[Path, Path, Path]:
     """6 speakers x 4 utterances (1-2 s tone + noise, 16 kHz); test list over the last 2 speakers, dev over 2 more."""
     rng = np.random.default_rng(seed)
     root = base / "wav"
-    for s in range(N_SPEAKERS):
+    for s in range(n_speakers):
         for u in range(UTTS_PER_SPEAKER):
             path = root / f"id{s:05d}" / f"vid{u % 2}" / f"{u:05d}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,4 +287,62 @@ def test_dev_list_sharing_test_speakers_is_refused(corpus, tmp_path):
     overlapping = pair_list(tmp_path / "dev.txt", ("id00003", "id00004"))
     with pytest.raises(SplitError, match=f"{overlapping} and {corpus[1]} share 1 speakers, e.g. id00004"):
         prepare(corpus, tmp_path / "data", dev_trials=overlapping)
+    assert not (tmp_path / "data").exists()
+
+
+def test_named_test_lists_are_each_kept_checksummed_and_all_held_out(tmp_path):
+    """VoxCeleb1-O and -E side by side: both lists beside the manifest, the test split holds both lists' speakers
+    (they may share some), and none of them trains or sits in dev."""
+    from mfcon.data.local import read_eval_set, read_test_sets
+
+    root, o_list, dev_list = write_tiny_corpus(tmp_path, n_speakers=8)  # O: id4, id5; dev: id2, id3
+    e_list = pair_list(tmp_path / "e.txt", ("id00005", "id00006"))
+    m = prepare_dataset(root, {"O": o_list, "E": e_list}, tmp_path / "data", dev_trials=dev_list,
+                        rows_per_shard=ROWS_PER_SHARD, num_workers=0, progress=False)
+    assert m.trials == {"dev": "trials-dev.txt", "O": "trials-test-O.txt", "E": "trials-test-E.txt"}
+    assert m.test_lists() == ["O", "E"] and m.default_test_list() == "O"
+    for name, file in m.trials.items():
+        assert m.trials_sha256[name] == file_sha256(tmp_path / "data" / file)
+    assert read_trials(tmp_path / "data" / "trials-test-E.txt") == read_trials(e_list, root=root)
+    test = load_split(tmp_path / "data", "test")
+    assert sorted(set(test.speakers)) == ["id00004", "id00005", "id00006"]
+    assert sorted(m.speakers) == ["id00000", "id00001", "id00007"]
+    decide, sets = read_test_sets(tmp_path / "data", decide_on="E")
+    assert decide == "E" and list(sets) == ["E", "O"] and sets["O"].features is sets["E"].features
+    assert sets["O"].trials == read_trials(o_list, root=root)
+    with pytest.raises(ValueError, match="--decide-on H: .* has no test list of that name .*O, E"):
+        read_test_sets(tmp_path / "data", decide_on="H")
+    (tmp_path / "data" / "trials-test-E.txt").write_text("0 id00005/vid0/00000.wav id00006/vid1/00001.wav\n")
+    with pytest.raises(ManifestError, match="trials-test-E.txt: changed since prepare"):
+        read_eval_set(tmp_path / "data", "test", list_name="E")
+
+
+def test_a_single_test_list_keeps_its_old_name_and_file(corpus, pooled):
+    out, manifest = pooled
+    assert manifest.trials == {"dev": "trials-dev.txt", "test": "trials-test.txt"}
+    assert manifest.test_lists() == ["test"] and manifest.default_test_list() == "test"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--test-trials", "=x.txt"], r"argument --test-trials.*'=x\.txt': test list name ''"),
+    (["--test-trials", "O="], r"argument --test-trials.*'O=': NAME=PATH with no PATH"),
+    (["--test-trials", "dev=t.txt"], r"argument --test-trials.*'dev' is a split name"),
+    (["--test-trials", "O=t.txt", "--test-trials", "O=e.txt"], r"--test-trials: the name 'O' is given twice"),
+    (["--test-trials", "t.txt", "--test-trials", "test=e.txt"], r"--test-trials: the name 'test' is given twice"),
+    (["--test-trials", "O=t.txt", "--test-trials", "E=missing.txt"], r"missing\.txt: no such file .*--test-trials"),
+])
+def test_test_list_flags_are_one_line_errors_naming_the_flag(corpus, tmp_path, flags, message, capsys):
+    from mfcon.cli import main
+
+    shutil.copy(corpus[1], tmp_path / "t.txt")
+    shutil.copy(corpus[1], tmp_path / "e.txt")
+    flags = [f.replace("t.txt", str(tmp_path / "t.txt")).replace("e.txt", str(tmp_path / "e.txt"))
+             .replace("missing.txt", str(tmp_path / "missing.txt")) for f in flags]
+    try:
+        code = main(["prepare", "--corpus", str(corpus[0]), *flags, "--dev-trials", str(corpus[2]),
+                     "--out", str(tmp_path / "data")])
+    except SystemExit as e:  # argparse's own errors (the flag's type)
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "data").exists()

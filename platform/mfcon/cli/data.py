@@ -26,9 +26,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prepare", help="audio -> 80-dim fbank -> Parquet shards + manifest.json")
     p.add_argument("--corpus", required=True, help="VoxCeleb-layout root <speaker>/<video>/<utt>.wav")
-    p.add_argument("--test-trials", "--trials", dest="test_trials", required=True,
-                   help="held-out test trial list (e.g. VoxCeleb1-O), <0|1> <enroll> <test> per line; "
-                        "read only by replication, promotion and reports")
+    p.add_argument("--test-trials", "--trials", dest="test_trials", required=True, action="append",
+                   type=test_list_spec, metavar="[NAME=]PATH",
+                   help="held-out test trial list, <0|1> <enroll> <test> per line; read only by replication, "
+                        "promotion and reports. Repeat with names for several lists side by side "
+                        "(--test-trials O=veri_test2.txt --test-trials E=list_test_all2.txt); a bare PATH is "
+                        "the list named 'test'. The speakers of every list are held out of train and dev")
     dev = p.add_mutually_exclusive_group(required=True)
     dev.add_argument("--dev-trials", help="dev trial list (what studies select on), speakers disjoint from test")
     dev.add_argument("--dev-speakers", type=positive_int,
@@ -130,9 +133,38 @@ def _make_corpus(args: argparse.Namespace) -> None:
           f"--out {Path(args.out) / 'shards'}")
 
 
+def test_list_spec(text: str) -> tuple[str, str]:
+    """argparse type of ``--test-trials``: ``NAME=PATH`` -> (NAME, PATH); a bare PATH -> ("test", PATH).
+
+    Text before the first ``=`` with no path separator in it is a name and must be a valid one
+    (``a/b=c.txt`` is a path)."""
+    from mfcon.data.shards import TEST_LIST, check_list_name
+
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name or "\\" in name:
+        return TEST_LIST, text
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME=PATH with no PATH after '='")
+    try:
+        return check_list_name(name), path
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def test_lists_of(args: argparse.Namespace) -> dict[str, str]:
+    """--test-trials given once or more -> {name: path}; a name given twice is an error naming it."""
+    lists: dict[str, str] = {}
+    for name, path in args.test_trials:
+        if name in lists:
+            raise CorpusOptionError(f"--test-trials: the name {name!r} is given twice ({lists[name]} and {path}); "
+                                    "name each list once (NAME=PATH; a bare PATH is named 'test')")
+        lists[name] = path
+    return lists
+
+
 def _check_prepare_options(args: argparse.Namespace) -> None:
-    for flag, value in (("--corpus", args.corpus), ("--test-trials", args.test_trials),
-                        ("--dev-trials", args.dev_trials)):
+    test_paths = [("--test-trials", path) for path in test_lists_of(args).values()]
+    for flag, value in (("--corpus", args.corpus), *test_paths, ("--dev-trials", args.dev_trials)):
         if value is None or "://" in str(value):
             continue
         if not Path(value).exists():
@@ -150,7 +182,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from mfcon.train.local import progress_enabled
 
     kept: list[tuple[str, int, int, int]] = []
-    manifest = prepare_dataset(args.corpus, args.test_trials, args.out, dev_trials=args.dev_trials,
+    manifest = prepare_dataset(args.corpus, test_lists_of(args), args.out, dev_trials=args.dev_trials,
                                dev_speakers=args.dev_speakers, dev_trials_per_utt=args.dev_trials_per_utt,
                                rows_per_shard=args.rows_per_shard, num_workers=args.workers, seed=args.seed,
                                augment=augment, feature_dtype=args.feature_dtype, overwrite=args.overwrite,

@@ -13,28 +13,54 @@ from mfcon.data.shards import (
     EVAL_SPLITS,
     check_shard_schemas,
     features_from_column,
+    list_split,
     load_split,
     read_manifest,
     read_shard_table,
     shard_paths,
-    trials_path,
+    verified_trials_path,
 )
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, SCORE_NORMS
 from mfcon.evaluation.scoring import CohortSet, EvalSet
 
 
-def read_eval_set(data_dir: str | Path, split: str, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> EvalSet:
-    """The ``dev`` or ``test`` split and its trial list, as stored beside the manifest; ``score_norm="asnorm"``
-    attaches the AS-norm cohort (:func:`read_cohort`), so every scorer of this set normalises alike."""
+def read_eval_set(data_dir: str | Path, split: str, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N,
+                  list_name: str | None = None) -> EvalSet:
+    """The ``dev`` or ``test`` split and one of its trial lists (``list_name``, default: the list named like the
+    split), as stored beside the manifest and checked against its sha256; ``score_norm="asnorm"`` attaches the
+    AS-norm cohort (:func:`read_cohort`), so every scorer of this set normalises alike."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"no trial list for split {split!r}; evaluation splits are {EVAL_SPLITS}")
     if score_norm not in SCORE_NORMS:
         raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
     manifest = read_manifest(data_dir)
+    name = list_name or split
+    if list_split(name) != split:
+        raise ValueError(f"trial list {name!r} is not a list of the {split} split")
     arrays = load_split(data_dir, split, manifest)
     return EvalSet(utt_ids=list(arrays.utt_ids), features=list(arrays.features),
-                   trials=read_trials(trials_path(data_dir, split, manifest)),
+                   trials=read_trials(verified_trials_path(data_dir, name, manifest)),
                    cohort=read_cohort(data_dir) if score_norm == "asnorm" else None, top_n=top_n)
+
+
+def read_test_sets(data_dir: str | Path, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N,
+                   decide_on: str | None = None) -> tuple[str, dict[str, EvalSet]]:
+    """(the list to decide on, {name: EvalSet} of every named test list, that one first). The sets share one
+    reading of the test split's features and of the cohort; ``decide_on`` defaults to
+    :meth:`Manifest.default_test_list` and an unknown name is a ValueError listing the names."""
+    manifest = read_manifest(data_dir)
+    names = manifest.test_lists()
+    decide_on = decide_on or manifest.default_test_list()
+    if decide_on not in names:
+        raise ValueError(f"--decide-on {decide_on}: {data_dir} has no test list of that name "
+                         f"(its test lists: {', '.join(names)})")
+    first = read_eval_set(data_dir, "test", score_norm, top_n, list_name=decide_on)
+    sets = {decide_on: first}
+    for name in names:
+        if name != decide_on:
+            trials = read_trials(verified_trials_path(data_dir, name, manifest))
+            sets[name] = EvalSet(first.utt_ids, first.features, trials, first.cohort, first.top_n)
+    return decide_on, sets
 
 
 def read_cohort(data_dir: str | Path, utts_per_speaker: int = 3, max_speakers: int | None = None,

@@ -1,6 +1,6 @@
 """What goes where: speakers to train/dev/test (the dev/test protocol), utterances to shards.
 
-Test is what a test trial list names (e.g. VoxCeleb1-O); dev is a given dev list
+Test is what the test trial lists name (e.g. VoxCeleb1-O, -E and -H); dev is a given dev list
 or ``n`` seeded training speakers held out with a generated list; train is every
 other speaker. The three are speaker-disjoint, so a search never sees the
 speakers a verdict is judged on, nor trains on those it selects with.
@@ -58,21 +58,29 @@ def hold_out_dev(utterances: list[Utterance], exclude: set[str], n_speakers: int
 
 def split_corpus(utterances: list[Utterance], lists: dict[str, tuple[list[TrialPair], str | Path]]
                  ) -> dict[str, list[Utterance]]:
-    """{split: utterances}: dev/test = what their trial lists name, train = the speakers neither names.
+    """{split: utterances}: dev = what the dev list names, test = what any test list names, train = the rest.
 
-    ``lists`` maps ``dev`` and ``test`` to (trials, where they came from, for messages).
+    ``lists`` maps ``dev`` and each named test list (``test``, or ``O``, ``E``, ...) to (trials, where they came
+    from, for messages). Test lists may share speakers (VoxCeleb1-E contains -O); none may share one with dev.
     """
     by_id = {u.utt_id: u for u in utterances}
-    splits = {name: _named(trials, by_id, source) for name, (trials, source) in lists.items()}
-    speakers = {name: {u.speaker for u in utts} for name, utts in splits.items()}
-    shared = speakers["dev"] & speakers["test"]
-    if shared:
-        raise SplitError(f"{lists['dev'][1]} and {lists['test'][1]} share {len(shared)} speakers, e.g. "
-                         f"{min(shared)}: dev and test speakers must be disjoint")
-    held_out = speakers["dev"] | speakers["test"]
+    named = {name: _named(trials, by_id, source) for name, (trials, source) in lists.items()}
+    dev_speakers = {u.speaker for u in named["dev"]}
+    test: dict[str, Utterance] = {}
+    for name, utts in named.items():
+        if name == "dev":
+            continue
+        shared = dev_speakers & {u.speaker for u in utts}
+        if shared:
+            raise SplitError(f"{lists['dev'][1]} and {lists[name][1]} share {len(shared)} speakers, e.g. "
+                             f"{min(shared)}: dev and test speakers must be disjoint")
+        test.update((u.utt_id, u) for u in utts)
+    splits = {"dev": named["dev"], "test": sorted(test.values(), key=lambda u: u.utt_id)}
+    held_out = dev_speakers | {u.speaker for u in splits["test"]}
     splits["train"] = [u for u in utterances if u.speaker not in held_out]
     if len({u.speaker for u in splits["train"]}) < 2:
-        raise SplitError(f"{lists['test'][1]}: the dev and test lists leave fewer than 2 training speakers")
+        sources = ", ".join(str(source) for name, (_, source) in lists.items() if name != "dev")
+        raise SplitError(f"{sources}: the dev and test lists leave fewer than 2 training speakers")
     return splits
 
 

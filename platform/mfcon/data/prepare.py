@@ -43,6 +43,7 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
@@ -58,7 +59,8 @@ from mfcon.data.corpus.voxceleb import (
 from mfcon.data.plan import ShardTask, SplitError, hold_out_dev, plan_shards, split_corpus
 from mfcon.data.shard_build import PLAN_KEY, PrepareError, run_shard_tasks, sidecar_path  # noqa: F401 (PrepareError: raised from here)
 from mfcon.data.shards import (
-    EVAL_SPLITS,
+    TEST_LIST,
+    check_list_name,
     FEATURE_DTYPES,
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -75,7 +77,7 @@ from mfcon.data.shards import (
 )
 
 DEFAULT_FEATURES = FeatureConfig()
-_OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials-(dev|test)\.txt)"
+_OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials-(dev|test|test-[A-Za-z0-9_-]+)\.txt)"
                        r"(\.tmp-\d+)?$")
 
 
@@ -153,13 +155,28 @@ def _finished(out: str, task: ShardTask) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- the entry point
 
-def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: str | Path, *,
+def named_test_lists(test_trials: str | Path | Mapping[str, str | Path]) -> dict[str, str | Path]:
+    """{name: trial list}: one list is named ``test``; names are checked (:func:`check_list_name`)."""
+    if isinstance(test_trials, (str, Path)):
+        return {TEST_LIST: test_trials}
+    if not test_trials:
+        raise SplitError("no test trial list given (--test-trials PATH or NAME=PATH)")
+    return {check_list_name(str(name)): path for name, path in test_trials.items()}
+
+
+def prepare_dataset(corpus_root: str | Path, test_trials: str | Path | Mapping[str, str | Path],
+                    out_dir: str | Path, *,
                     dev_trials: str | Path | None = None, dev_speakers: int | None = None, dev_trials_per_utt: int = 3,
                     feature_cfg: FeatureConfig = DEFAULT_FEATURES, rows_per_shard: int = 256, num_workers: int = 2,
                     seed: int = 0, progress: bool = True, overwrite: bool = False,
                     augment: AugmentConfig | None = None, feature_dtype: str = "float32",
                     trial_report: Callable[[str, int, int, int], None] | None = None) -> Manifest:
     """Prepare train/dev/test shards for ``corpus_root`` in ``out_dir``; return the manifest.
+
+    ``test_trials`` is one test list (named ``test``) or several named ones, ``{"O": ..., "E": ..., "H": ...}``
+    (VoxCeleb1-O/E/H side by side): the test split holds the utterances of all of them, and the speakers of
+    every one are held out of train and dev. Each is written as its own normalised list, checksummed in the
+    manifest (:func:`mfcon.data.shards.trials_name`).
 
     The dev set is ``dev_trials`` (a trial list over speakers disjoint from the
     test list's) or ``dev_speakers`` training speakers held out with a generated
@@ -175,7 +192,7 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     an ``out_dir`` prepared with the other dtype is refused unless
     ``overwrite`` (then every shard is rebuilt).
 
-    ``trial_report(split, kept, listed, skipped_files)`` is called for the dev and test lists: trials kept in the
+    ``trial_report(name, kept, listed, skipped_files)`` is called for the dev and each test list: trials kept in the
     normalised list, trials listed, and how many skipped (unreadable) files the dropped trials name.
 
     ``augment`` adds augmented copies and speed-perturbed speakers to the train
@@ -196,15 +213,17 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
     augmentation = Augmentation.build(augment) if augment is not None and augment.active else None
     root, out = Path(corpus_root).resolve(), storage.normalize(out_dir)
     utterances = list_utterances(root)
-    test = read_trials(test_trials, root=root)
+    sources = named_test_lists(test_trials)
+    tests = {name: read_trials(path, root=root) for name, path in sources.items()}
     if dev_trials is not None:
         dev, dev_source = read_trials(dev_trials, root=root), str(dev_trials)
     else:
-        named = {u for t in test for u in (t.enroll, t.test)}
+        named = {u for trials in tests.values() for t in trials for u in (t.enroll, t.test)}
         test_speakers = {u.speaker for u in utterances if u.utt_id in named}
         dev = hold_out_dev(utterances, test_speakers, dev_speakers, dev_trials_per_utt, seed)
         dev_source = f"dev_speakers={dev_speakers}"
-    splits = split_corpus(utterances, {"dev": (dev, dev_source), "test": (test, test_trials)})
+    splits = split_corpus(utterances, {"dev": (dev, dev_source),
+                                       **{name: (tests[name], source) for name, source in sources.items()}})
     protocol = (DevProtocol(source="file", speakers=len({u.speaker for u in splits["dev"]}), file=str(dev_trials))
                 if dev_trials is not None else
                 DevProtocol(source="held_out_speakers", speakers=dev_speakers, trials_per_utt=dev_trials_per_utt,
@@ -220,24 +239,28 @@ def prepare_dataset(corpus_root: str | Path, test_trials: str | Path, out_dir: s
         for record in run_shard_tasks(out, todo, num_workers, bar):
             records[record["entry"]["file"]] = record
 
-    manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol)
+    manifest = _assemble(root, feature_cfg, speakers, tasks, records, protocol, list(tests))
     manifest = manifest.model_copy(update={"feature_dtype": feature_dtype})
     if augmentation is not None:
         manifest = manifest.model_copy(update={"augmentation": augmentation.config})
     lost = _skipped_utt_ids(tasks, records)
-    for split, trials in (("dev", dev), ("test", test)):  # atomic
+    checksums = {}
+    for name, trials in {"dev": dev, **tests}.items():  # atomic
         kept = [t for t in trials if t.enroll not in lost and t.test not in lost]
-        write_trials(storage.join(out, trials_name(split)), kept)
+        path = storage.join(out, trials_name(name))
+        write_trials(path, kept)
+        checksums[name] = storage.sha256(path)
         if trial_report is not None:
             named = {u for t in trials for u in (t.enroll, t.test)} & lost
-            trial_report(split, len(kept), len(trials), len(named))
+            trial_report(name, len(kept), len(trials), len(named))
+    manifest = manifest.model_copy(update={"trials_sha256": checksums})
     write_manifest(out, manifest)
     _clean(out, manifest)
     return manifest
 
 
 def _assemble(root: Path, cfg: FeatureConfig, speakers: dict[str, int], tasks: list[ShardTask],
-              records: dict[str, dict[str, Any]], protocol: DevProtocol) -> Manifest:
+              records: dict[str, dict[str, Any]], protocol: DevProtocol, test_lists: list[str]) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     skipped: dict[str, SkippedAudio] = {}  # by path: a recording behind several augmented rows is listed once
     for split in SPLITS:
@@ -250,7 +273,7 @@ def _assemble(root: Path, cfg: FeatureConfig, speakers: dict[str, int], tasks: l
             present |= {row.speaker for row in task.utterances if row.path not in lost}
         splits[split] = SplitInfo(shards=entries, rows=sum(e.rows for e in entries), num_speakers=len(present))
     return Manifest(schema_version=SCHEMA_VERSION, feature_config=cfg, speakers=speakers, splits=splits,
-                    trials={split: trials_name(split) for split in EVAL_SPLITS}, dev_protocol=protocol,
+                    trials={name: trials_name(name) for name in ("dev", *test_lists)}, dev_protocol=protocol,
                     skipped=sorted(skipped.values(), key=lambda s: s.path),
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(root))
 

@@ -5,9 +5,13 @@ Layout of a prepared data folder (see docs/ARCHITECTURE.md)::
     <data>/manifest.json            written last, atomically
     <data>/trials-dev.txt           normalised dev trial list (utt ids): what studies select on
     <data>/trials-test.txt          normalised test trial list: read only by replication, promotion, reports
+    <data>/trials-test-<NAME>.txt   further named test lists (prepare --test-trials O=... --test-trials E=...)
     <data>/<split>-NNNNN.parquet    utt_id, speaker, speaker_index, num_frames, features
 
-Splits ``train``, ``dev`` and ``test`` hold disjoint speakers. Version 2 added
+Splits ``train``, ``dev`` and ``test`` hold disjoint speakers; the ``test`` split
+holds the utterances of every named test list (VoxCeleb1-O, -E, -H side by
+side), and the manifest's ``trials`` / ``trials_sha256`` name and checksum
+each list. Version 2 added
 the dev/test protocol; a version-1 folder (one ``eval`` split) must be prepared
 again, since nothing in it says which speakers a search may look at.
 
@@ -34,6 +38,7 @@ name never holds a half-written file.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +80,26 @@ SPLITS = ("train", "dev", "test")
 EVAL_SPLITS = ("dev", "test")  # splits with a trial list; dev is what a search sees, test what verdicts use
 
 
-def trials_name(split: str) -> str:
-    return f"trials-{split}.txt"
+TEST_LIST = "test"  # the name of a test list given without one (``--test-trials PATH``): trials-test.txt
+LIST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")  # a named test list: O, E, H, vox1-o, ...
+RESERVED_LIST_NAMES = ("dev", "train")  # split names that are not test lists
+
+
+def trials_name(name: str) -> str:
+    """File of a trial list beside the manifest: ``trials-dev.txt``, ``trials-test.txt`` (the list named ``test``),
+    ``trials-test-<NAME>.txt`` for every other named test list."""
+    return f"trials-{name}.txt" if name in EVAL_SPLITS else f"trials-test-{name}.txt"
+
+
+def check_list_name(name: str, what: str = "test list name") -> str:
+    """A test list's name: letters, digits, ``_`` and ``-`` (up to 32), not ``dev`` or ``train``."""
+    if not LIST_NAME.match(name):
+        raise ValueError(f"{what} {name!r}: use letters, digits, '_' and '-' (up to 32, e.g. O, E, H)")
+    if name in RESERVED_LIST_NAMES:
+        raise ValueError(f"{what} {name!r} is a split name; name a test list otherwise (e.g. O, E, H)")
+    return name
+
+
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: the unit Ray Data reads and shuffles
 
 
@@ -141,7 +164,8 @@ class Manifest(_Model):
     feature_config: FeatureConfig
     speakers: dict[str, int]  # train speaker -> class index
     splits: dict[str, SplitInfo]  # train, dev, test
-    trials: dict[str, str]  # dev|test -> normalised trial list beside the manifest
+    trials: dict[str, str]  # dev, then every named test list -> normalised trial list beside the manifest
+    trials_sha256: dict[str, str] = {}  # list name -> sha256 of that file; absent in folders prepared before it
     dev_protocol: DevProtocol
     skipped: list[SkippedAudio] = []
     created_at: str
@@ -163,7 +187,18 @@ class Manifest(_Model):
             data.pop("augmentation", None)
         if data.get("feature_dtype") == "float32":
             data.pop("feature_dtype", None)
+        if not data.get("trials_sha256"):
+            data.pop("trials_sha256", None)
         return data
+
+    def test_lists(self) -> list[str]:
+        """The named test lists, in the order ``prepare`` was given them (``test`` for a single unnamed one)."""
+        return [name for name in self.trials if name != "dev"]
+
+    def default_test_list(self) -> str:
+        """The list verdicts decide on unless told otherwise: ``test`` when there is one, else the first."""
+        names = self.test_lists()
+        return TEST_LIST if TEST_LIST in names else names[0]
 
 
 @dataclass
@@ -264,13 +299,30 @@ def manifest_hash(data_dir: str | Path) -> str:
     return storage.sha256(path)
 
 
-def trials_path(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> str:
-    """The normalised trial list of ``dev`` or ``test``."""
+def trials_path(data_dir: str | Path, name: str, manifest: Manifest | None = None) -> str:
+    """The normalised trial list named ``name``: ``dev``, ``test`` or another named test list."""
     manifest = manifest or read_manifest(data_dir)
-    if split not in manifest.trials:
-        raise ValueError(f"{storage.join(data_dir, MANIFEST_NAME)}: no trial list for split {split!r} "
-                         f"(has {sorted(manifest.trials)})")
-    return storage.join(data_dir, manifest.trials[split])
+    if name not in manifest.trials:
+        raise ValueError(f"{storage.join(data_dir, MANIFEST_NAME)}: no trial list named {name!r} "
+                         f"(has {', '.join(manifest.trials)})")
+    return storage.join(data_dir, manifest.trials[name])
+
+
+def list_split(name: str) -> str:
+    """The split holding a named list's utterances: ``dev`` for the dev list, ``test`` for every test list."""
+    return "dev" if name == "dev" else "test"
+
+
+def verified_trials_path(data_dir: str | Path, name: str, manifest: Manifest | None = None) -> str:
+    """:func:`trials_path`, after checking the file's sha256 against the manifest (when it records one), so a list
+    edited after ``prepare`` is never scored as if it were the prepared one."""
+    manifest = manifest or read_manifest(data_dir)
+    path = trials_path(data_dir, name, manifest)
+    expected = manifest.trials_sha256.get(name)
+    if expected is not None and (digest := storage.sha256(path)) != expected:
+        raise ManifestError(f"{path}: changed since prepare (sha256 {digest[:12]}..., manifest says "
+                            f"{expected[:12]}...); prepare the data folder again")
+    return path
 
 
 def split_info(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> SplitInfo:

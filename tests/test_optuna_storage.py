@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -18,14 +19,17 @@ from optuna_fixtures import dashboard_study, free_port, optuna_dashboard
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_the_default_storage_sits_beside_mlflow_db_or_on_the_driver_for_a_bucket(tmp_path, monkeypatch):
+def test_the_default_storage_sits_beside_mlflow_db_or_on_the_driver_for_a_bucket(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(ostore.OPTUNA_STORAGE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert resolve_storage(None, "runs") == f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
     assert resolve_storage(None, "runs").startswith("sqlite:////")  # absolute: a resume from elsewhere finds it
     assert resolve_storage("sqlite:///rel/o.db", "runs") == f"sqlite:///{tmp_path / 'rel' / 'o.db'}"
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    assert resolve_storage(None, "s3://bucket/runs") == f"sqlite:///{tmp_path / 'data' / 'mfcon' / 'optuna.db'}"
+    on_driver = resolve_storage(None, "s3://bucket/runs", "s1")  # its own file: "s1" in another bucket is another
+    assert re.fullmatch(f"sqlite:///{tmp_path}/data/mfcon/optuna/s1-\\d{{8}}T\\d{{6}}\\.db", on_driver), on_driver
+    url, _ = study_storage(None, "s3://bucket/runs", "s1", True, {}, restoring=False)
+    assert "on this driver's disk" in capsys.readouterr().out and ostore.on_driver_disk(url)
     monkeypatch.setenv(ostore.OPTUNA_STORAGE_ENV, "postgresql://mfcon@db:5432/optuna")
     assert resolve_storage(None, "s3://bucket/runs") == "postgresql+psycopg2://mfcon@db:5432/optuna"
     assert resolve_storage("sqlite:////x/o.db", "runs") == "sqlite:////x/o.db"  # the flag wins
@@ -54,7 +58,11 @@ def test_a_new_study_never_lands_in_an_old_optuna_study_and_a_resume_needs_its_o
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     url_, rdb = study_storage(None, str(tmp_path), "s1", True, {}, restoring=False)
     assert url_ == url and "optuna-dashboard " + url in capsys.readouterr().out
-    optuna.create_study(study_name="s1", storage=url)
+    optuna.create_study(study_name="s1", storage=url).ask()  # a start that never got to Tune's first checkpoint
+    assert study_storage(None, str(tmp_path), "s1", True, {}, restoring=False)[0] == url  # deleted: nothing learned
+    assert optuna.get_all_study_summaries(url) == []
+    old = optuna.create_study(study_name="s1", storage=url)
+    old.tell(old.ask(), 1.0)
     with pytest.raises(OptunaStorageError, match=f"named 's1' already exists.*optuna delete-study --study-name s1"):
         study_storage(None, str(tmp_path), "s1", True, {}, restoring=False)
     with pytest.raises(OptunaStorageError, match="no study of that name"):

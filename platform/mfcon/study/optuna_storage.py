@@ -8,14 +8,16 @@ so a resume goes on in the same Optuna study.
 
 Default: ``<workdir>/optuna.db`` beside the MLflow store ``mlflow.db``, every study of a
 work dir in one file, as MLflow keeps them. SQLite cannot live in an object store: with
-an ``s3://`` work dir the default is a file on the driver's own disk (said when the
-study starts); a team gives ``--optuna-storage postgresql://user@host:5432/optuna``,
+an ``s3://`` work dir the default is a file of the study's own on the driver's disk
+(said when the study starts; a new file per study, since the same name in another
+bucket is another study); a team gives ``--optuna-storage postgresql://user@host:5432/optuna``,
 a database of its own on the tracking database's server.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,13 +37,19 @@ def driver_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mfcon"
 
 
-def default_storage(workdir: str | Path) -> str:
-    """``sqlite:////abs/<workdir>/optuna.db``, or on the driver's disk when ``workdir`` is an object store."""
-    folder = driver_data_dir() if storage.is_remote(workdir) else Path(workdir).resolve()
-    return f"sqlite:///{folder / 'optuna.db'}"
+def default_storage(workdir: str | Path, name: str) -> str:
+    """``sqlite:////abs/<workdir>/optuna.db``; for an object-store ``workdir``, ``<name>-<UTC time>.db`` under
+    :func:`driver_data_dir` ``/optuna``."""
+    if storage.is_remote(workdir):
+        return f"sqlite:///{driver_data_dir() / 'optuna' / time.strftime(f'{name}-%Y%m%dT%H%M%S.db', time.gmtime())}"
+    return f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
 
 
-def resolve_storage(explicit: str | None, workdir: str | Path) -> str:
+def on_driver_disk(url: str) -> bool:
+    return url.startswith(f"sqlite:///{driver_data_dir()}/")
+
+
+def resolve_storage(explicit: str | None, workdir: str | Path, name: str = "study") -> str:
     """``--optuna-storage``, then ``$MFCON_OPTUNA_STORAGE``, then :func:`default_storage`; SQLite paths made
     absolute (a relative one would move with the driver's working folder), and a PostgreSQL URL without a driver
     given psycopg2's (SQLAlchemy 2.1 would pick psycopg 3, which mfcon does not install).
@@ -49,7 +57,7 @@ def resolve_storage(explicit: str | None, workdir: str | Path) -> str:
     >>> resolve_storage("postgresql://mfcon@db:5432/optuna", "runs")
     'postgresql+psycopg2://mfcon@db:5432/optuna'
     """
-    url = explicit or os.environ.get(OPTUNA_STORAGE_ENV) or default_storage(workdir)
+    url = explicit or os.environ.get(OPTUNA_STORAGE_ENV) or default_storage(workdir, name)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     path = url[len("sqlite:///"):]
@@ -102,11 +110,25 @@ def has_study(rdb, name: str) -> bool:
     return True
 
 
+def _finished_trials(rdb, name: str) -> int:
+    from optuna.trial import TrialState
+
+    study_id = rdb.get_study_id_from_name(name)
+    return len(rdb.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                   TrialState.FAIL)))
+
+
 def check_study(rdb, url: str, name: str, restoring: bool) -> None:
     """A new study must not land in an old Optuna study of the same name (TPE would learn from its trials); a
-    resumed one must find its own."""
+    resumed one must find its own. An old one with no finished trial is what a start that never reached Tune's
+    first checkpoint leaves behind (nothing to resume, nothing learned): it is deleted."""
     shown = storage.mask_uri(url)
     exists = has_study(rdb, name)
+    if exists and not restoring and not _finished_trials(rdb, name):
+        import optuna
+
+        optuna.delete_study(study_name=name, storage=rdb)
+        exists = False
     if exists and not restoring:
         raise OptunaStorageError(f"an Optuna study named {name!r} already exists in {shown}; choose another --name, "
                                  f"or delete it: optuna delete-study --study-name {name} --storage {shown}")
@@ -122,7 +144,7 @@ def study_storage(explicit: str | None, workdir: str, name: str, searched: bool,
     for a space with nothing to search (no TPE) or a study started before studies had a storage."""
     if not searched or (restoring and info and "optuna_storage" not in info):
         return None, None
-    url = resolve_storage(explicit, workdir)
+    url = resolve_storage(explicit, workdir, name)
     if restoring and info.get("optuna_storage"):
         if explicit and url != info["optuna_storage"]:
             raise OptunaStorageError(f"study {name!r} keeps its Optuna trials in "
@@ -131,7 +153,7 @@ def study_storage(explicit: str | None, workdir: str, name: str, searched: bool,
         url = info["optuna_storage"]
     rdb = open_storage(url)
     check_study(rdb, url, name, restoring)
-    local = storage.is_remote(workdir) and url == default_storage(workdir)
+    local = storage.is_remote(workdir) and on_driver_disk(url)
     where = " (on this driver's disk: --workdir is an object store; teams give --optuna-storage postgresql://...)"
     print(f"Optuna study {name!r} in {storage.mask_uri(url)}{where if local else ''}; "
           f"open it with: {dashboard_command(url)}", flush=True)

@@ -71,8 +71,10 @@ def env(tmp_path_factory) -> SimpleNamespace:
     utts = make_tone_corpus(base / "wav", n_speakers=10, utts_per_speaker=4, seed=0)
     test_speakers = sorted(utts)[-3:]
     write_test_trials(base / "trials.txt", utts, test_speakers, seed=0)
+    write_test_trials(base / "pair.txt", utts, test_speakers[:2], seed=1)  # a second named list, as -O beside -E
     data = base / "data"
-    prepare_dataset(base / "wav", base / "trials.txt", data, dev_speakers=2, num_workers=0, progress=False)
+    prepare_dataset(base / "wav", {"test": base / "trials.txt", "pair": base / "pair.txt"}, data, dev_speakers=2,
+                    num_workers=0, progress=False)
     ckpt = export_micro_model(base / "ckpt" / "best.pt", seed=0)
 
     workdir = base / "runs"
@@ -148,6 +150,39 @@ def test_score_a_checkpoint_reproduces_the_evaluation_scores(env):
         assert (out / f"{split}.det.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test " in stdout and "EER %" in stdout and "minDCF.01" in stdout
     assert "next: compare another model on the same lists" in stdout
+
+
+def test_score_every_named_list_of_the_data_folder_or_the_ones_named(env):
+    """No LIST: every list the folder names (dev and both test lists); --lists picks some. Both test lists are
+    scored on the one test split, so each reproduces evaluate() on that list."""
+    import torch
+
+    from mfcon.config import ModelConfig
+    from mfcon.models.mfa_conformer import build_model
+    from mfcon.train.checkpoint import load_checkpoint
+
+    out = env.base / "out-all"
+    stdout = ok(mfcon("score", "--data", env.data, "--model", env.ckpt, "--out", out, "--n-boot", 50,
+                      "--device", "cpu", cwd=env.cwd))
+    summary = {s["list"]: s for s in json.loads((out / "summary.json").read_text())["lists"]}
+    assert list(summary) == ["dev", "test", "pair"]
+    assert [summary[n]["split"] for n in summary] == ["dev", "test", "test"]
+    assert summary["pair"]["source"].endswith("trials-test-pair.txt") and "pair " in stdout
+    state = load_checkpoint(env.ckpt)
+    model = build_model(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        expected = evaluate(model.eval(), read_eval_set(env.data, "test", list_name="pair"))
+    trials, scores = _scores_file(out / "pair.scores.txt")
+    assert len(trials) == len(expected.scores) < summary["test"]["trials"]
+    np.testing.assert_allclose(scores, expected.scores, atol=2e-6)
+    assert summary["pair"]["eer_percent"] == pytest.approx(100 * expected.eer, abs=1e-9)
+
+    picked = env.base / "out-picked"
+    ok(mfcon("score", "--lists", "pair,test", "--data", env.data, "--model", env.ckpt, "--out", picked,
+             "--n-boot", 50, "--device", "cpu", cwd=env.cwd))
+    assert [s["list"] for s in json.loads((picked / "summary.json").read_text())["lists"]] == ["pair", "test"]
+    np.testing.assert_array_equal(_scores_file(picked / "pair.scores.txt")[1], scores)
 
 
 def test_score_a_registered_model_with_asnorm_is_promotions_scorer_and_logs_to_the_run(env):

@@ -23,13 +23,17 @@ from mfcon.names import DEFAULT_MODEL_URI
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="EER and minDCF (95%% speaker-bootstrap intervals) of trial lists with a "
                                      "registered model, a logged model or a training checkpoint",
-                       description="Score trial lists of a prepared data folder: its own lists (dev, test) or "
-                                   "files of '<0|1> <enroll> <test>' lines naming utterance ids of one of its "
+                       description="Score trial lists of a prepared data folder: its own named lists (dev, "
+                                   "test, or the names prepare gave: O, E, H, ...; all of them when no LIST is "
+                                   "given) or files of '<0|1> <enroll> <test>' lines naming utterance ids of one of its "
                                    "splits. Prints EER and minDCF (p_target 0.01, 0.05) with 95% intervals "
                                    "over enrollment speakers; writes <list>.scores.txt (label enroll test score), "
                                    "<list>.det.png and summary.json to --out. Formulas: docs/evaluation.md.")
-    p.add_argument("lists", nargs="+", metavar="LIST",
-                   help="'dev' or 'test' (the data folder's lists) or a trial-list file")
+    p.add_argument("lists", nargs="*", metavar="LIST",
+                   help="a list of the data folder by name (dev, test, or a name given to prepare --test-trials "
+                        "NAME=PATH) or a trial-list file; none: every named list of the folder")
+    p.add_argument("--lists", dest="list_names", type=_names, default=[], metavar="NAMES",
+                   help="comma list of the data folder's lists to score, e.g. O,E (added to any LIST)")
     p.add_argument("--data", required=True, help="folder made by `mfcon prepare` (features of the listed utterances)")
     p.add_argument("--model", default=DEFAULT_MODEL_URI,
                    help="models:/NAME@ALIAS, models:/NAME/N, runs:/RUN_ID/model, or a checkpoint of mfcon train "
@@ -48,6 +52,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_score_norm_options(p)
     add_store_options(p)
     p.set_defaults(func=_score)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -76,7 +84,7 @@ def _score(args: argparse.Namespace) -> None:
             raise ScoreError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     if not Path(args.data).is_dir() and "://" not in args.data:
         raise ScoreError(f"--data {args.data}: no such folder (give the --out folder of mfcon prepare)")
-    lists = read_lists(args.data, args.lists)
+    lists = read_lists(args.data, [*args.lists, *args.list_names])
     assign_splits(args.data, lists)
     needs_store = is_mlflow_uri(args.model) or args.log_to_run
     uri = tracking_uri(args) if needs_store else ""
@@ -105,7 +113,7 @@ def _score(args: argparse.Namespace) -> None:
     if args.log_to_run:
         log_to_run(uri, args.log_to_run, results, files)
         print(f"logged to MLflow run {args.log_to_run} (metrics score_<list>_*, artifacts scores/)")
-    lists = " ".join(args.lists)
-    print(f"next: compare another model on the same lists: mfcon score {lists} --data {args.data} --model OTHER"
+    lists = "".join(f"{spec} " for spec in [*args.lists, *args.list_names])
+    print(f"next: compare another model on the same lists: mfcon score {lists}--data {args.data} --model OTHER"
           + (f"; or use this one: mfcon verify a.wav b.wav --model {args.model}" if is_mlflow_uri(args.model) else
              "; or run a study and promote its winner to use it with mfcon verify / embed"))

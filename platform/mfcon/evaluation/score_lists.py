@@ -1,7 +1,8 @@
 """``mfcon score``: score trial lists of a prepared data folder with any model, with intervals; exported embeddings.
 
-What is scored: the data folder's own lists (``dev``, ``test``) or trial-list
-files (``<0|1> <enroll> <test>`` per line) whose utterances are utterance ids
+What is scored: the data folder's own named lists (``dev``, ``test``, or the
+names ``prepare --test-trials NAME=PATH`` gave, e.g. ``O``, ``E``, ``H``; all of
+them when none is named) or trial-list files (``<0|1> <enroll> <test>`` per line) whose utterances are utterance ids
 of one of the folder's splits (``<speaker>/<video>/<utt>.wav``, as in its
 ``trials-test.txt``). The model: a registered version (``models:/name@alias``,
 ``models:/name/N``), a logged model (``runs:/<run>/model``, ``models:/m-...``),
@@ -52,7 +53,7 @@ from mfcon.evaluation.intervals import Interval, cluster_bootstrap_min_dcf, eer_
 from mfcon.evaluation.metrics import equal_error_rate, min_dcf
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, SCORE_NORMS, TrialScorer, speaker_cohort
 
-NAMED_LISTS = ("dev", "test")
+NAMED_LISTS = ("dev", "test")  # the lists every data folder had before named test lists; see Manifest.trials
 CENTERS = ("split", "model")
 P_TARGETS = (0.01, 0.05)
 
@@ -65,14 +66,14 @@ class ScoreError(ValueError):
 
 @dataclass
 class TrialList:
-    name: str  # dev, test, or the file's stem (made unique)
+    name: str  # dev, test, another named list of the folder, or the file's stem (made unique)
     source: str  # "<data>/trials-test.txt" or the file given
     trials: list[TrialPair]
     split: str = ""  # the data folder's split holding its utterances
 
 
-def _list_name(spec: str, taken: set[str]) -> str:
-    base = spec if spec in NAMED_LISTS else re.sub(r"[^A-Za-z0-9_.-]", "_", Path(spec).name.removesuffix(".txt"))
+def _list_name(spec: str, taken: set[str], named: Sequence[str] = NAMED_LISTS) -> str:
+    base = spec if spec in named else re.sub(r"[^A-Za-z0-9_.-]", "_", Path(spec).name.removesuffix(".txt"))
     name, n = base or "list", 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1
@@ -80,21 +81,24 @@ def _list_name(spec: str, taken: set[str]) -> str:
     return name
 
 
-def read_lists(data_dir: str | Path, specs: Sequence[str]) -> list[TrialList]:
-    """``dev``/``test`` (the data folder's lists) or trial-list files -> parsed lists (errors name file and line)."""
-    from mfcon.data.shards import read_manifest, trials_path
+def read_lists(data_dir: str | Path, specs: Sequence[str] = ()) -> list[TrialList]:
+    """The data folder's named lists (``dev``, ``test``, ``O``, ...; every one when ``specs`` is empty) or
+    trial-list files -> parsed lists (errors name file and line). A named list is checked against the sha256
+    its manifest records."""
+    from mfcon.data.shards import list_split, read_manifest, verified_trials_path
 
     manifest = read_manifest(data_dir)
+    named = list(manifest.trials)
     out, taken = [], set()
-    for spec in specs:
-        if spec in NAMED_LISTS:
-            source = trials_path(data_dir, spec, manifest)
-            out.append(TrialList(_list_name(spec, taken), source, read_trials(source), split=spec))
+    for spec in specs or named:
+        if spec in named:
+            source = verified_trials_path(data_dir, spec, manifest)
+            out.append(TrialList(_list_name(spec, taken, named), source, read_trials(source), split=list_split(spec)))
             continue
         path = Path(spec)
         if not path.exists():
             raise ScoreError(f"{spec}: no such trial list (give a file of '<0|1> <enroll> <test>' lines, "
-                             f"or one of {', '.join(NAMED_LISTS)} for the data folder's own lists)")
+                             f"or one of {', '.join(named)} for the data folder's own lists)")
         if path.is_dir():
             raise ScoreError(f"{spec}: is a folder, not a trial list file")
         out.append(TrialList(_list_name(spec, taken), str(path), read_trials(path)))

@@ -61,9 +61,11 @@ def _python(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.
 
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
     code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
+            "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
     done = _python(code, env, timeout=60)
-    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else 0
+    # Ray may print its own log lines (e.g. the raylet's) to stdout around ours: read the marked line only.
+    counts = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("ALIVE ")]
+    return int(counts[-1]) if done.returncode == 0 and counts else 0
 
 
 @contextmanager

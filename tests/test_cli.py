@@ -11,7 +11,7 @@ from mfcon.promotion import registry
 from mfcon.cli import build_parser, main
 
 COMMANDS = ("make-corpus", "prepare", "train", "study", "replicate", "report", "promote", "verify", "embed",
-            "score", "sync", "tracking-server")
+            "score", "sync", "tracking-server", "export")
 
 
 def _imports_after(code: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""``mfcon verify | embed``: use a registered model on recordings."""
+"""``mfcon verify | embed | export``: use a registered model on recordings, or take it elsewhere."""
 
 from __future__ import annotations
 
@@ -31,6 +31,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL_URI, help="model URI (default: %(default)s)")
     add_store_options(p)
     p.set_defaults(func=_embed)
+
+    p = sub.add_parser("export", help="a model as TorchScript (fbank features in, embedding out), checked on "
+                                      "export to give the model's embeddings",
+                       description="Export a model as a TorchScript file: torch.jit.load(FILE)(feats) maps fbank "
+                                   "features (B, T, n_mels) float32, every frame real, to (B, E) L2-normalised "
+                                   "embeddings, without mfcon or MLflow. The model is loaded as mfcon verify loads "
+                                   "it (checksums, weights only); the export is loaded back and must give the "
+                                   "model's embeddings on random inputs of several lengths (atol 1e-5, rtol 1e-4), "
+                                   "else nothing is written. ONNX is not offered (docs/evaluation.md).")
+    p.add_argument("--model", default=DEFAULT_MODEL_URI,
+                   help="models:/NAME@ALIAS, models:/NAME/N (or NAME@ALIAS, NAME/N), runs:/RUN_ID/model, or a "
+                        "checkpoint of mfcon train (best.pt or last.pt, or its --out folder: best.pt)")
+    p.add_argument("--format", choices=("torchscript",), default="torchscript", help="file format")
+    p.add_argument("--out", required=True, help="file to write (e.g. speaker.pt)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
+    add_store_options(p)
+    p.set_defaults(func=_export)
 
 
 def _check_store(args: argparse.Namespace) -> None:
@@ -77,3 +94,28 @@ def _embed(args: argparse.Namespace) -> None:
           f"its metadata holds {mean}{how}the formula: scores from it equal mfcon verify's (docs/evaluation.md)\n"
           f"next: score pairs with mfcon.evaluation.score_lists.read_embeddings({str(out)!r}) + score_pairs, "
           "or a trial list with mfcon score")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mfcon.serving.export import ExportError, model_uri_of
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a folder; give the file to write (e.g. {out / 'speaker.pt'})")
+    from mfcon.evaluation.score_lists import is_mlflow_uri
+
+    model = model_uri_of(args.model)
+    uri = tracking_uri(args) if is_mlflow_uri(model) else ""
+    if uri:
+        check_store_exists(uri)
+    from mfcon.serving.export import export_torchscript, load_for_export
+
+    net, feature_config, source = load_for_export(model, uri)
+    r = export_torchscript(net, out, feature_config, source=source, seed=args.seed)
+    print(f"exported {r.source} to {r.path} (TorchScript, {r.path.stat().st_size / 1e6:.1f} MB)\n"
+          f"checked: the same embeddings as the model on {len(r.checked_frames)} random inputs of "
+          f"{', '.join(map(str, r.checked_frames))} frames (max |difference| {r.max_abs_diff:.1e})\n"
+          f"input:  fbank (B, T, {r.n_mels}) float32, every frame real, T >= {r.min_frames}"
+          + (" (mfcon's FeatureConfig is in the file's mfcon.json)" if feature_config is not None else "") + "\n"
+          f"output: (B, {r.embed_dim}) float32, L2-normalised\n"
+          f"load:   emb = torch.jit.load(\"{r.path}\")(feats)")

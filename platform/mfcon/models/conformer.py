@@ -184,8 +184,20 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     t, p = x.shape[-2:]
     if p != 2 * t - 1:
         raise ValueError(f"rel_shift needs (..., T, 2T-1) scores, got {tuple(x.shape)}")
+    if torch.jit.is_tracing():  # a trace would freeze the view's strides to one T (mfcon export)
+        return rel_shift_copy(x)
     x = x.contiguous()
     return x.as_strided((*x.shape[:-2], t, t), (*x.stride()[:-2], p - 1, 1), x.storage_offset() + t - 1)
+
+
+def rel_shift_copy(x: torch.Tensor) -> torch.Tensor:
+    """:func:`rel_shift` as ESPnet's pad-and-reshape copy: every size comes from ``x.size()``, so a TorchScript
+    trace stays valid for every T. Pad a zero column, read the (T, 2T) rows as (2T, T), drop the first row, and
+    read back as (T, 2T-1): row i is shifted left by T-1-i."""
+    size = x.size()
+    padded = torch.cat([x.new_zeros(size[:-1] + (1,)), x], dim=-1)  # (..., T, 2T)
+    padded = padded.view(size[:-2] + (size[-1] + 1, size[-2]))  # (..., 2T, T)
+    return padded[..., 1:, :].reshape(size)[..., : size[-2]]  # (..., T, T)
 
 
 def attend_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

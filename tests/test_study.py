@@ -16,6 +16,7 @@ import pytest
 from mfcon.study.runner import StudyError, run_study
 from mfcon.tracking import TrackingUnavailable, default_tracking_uri
 from mlflow.tracking import MlflowClient
+from optuna_fixtures import dashboard_study, optuna_dashboard
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -89,12 +90,40 @@ def test_asha_study_of_8_trials_on_2_cpus_finishes_and_is_tracked(ray_local_2cpu
     assert best_eer[parent[0].data.tags["best_trial"]] == pytest.approx(summary.best_metric)
     assert parent[0].data.metrics["best_dev_eer"] == pytest.approx(summary.best_metric)
     assert parent[0].data.tags["mfcon.data_manifest_sha256"]
+    assert_optuna_study_matches(tmp_path, "asha8", summary, children, best_eer)
     # Nothing left holding CPUs once the study is over.
     import ray
     from mfcon.study.reaper import orphaned_placement_groups
 
     assert orphaned_placement_groups() == []
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def optuna_trials(workdir: Path, study: str) -> list:
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+
+
+def assert_optuna_study_matches(workdir: Path, study: str, summary, children, best_eer: dict) -> None:
+    """TPE's record (``<workdir>/optuna.db``, what optuna-dashboard opens) has each Tune trial once, in the state
+    and with the params MLflow has, a completed trial's value its best dev EER; the real dashboard serves it."""
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    assert summary.optuna_storage == url
+    trials = optuna_trials(workdir, study)
+    by_id = {c.data.tags["mfcon.trial_id"]: c for c in children}
+    assert sorted(t.user_attrs["trial_id"] for t in trials) == sorted(by_id)
+    states = {"completed": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+    for t in trials:
+        child = by_id[t.user_attrs["trial_id"]]
+        assert t.state.name == states[child.data.tags["mfcon.trial_state"]], (t.number, child.data.tags)
+        assert t.params["optim.lr"] == pytest.approx(float(child.data.params["optim.lr"]))
+        assert {"loss.mfcon_weight", "loss.mfcon_temperature"} <= set(t.params)
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(best_eer[t.user_attrs["trial_id"]])
+    with optuna_dashboard(url, workdir / "dashboard.log") as base:
+        served = dashboard_study(base, study)
+    assert sorted(t["state"] for t in served["trials"]) == sorted(t.state.name.title() for t in trials)
 
 
 def test_two_worker_trial_trains_data_parallel_and_reports(ray_local_2cpu, small_data, tmp_path):
@@ -202,6 +231,13 @@ def test_killed_study_resumes_without_rerunning_finished_trials(small_data, tmp_
         run = next(c for c in children if c.data.tags["mfcon.trial_id"] == trial_id)
         after = client.get_metric_history(run.info.run_id, "dev_eer")
         assert [(m.step, m.value, m.timestamp) for m in after] == [(m.step, m.value, m.timestamp) for m in history]
+    # The resumed study went on in the same Optuna study: each trial finished there once, nothing left RUNNING;
+    # a trial asked after the checkpoint the resume restored (Tune never ran it) is failed and says so.
+    trials = optuna_trials(tmp_path, "resumable")
+    finished = [t.user_attrs["trial_id"] for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(finished) == sorted(trial_ids), [(t.state.name, t.user_attrs) for t in trials]
+    assert all(t.state.name != "RUNNING" for t in trials)
+    assert all("mfcon.orphaned" in t.user_attrs for t in trials if t.state.name == "FAIL")
 
 
 def test_batches_wider_than_the_training_speakers_fail_before_anything_starts(small_data, tmp_path):

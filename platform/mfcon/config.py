@@ -187,6 +187,18 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(5.0, gt=0)
 
 
+class CheckpointConfig(Strict):
+    """What a study trial uploads to the bucket after each epoch (local ``mfcon train`` writes ``last.pt`` every
+    epoch regardless). The full training state (model, objective, AdamW's two moments: ~3x the weights) every
+    ``full_every`` epochs and after the last; a resumed trial restarts from the latest full state, so it retrains
+    up to ``full_every - 1`` epochs (1, the default: none). ``best_weights``: the exported weights of each new best
+    epoch (~1/3 of a full state), which the study driver logs instead of exporting a full state itself.
+    Bytes per trial-epoch of each preset: docs/performance.md."""
+
+    full_every: int = Field(1, ge=1)
+    best_weights: bool = True
+
+
 class TrainConfig(Strict):
     """Everything one training run needs; a study trial overrides dotted fields of it."""
 
@@ -200,6 +212,7 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     eval_every: int = Field(1, ge=1)
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @field_validator("model")
     @classmethod

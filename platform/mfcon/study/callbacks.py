@@ -1,10 +1,12 @@
 """Tune callbacks on the study driver: every trial and every epoch into MLflow.
 
 Tune does not guard callbacks: a slow hook blocks its event loop (no trial makes
-progress) and an exception stops every trial. So the hooks here only spool their
-writes (``mfcon.tracking.spool``: on local disk in milliseconds, sent to MLflow in
-the background), and a hook that fails anyway is logged, never raised: tracking
-must not stop training.
+progress) and an exception stops every trial. So the per-epoch hooks only spool
+their writes (``mfcon.tracking.spool``: one fsynced line on local disk, sent to
+MLflow in the background), and the end of a trial, which reads its best weights
+from the bucket, is queued to :class:`mfcon.study.finisher.TrialFinisher`'s
+thread. A hook that fails anyway is logged, never raised: tracking must not stop
+training.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +28,13 @@ from mfcon import storage
 from mfcon.names import BASELINE_KEY
 from mfcon.study.spaces import SearchSpace, trial_params
 from mfcon.tracking import BASELINE_TAG, StudyTracker, TrialRuns
-from mfcon.train.checkpoint import EXPORTED_FILE, RAY_CHECKPOINT_FILE, export_weights
+from mfcon.study.finisher import TrialFinisher
+from mfcon.train.checkpoint import EXPORTED_FILE, RAY_CHECKPOINT_FILE, export_file, export_weights
 
 log = logging.getLogger(__name__)
 
 
+FINISH_DRAIN_S = 600.0  # how long the end of a study waits for trials still being finished
 ERROR_TAG = "mfcon.error"  # on a failed trial's run: what went wrong, e.g. "NonFiniteLossError: loss became nan ..."
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)\b.*)$")
 
@@ -86,33 +91,59 @@ class MLflowStudyCallback(Callback):
     """
 
     def __init__(self, tracking_uri: str, workdir: str, space: SearchSpace, feature_config: dict[str, Any],
-                 role: str = "study", params_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 role: str = "study", params_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 train_storage: str | None = None, finish_in_background: bool = True):
         """``role`` "replication" writes replica runs under the replication run; ``params_of`` (picklable) maps
-        a trial's Tune config to the params logged on its run (default: sampled values + resolved overrides)."""
+        a trial's Tune config to the params logged on its run (default: sampled values + resolved overrides).
+        ``train_storage``: where the trials' Train runs keep their checkpoints (and ``best_weights.pt``);
+        ``finish_in_background`` False finishes each trial inside Tune's hook (the old behaviour, for benches)."""
         self.tracking_uri, self.workdir, self.space = tracking_uri, workdir, space
         self.role, self.params_of = role, params_of
         self.feature_config = feature_config
+        self.train_storage, self.finish_in_background = train_storage, finish_in_background
         self.max_epochs = space.base_config().epochs
         self._runs: TrialRuns | None = None
         self._checkpoints: dict[str, list[tuple[float, int, str]]] = {}  # trial -> (metric, epoch, checkpoint dir)
         self._study_best: float | None = None
         self._requested_at: dict[str, float] = {}  # trial -> wall clock when Tune first had it pending
+        self._finishing: dict[str, str] = {}  # trial -> final state, submitted and not yet spooled
+        self._resubmit = False  # restored with trials in _finishing: submit them again at the next step
+        self._finisher: TrialFinisher | None = None
+        self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_runs"] = None
+        state["_runs"] = state["_finisher"] = state["_lock"] = None
         return state
+
+    def __setstate__(self, state):
+        defaults = {"train_storage": None, "finish_in_background": True, "_finishing": {}, "_resubmit": False,
+                    "_finisher": None}  # an experiment pickled by an older mfcon
+        self.__dict__.update({**defaults, **state})
+        self._lock = threading.Lock()
+
+    @property
+    def finisher(self) -> TrialFinisher:
+        if self._finisher is None:
+            self._finisher = TrialFinisher(self._finish_job, background=self.finish_in_background)
+        return self._finisher
 
     def get_state(self) -> dict[str, Any]:
         """What must survive ``Tuner.restore``: the best so far (else the first result after a resume would
-        become the study's best) and every trial's checkpoints (a trial's best epoch may predate the resume)."""
-        return {"study_best": self._study_best,
+        become the study's best), every trial's checkpoints (a trial's best epoch may predate the resume) and
+        the trials ended but not yet finished (the driver may die with them queued)."""
+        with self._lock:
+            finishing = dict(self._finishing)
+        return {"study_best": self._study_best, "finishing": finishing,
                 "checkpoints": {trial: [list(c) for c in cps] for trial, cps in self._checkpoints.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._study_best = state.get("study_best")
         self._checkpoints = {trial: [(float(v), int(e), str(p)) for v, e, p in cps]
                              for trial, cps in state.get("checkpoints", {}).items()}
+        with self._lock:
+            self._finishing = dict(state.get("finishing", {}))
+        self._resubmit = bool(self._finishing)
 
     @property
     def runs(self) -> TrialRuns:
@@ -123,6 +154,12 @@ class MLflowStudyCallback(Callback):
 
     @never_raises
     def on_step_begin(self, iteration, trials, **info):
+        if self._resubmit:  # ended before the last driver died, never spooled: finish them now
+            self._resubmit = False
+            with self._lock:
+                finishing = list(self._finishing)
+            for trial_id in finishing:
+                self.finisher.submit(trial_id)
         now = time.time()
         for trial in trials:
             if trial.status == "PENDING":  # a new trial: Tune is about to ask for its resources
@@ -162,25 +199,68 @@ class MLflowStudyCallback(Callback):
             return f"{self.workdir.split('://', 1)[0]}://{path}"
         return path
 
-    def _finish(self, trial, state: str) -> None:
-        best = self.best_checkpoint(trial.trial_id)
+    def best_weights(self, trial_id: str) -> str | None:
+        """The ``best_weights.pt`` the trial's rank 0 published (a policy with ``best_weights``), if any."""
+        if self.train_storage is None:
+            return None
+        from mfcon.study.trial import best_weights_location  # imports Ray Train: only on the driver that uses it
+
+        location = best_weights_location(self.train_storage, self.space.name, trial_id)
+        return location if storage.is_file(location) else None
+
+    def _export(self, trial_id: str, tmp: Path) -> tuple[str | None, dict[str, Any]]:
+        """(exported weights file, the state it came from): the trial's own best_weights.pt when it wrote one,
+        else exported here from the best full checkpoint; (None, {}) when neither can be read."""
+        weights = tmp / EXPORTED_FILE
+        source = None
+        try:
+            source = self.best_weights(trial_id)
+            if source is not None:
+                with storage.local_copy(source) as local:
+                    return str(weights), export_file(local, weights)
+            source = self.best_checkpoint(trial_id)
+            if source is not None:
+                return str(weights), export_weights(storage.download_dir(source, tmp / "checkpoint"), weights)
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint must not leave the run unfinished
+            log.warning("trial %s: best checkpoint %s not exported (%s)", trial_id, source, e)
+        return None, {}
+
+    def _finish_job(self, trial_id: str) -> None:
+        """The trial's last writes, on the finisher's thread: its best epoch's weights, plots and model."""
+        with self._lock:
+            state = self._finishing.get(trial_id)
+        if state is None:
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            weights, ckpt = None, {}
-            try:
-                if best is not None:
-                    weights = str(Path(tmp) / EXPORTED_FILE)
-                    ckpt = export_weights(storage.download_dir(best, Path(tmp) / "checkpoint"), Path(weights))
-            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint must not leave the run unfinished
-                log.warning("trial %s: best checkpoint %s not exported (%s)", trial.trial_id, best, e)
-                weights, ckpt = None, {}
+            weights, ckpt = self._export(trial_id, Path(tmp))
             # Spooled (files copied into the spool): drawn, uploaded and logged as a model in the background.
-            self.runs.finish(trial.trial_id, state, weights)
+            self.runs.finish(trial_id, state, weights)
             if "eval_scores" in ckpt:
-                self.runs.log_plots(trial.trial_id, ckpt["eval_scores"].numpy(), ckpt["eval_labels"].numpy())
+                self.runs.log_plots(trial_id, ckpt["eval_scores"].numpy(), ckpt["eval_labels"].numpy())
             if weights and state in ("completed", "pruned"):
                 # The trial's best epoch as a servable pyfunc model (what `mfcon promote` registers); a model
                 # that cannot be logged leaves the tag mfcon.model_error, and promote falls back to the checkpoint.
-                self.runs.log_model(trial.trial_id, weights, self.feature_config, state=state)
+                self.runs.log_model(trial_id, weights, self.feature_config, state=state)
+        with self._lock:
+            self._finishing.pop(trial_id, None)
+
+    def _finish(self, trial, state: str) -> None:
+        """Queue the trial's end (Tune's event loop goes on at once); recorded first, so a resume finishes it."""
+        self.runs  # made here, on Tune's thread, before the finisher's thread uses it  # noqa: B018
+        with self._lock:
+            self._finishing[trial.trial_id] = state
+        self.finisher.submit(trial.trial_id)
+
+    def drain(self, timeout_s: float = FINISH_DRAIN_S) -> int:
+        """Wait for the trials being finished; returns how many are left."""
+        return self.finisher.drain(timeout_s) if self._finisher is not None else 0
+
+    @never_raises
+    def on_experiment_end(self, trials, **info):
+        left = self.drain()
+        if left:
+            log.warning("tracking: %d trials not finished after %.0f s; a resumed study finishes them", left,
+                        FINISH_DRAIN_S)
 
     @never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):

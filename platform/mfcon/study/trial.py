@@ -12,11 +12,13 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from mfcon import storage
 from mfcon.config import TrainConfig
 from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.study.resources import cluster_use_gpu
 from mfcon.study.spaces import SearchSpace, trial_config
 from mfcon.study.worker import CHECKPOINT_RANK, train_worker
+from mfcon.train.checkpoint import BEST_WEIGHTS_FILE
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,16 @@ def with_gpu_decision(runtime: StudyRuntime) -> StudyRuntime:
     return replace(runtime, use_gpu=decision.use_gpu)
 
 
+def train_run_name(study: str, trial_id: str) -> str:
+    """A trial's Ray Train run name, deterministic: a restored trial finds its own checkpoints again."""
+    return f"{study}-{trial_id}"
+
+
+def best_weights_location(train_storage: str, study: str, trial_id: str) -> str:
+    """Where a trial's rank 0 keeps its best epoch's exported weights: beside its Train run's checkpoints."""
+    return storage.join(train_storage, train_run_name(study, trial_id), BEST_WEIGHTS_FILE)
+
+
 def run_trial(config: dict[str, Any], runtime: StudyRuntime) -> None:
     """Tune function trainable of a search: the sampled parameters applied to the space's base config."""
     fit_trainer(trial_config(runtime.space, config), runtime)
@@ -79,6 +91,7 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
             "trial_started_at": started_at,  # start-up overhead = first training step - this
             "selection_metric": runtime.space.metric,  # ranks the checkpoints Train keeps (checkpoint_rank)
+            "best_weights_location": best_weights_location(runtime.train_storage, runtime.space.name, trial_id),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpu,
@@ -86,8 +99,7 @@ def fit_trainer(cfg: TrainConfig, runtime: StudyRuntime) -> None:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
         run_config=ray.train.RunConfig(
-            # Deterministic name: a restored trial finds its own checkpoints again.
-            name=f"{runtime.space.name}-{trial_id}",
+            name=train_run_name(runtime.space.name, trial_id),
             storage_path=runtime.train_storage,
             callbacks=[TuneReportCallback()],
             # Kept by the space's metric with ties to the later epoch, as the export picks its best epoch.

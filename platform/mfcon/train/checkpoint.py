@@ -16,7 +16,14 @@ runs.
   best EER; in a study, ``checkpoint.pt`` inside each Ray Train checkpoint.
 * exported weights (:func:`export_weights`): the inference-only subset
   :data:`EXPORT_KEYS` of a trial's best epoch, logged to MLflow as
-  ``checkpoint/best.pt`` and loaded by :mod:`mfcon.serving`.
+  ``checkpoint/best.pt`` and loaded by :mod:`mfcon.serving`. In a study, rank 0
+  writes them (with the epoch's eval scores) to ``best_weights.pt`` beside the
+  Train run's checkpoints on every new best (:func:`exported_state`), so the
+  driver moves that file instead of downloading and exporting a full state.
+
+What a study trial uploads each epoch is :class:`mfcon.config.CheckpointConfig`
+(:func:`full_state_due`): the full state every ``full_every`` epochs and at the
+last; docs/performance.md gives the bytes per trial-epoch of each preset.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ BEST_FILE = "best.pt"  # local training: the best EER so far
 EXPORTED_FILE = "best.pt"  # a trial's exported weights (MLflow artifact checkpoint/best.pt)
 EXPORTED_ARTIFACT = f"checkpoint/{EXPORTED_FILE}"
 EXPORT_KEYS = ("model", "model_config", "config", "epoch", "metrics", "num_classes")
+EVAL_KEYS = ("eval_scores", "eval_labels")  # the evaluated epoch's dev scores (the trial's DET plot)
+BEST_WEIGHTS_FILE = "best_weights.pt"  # in a study: beside a Train run's checkpoints, rank 0's best epoch so far
 
 
 class CheckpointError(ValueError):
@@ -105,9 +114,30 @@ def export_weights(checkpoint_dir: str | Path, out_file: str | Path) -> dict[str
 
     The optimizer state is not worth storing. Returns the full training state,
     whose eval scores feed the trial's DET plot."""
-    state = load_checkpoint(Path(checkpoint_dir) / RAY_CHECKPOINT_FILE)
-    save_checkpoint({k: state[k] for k in EXPORT_KEYS}, out_file)
+    return export_file(Path(checkpoint_dir) / RAY_CHECKPOINT_FILE, out_file)
+
+
+def export_file(checkpoint_file: str | Path, out_file: str | Path) -> dict[str, Any]:
+    """:func:`export_weights` from one file: a full training state or a trial's ``best_weights.pt``."""
+    state = load_checkpoint(checkpoint_file)
+    save_checkpoint(exported_state(state), out_file)
     return state
+
+
+def exported_state(state: dict[str, Any], with_scores: bool = False) -> dict[str, Any]:
+    """The inference-only subset of a training state (and its eval scores when ``with_scores``)."""
+    keys = EXPORT_KEYS + (EVAL_KEYS if with_scores else ())
+    return {k: state[k] for k in keys if k in state}
+
+
+def full_state_due(epoch: int, epochs: int, full_every: int) -> bool:
+    """Whether a study trial uploads its full training state after ``epoch``: every ``full_every`` epochs and
+    always after the last (a trial restored after it trains nothing and needs its final state).
+
+    >>> [e for e in range(1, 8) if full_state_due(e, 7, 3)]
+    [3, 6, 7]
+    """
+    return epoch % full_every == 0 or epoch >= epochs
 
 
 def _first_sentence(err: BaseException) -> str:

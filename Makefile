@@ -28,11 +28,12 @@ lock:
 		--custom-compile-command "make lock" -o $(LOCK)
 
 # Debian packages the tests drive (never downloaded by a test tool): Chromium + ChromeDriver for the MLflow UI
-# test; OpenSSH server, rsync and PostgreSQL for the cluster rehearsal (tests/test_cluster_rehearsal.py).
-SYSTEM_PACKAGES := chromium chromium-driver openssh-server openssh-client rsync postgresql
+# test; OpenSSH server, rsync, PostgreSQL and sudo (the head's tracking user) for the cluster rehearsal
+# (tests/test_cluster_rehearsal.py).
+SYSTEM_PACKAGES := chromium chromium-driver openssh-server openssh-client rsync postgresql sudo
 system-deps:
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null \
-		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+		&& [ -x /usr/bin/sudo ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_PACKAGES) >/dev/null; \

@@ -6,21 +6,25 @@
 #   MFCON_ARTIFACTS=s3://bucket/mlflow bash ~/mfcon-studio/cluster/start_head.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/head_common.sh"
 export MFCON_NODE_IP=${MFCON_NODE_IP:-$(hostname -I | awk '{print $1}')}
-db=${MFCON_DB_DIR:-$HOME/mfcon-db}
+export MFCON_VENV=$MFCON_HEAD_DIR/venv  # root's runtime (setup_node.sh head)
 bash "$here/node_env.sh" "$MFCON_NODE_IP"
-# Jobs on the head (the study driver logs every trial, promote moves `champion`) authenticate as the tracking
-# server's admin. The password is read from its 0600 file when this is sourced and never written here; processes
-# on worker nodes never talk to MLflow and get no credentials. docs/tracking_server.md: per-user accounts.
+# Jobs on the head (the study driver logs every trial, promote moves `champion`) sign in as the jobs' own MLflow
+# account, not the admin: its password is copied once more from the tracking user into this user's 0600 file
+# and read from there when mfcon.env is sourced. The admin's and PostgreSQL's passwords stay the tracking
+# user's. Processes on worker nodes never talk to MLflow and get no credentials.
+mkdir -p ~/.mfcon && chmod 700 ~/.mfcon
+(umask 077 && tracking jobs-password > ~/.mfcon/mlflow_jobs_password.new)
+mv ~/.mfcon/mlflow_jobs_password.new ~/.mfcon/mlflow_jobs_password
 cat >> ~/mfcon.env << ENV
-export MLFLOW_TRACKING_USERNAME=admin
-export MLFLOW_TRACKING_PASSWORD="\$(cat "$db/mlflow_admin_password")"
+export MLFLOW_TRACKING_USERNAME=$MFCON_JOBS_ACCOUNT
+export MLFLOW_TRACKING_PASSWORD="\$(cat ~/.mfcon/mlflow_jobs_password)"
 ENV
 source ~/mfcon.env
 
-touch "$db/ray-restarting"  # the tracking supervisor keeps the servers up while Ray restarts
-trap 'rm -f "$db/ray-restarting"' EXIT
-bash "$here/tracking.sh" start
+trap 'tracking ray-started' EXIT  # `start` keeps the servers up until then, while Ray restarts
+tracking start "$(id -u)"
 ray stop
 # The dashboard agent's HTTP port is picked free (0): the job API finds it through the GCS, and a fixed 52365
 # collides with any other Ray on the machine.

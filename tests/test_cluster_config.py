@@ -86,9 +86,12 @@ def test_ci_and_every_node_install_the_lock():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^\$\(STAMP\): \$\(LOCK\)", makefile, re.M), "the venv is rebuilt when the lock changes"
     assert "--require-hashes --no-deps -r $(LOCK)" in makefile and "--no-deps -e ." in makefile
-    setup = (REPO / "cluster" / "setup_node.sh").read_text()
-    assert "--require-hashes --no-deps -r" in setup and "requirements.lock" in setup
-    assert "--no-deps" in setup and "--force-reinstall" in setup  # the project as shipped, not editable
+    runtime = (REPO / "cluster" / "runtime.sh").read_text()
+    assert "--require-hashes --no-deps -r" in runtime and "requirements.lock" in runtime
+    assert "--no-deps" in runtime and "--force-reinstall" in runtime  # the project as shipped, not editable
+    setup = (REPO / "cluster" / "setup_node.sh").read_text()  # workers as their user, the head as root
+    assert 'bash "$src/cluster/runtime.sh" "$venv" "$src"' in setup
+    assert 'bash "$src/cluster/runtime.sh" "$MFCON_HEAD_DIR/venv"' in (REPO / "cluster" / "head_root.sh").read_text()
 
 
 def test_the_lock_check_reads_every_pin():
@@ -138,7 +141,7 @@ def test_each_node_type_gets_its_own_least_privilege_profile():
     assert passrole["Resource"].endswith("role/mfcon-worker")
 
 
-def _server_argv(env: dict[str, str], db: str = "/home/ray/mfcon-db") -> list[str]:
+def _server_argv(env: dict[str, str], db: str = "/var/lib/mfcon-db") -> list[str]:
     """The tracking-server command cluster/tracking.sh builds for the head."""
     script = REPO / "cluster" / "tracking.sh"
     src = script.read_text()
@@ -184,7 +187,47 @@ def test_no_password_in_any_config_and_postgres_has_no_tcp():
     for text in (TEXT, (REPO / "cluster-onprem.yaml").read_text(), tracking):
         assert not re.search(r"postgresql://[^@\s]*:[^@\s]*@", text), "a password in a database URI"
         assert not re.search(r"--host[= ]+(0\.0\.0\.0|::|\[::\])", text)
-    assert "-v /home/ubuntu/mfcon-db:/home/ray/mfcon-db" in CFG["docker"]["head_run_options"]
+    assert "-v /home/ubuntu/mfcon-db:/var/lib/mfcon-db" in CFG["docker"]["head_run_options"]
+
+
+def _head_settings() -> dict[str, str]:
+    done = subprocess.run(["bash", "-c", f"source {REPO / 'cluster' / 'head_common.sh'}; set | grep ^MFCON_"],
+                          capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in done.stdout.split())
+
+
+def test_the_head_tracking_runs_as_its_own_user_behind_one_sudo_rule():
+    """What tests/test_cluster_rehearsal.py checks on running processes, on the scripts themselves."""
+    head = _head_settings()
+    assert head["MFCON_TRACKING_USER"] == "mfcon-db" and head["MFCON_JOBS_ACCOUNT"] == "ray-jobs"
+    assert f"-v /home/ubuntu/mfcon-db:{head['MFCON_DB_DIR']}" in CFG["docker"]["head_run_options"]
+    root = (REPO / "cluster" / "head_root.sh").read_text()
+    assert "useradd --system" in root and 'chmod 700 "$db"' in root
+    assert "$ray_user ALL=($user) NOPASSWD: $MFCON_HEAD_DIR/tracking.sh" in root and "visudo -cqf" in root
+    assert 'install -o root -g root -m 755 "$src/cluster/tracking.sh"' in root  # the Ray user cannot edit it
+    tracking = (REPO / "cluster" / "tracking.sh").read_text()
+    assert 'venv=$MFCON_HEAD_DIR/venv' in tracking and '[ "$(id -un)" = "$MFCON_TRACKING_USER" ]' in tracking
+    assert 'pgrep -u "$(cat "$db/ray-uid")" -x gcs_server' in tracking  # Ray is another user's
+    start = (REPO / "cluster" / "start_head.sh").read_text()
+    assert "MLFLOW_TRACKING_USERNAME=$MFCON_JOBS_ACCOUNT" in start and "admin" not in start.split("cat >>", 1)[1]
+    assert 'tracking start "$(id -u)"' in start
+
+
+@pytest.mark.parametrize("name, value", [("MFCON_ARTIFACTS", "s3://b/m; cat /var/lib/mfcon-db/pg_password"),
+                                         ("MFCON_ARTIFACTS", "file:///var/lib/mfcon-db"),
+                                         ("MFCON_ARTIFACTS", "/var/lib/mfcon-db"),
+                                         ("MFCON_NODE_IP", "10.0.0.1 --x $(id)"),
+                                         ("MFCON_MLFLOW_WORKERS", "2;id")])
+def test_the_ray_users_settings_never_reach_the_tracking_users_shell(name, value):
+    """The settings pass sudo (env_keep) into a command line the tracking user's shell runs: checked first."""
+    body = (REPO / "cluster" / "tracking.sh").read_text().split("check_settings() {", 1)[1].split("\n}\n", 1)[0]
+    good = {"MFCON_NODE_IP": "10.0.1.23", "MFCON_ARTIFACTS": "s3://mfcon-studio-artifacts/mlflow",
+            "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(["bash", "-c", f"set -eu\n{body}"], env=good, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(["bash", "-c", f"set -eu\n{body}"], env={**good, name: value}, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and name in bad.stderr, bad.stderr
 
 
 def test_every_node_gets_tracking_token_and_cold_start_settings_before_ray_starts():

@@ -14,11 +14,16 @@ hook turns root into the node's user), the token file, the bucket, and ``MFCON_P
 the locked versions; a bare node installs the lock). An S3 server (moto) on 127.0.0.1 holds data, study
 and checkpoints; its settings reach the nodes as instance credentials would.
 
+The head's tracking runs as its own system user (``cluster/head_common.sh``), which the head's set-up creates
+through ``sudo`` as on a cloud image (the head's user gets a passwordless sudo rule here, removed at the end):
+its processes, passwords and environment are out of the Ray user's reach, and jobs on the head sign in as a
+non-admin MLflow account of their own.
+
 Cold start: the worker "machine" comes up (its sshd starts) 60 s after the study job is submitted, then is set up,
 so the job starts on zero worker nodes and its first trial waits longer than Train's default 60 s for its
 placement group: it must wait for the autoscaler (cluster/node_env.sh) rather than fail.
 
-Run alone: it needs root (users, sshd on port 22) and Debian's openssh-server, rsync and postgresql
+Run alone: it needs root (users, sshd on port 22) and Debian's openssh-server, rsync, postgresql and sudo
 (``make system-deps``).
 """
 
@@ -46,6 +51,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP = "127.0.0.11", "127.0.0.12"
 USERS = {HEAD_IP: "mfcon-rh", WORKER_IP: "mfcon-rw1"}  # one Unix user per "machine"
+TRACKING_USER, JOBS_ACCOUNT = "mfcon-db", "ray-jobs"  # cluster/head_common.sh
+DB, HEAD_DIR = Path("/var/lib/mfcon-db"), Path("/opt/mfcon")  # cluster/head_common.sh
+# The head user's passwordless sudo (as a cloud image's ssh user has) and the rule cluster/head_root.sh writes.
+SUDOERS = (Path("/etc/sudoers.d/mfcon-rehearsal"), Path("/etc/sudoers.d/mfcon-tracking"))
 ONPREM_BUCKET = "s3://mfcon-studio-artifacts/mlflow"  # the bucket named in cluster-onprem.yaml
 STUDY = "mfcon-smoke"  # search_spaces/mfcon.yaml under pipelines/study.py --smoke-test
 WORKER_DELAY_S = 60  # the worker machine boots this long after the study job is submitted (+ its set-up)
@@ -80,7 +89,8 @@ LogLevel ERROR
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (Unix users per node, sshd on port 22)"
-    for tool in ("/usr/sbin/sshd", "/usr/bin/ssh-keygen", "/usr/bin/rsync", "/usr/sbin/useradd", "/usr/sbin/runuser"):
+    for tool in ("/usr/sbin/sshd", "/usr/bin/ssh-keygen", "/usr/bin/rsync", "/usr/sbin/useradd", "/usr/sbin/runuser",
+                 "/usr/bin/sudo", "/usr/sbin/visudo"):
         if not Path(tool).exists():
             return f"{tool} missing: make system-deps"
     if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
@@ -104,7 +114,7 @@ def _uids() -> set[int]:
     import pwd
 
     found = set()
-    for user in USERS.values():
+    for user in (*USERS.values(), TRACKING_USER):
         try:
             found.add(pwd.getpwnam(user).pw_uid)
         except KeyError:
@@ -113,7 +123,7 @@ def _uids() -> set[int]:
 
 
 def _user_processes() -> dict[int, str]:
-    """pid -> command line of every process the node users run."""
+    """pid -> command line of every process the node users (and the head's tracking user) run."""
     uids, found = _uids(), {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -139,6 +149,11 @@ def _remove_users() -> None:
     for user in USERS.values():
         subprocess.run(["/usr/sbin/userdel", "-r", "-f", user], capture_output=True)
         shutil.rmtree(f"/tmp/{user}", ignore_errors=True)
+    subprocess.run(["/usr/sbin/userdel", "-f", TRACKING_USER], capture_output=True)
+    for folder in (DB, HEAD_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
+    for rule in SUDOERS:
+        rule.unlink(missing_ok=True)
 
 
 def _create_users() -> None:
@@ -148,6 +163,8 @@ def _create_users() -> None:
         tmp = Path(f"/tmp/{user}")
         tmp.mkdir(mode=0o700)
         shutil.chown(tmp, user, user)
+    SUDOERS[0].write_text(f"{USERS[HEAD_IP]} ALL=(ALL) NOPASSWD: ALL\n")
+    SUDOERS[0].chmod(0o440)
 
 
 def _open_interpreter_path() -> list[tuple[Path, int]]:
@@ -198,7 +215,7 @@ def _readme_commands() -> dict[str, str]:
 
 
 def _head_file(name: str) -> Path:
-    return Path(f"/home/{USERS[HEAD_IP]}/mfcon-db/{name}")
+    return DB / name
 
 
 def _pid(name: str) -> int:
@@ -207,6 +224,32 @@ def _pid(name: str) -> int:
 
 def _postmaster_pid() -> int:
     return int(_head_file("pgdata/postmaster.pid").read_text().split()[0])
+
+
+def _owner(pid: int) -> str:
+    import pwd
+
+    return pwd.getpwuid(Path(f"/proc/{pid}").stat().st_uid).pw_name
+
+
+def _head_user_reads(path: Path) -> bool:
+    """Whether the head's Ray user (every job on the head) can read ``path``."""
+    done = subprocess.run(["/usr/sbin/runuser", "-u", USERS[HEAD_IP], "--", "cat", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def _tracking_isolation(server_pid: int) -> dict:
+    """Who runs the head's tracking, who owns its files, and what the Ray user can read of them."""
+    postmaster, supervisor = _postmaster_pid(), _pid("supervisor.pid")
+    secret_files = ("pg_password", "mlflow_admin_password", "mlflow_jobs_password")
+    return {
+        "owners": {"server": _owner(server_pid), "postgres": _owner(postmaster), "supervisor": _owner(supervisor)},
+        "files": {name or ".": (oct(_head_file(name).stat().st_mode & 0o777), _head_file(name).owner())
+                  for name in ("", *secret_files, "pgdata")},
+        "ray user reads": {str(p): _head_user_reads(p) for p in (
+            *(_head_file(n) for n in secret_files), Path(f"/proc/{server_pid}/environ"),
+            Path(f"/proc/{postmaster}/environ"))},
+    }
 
 
 def _job_id(output: str) -> str:
@@ -291,11 +334,19 @@ def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small
 
             # `ray up` again, with a changed server setting: the server restarts with it, the database stays.
             server_pid, postmaster = _pid("mlflow-server.pid"), _postmaster_pid()
+            secret_names = ("pg_password", "mlflow_admin_password", "mlflow_jobs_password")
+            first_secrets = {name: _head_file(name).read_text() for name in secret_names}
             cfg = _launcher_config(tmp_path, key, token_file, s3.uri("mlflow"), workers=1)
             _run(["ray", "up", "-y", "--no-config-cache", str(cfg)], env, timeout=420, log=log)
             second_server_pid = _pid("mlflow-server.pid")
             server_cmdline = Path(f"/proc/{second_server_pid}/cmdline").read_bytes().decode().split("\0")
             assert _postmaster_pid() == postmaster, "PostgreSQL was restarted by `ray up`"
+            isolation = _tracking_isolation(second_server_pid)
+            kept_secrets = {name: _head_file(name).read_text() == first_secrets[name] for name in secret_names}
+            jobs_file = Path(f"/home/{USERS[HEAD_IP]}/.mfcon/mlflow_jobs_password")
+            jobs_file_facts = (oct(jobs_file.stat().st_mode & 0o777), jobs_file.owner(),
+                               jobs_file.read_text() == first_secrets["mlflow_jobs_password"])
+            head_env = Path(f"/home/{USERS[HEAD_IP]}/mfcon.env").read_text()
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
 
@@ -311,6 +362,19 @@ def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small
             exp = client.get_experiment_by_name(STUDY)
             trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mfcon.role") == "trial"]
             champion = client.get_model_version_by_alias("mfcon-speaker", "champion")
+            # The jobs' own account created the study's experiment and the registered model (MANAGE, the
+            # creator's grant): the study and promote signed in as it, and it is no admin.
+            from mlflow.server.auth.client import AuthServiceClient
+
+            auth = AuthServiceClient(tracking)
+            jobs_grants = {"admin": auth.get_user(JOBS_ACCOUNT).is_admin,
+                           "experiment": auth.get_user_permission(JOBS_ACCOUNT, "experiment",
+                                                                  exp.experiment_id).permission,
+                           "registered_model": auth.get_user_permission(JOBS_ACCOUNT, "registered_model",
+                                                                        "mfcon-speaker").permission}
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", JOBS_ACCOUNT)  # its password still works
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", jobs_file.read_text().strip())
+            jobs_see_study = MlflowClient(tracking).get_experiment_by_name(STUDY) is not None
 
             _run(["ray", "down", "-y", str(cfg)], env, timeout=300, log=log)
             deadline = time.monotonic() + 150
@@ -361,6 +425,18 @@ def test_ray_up_job_submit_second_ray_up_and_ray_down_on_loopback_machines(small
     assert champion.source and champion.run_id
     # A second `ray up` applied the changed setting (a new server process with it) and kept the database.
     assert second_server_pid != server_pid and server_cmdline[server_cmdline.index("--workers") + 1] == "1"
+    # The head's tracking runs as its own user, whose data and passwords the Ray user (every job on the head)
+    # cannot read, nor the server's or PostgreSQL's environment; the same passwords after the second `ray up`.
+    assert isolation["owners"] == dict.fromkeys(isolation["owners"], TRACKING_USER), isolation
+    assert isolation["files"] == {".": ("0o700", TRACKING_USER), "pgdata": ("0o700", TRACKING_USER),
+                                  **{n: ("0o600", TRACKING_USER) for n in secret_names}}, isolation
+    assert not any(isolation["ray user reads"].values()), isolation
+    assert all(kept_secrets.values()), kept_secrets
+    # Jobs on the head sign in as the jobs' account, from the Ray user's own 0600 copy of its password.
+    assert jobs_file_facts == ("0o600", USERS[HEAD_IP], True), jobs_file_facts
+    assert f"MLFLOW_TRACKING_USERNAME={JOBS_ACCOUNT}" in head_env and "admin" not in head_env, head_env
+    assert jobs_grants == {"admin": False, "experiment": "MANAGE", "registered_model": "MANAGE"}, jobs_grants
+    assert jobs_see_study
     # Data, study state, checkpoints and models in the bucket; nothing on the nodes but the head's database.
     assert "data/manifest.json" in keys
     assert f"runs/{STUDY}/study.json" in keys

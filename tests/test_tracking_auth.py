@@ -250,3 +250,25 @@ def _pgid(proc_dir: Path) -> int | None:
 
 def _id(trained: dict) -> str:
     return trained["model_uri"].rsplit("/", 1)[-1]
+
+
+def test_ensure_user_gives_jobs_a_non_admin_account_and_keeps_its_password(server, tmp_path):
+    """The cluster head's account for Ray jobs (cluster/tracking.sh): created once, the file's password set
+    again on every start, never an admin; it creates its own experiment and writes there."""
+    from mfcon.tracking.server_auth import ensure_user
+    from mlflow.server.auth.client import AuthServiceClient
+
+    admin_file = server["root"] / "admin_password"
+    jobs_file = _private_file(tmp_path / "jobs_password", "jobs-Passw0rd-0a1b2c3d\n")
+    assert ensure_user(server["url"], "ray-jobs", jobs_file, admin_file) == "created"
+    assert ensure_user(server["url"], "ray-jobs", jobs_file, admin_file) == "kept"
+    with as_user("admin"):
+        assert AuthServiceClient(server["url"]).get_user("ray-jobs").is_admin is False
+    with as_user("ray-jobs", "jobs-Passw0rd-0a1b2c3d"):
+        client = MlflowClient(server["url"])
+        exp = client.create_experiment("study-ray-jobs")
+        client.log_param(client.create_run(exp).info.run_id, "x", 1)
+        _refused(lambda: AuthServiceClient(server["url"]).create_user("someone", "someone-Passw0rd-1"), "403")
+    with pytest.raises(Exception, match="readable by other users"):
+        jobs_file.chmod(0o644)
+        ensure_user(server["url"], "ray-jobs", jobs_file, admin_file)

@@ -35,41 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from mfcon.tracking.server_auth import (  # noqa: F401 (the auth names stay importable from here)
+    ADMIN_PASSWORD_ENV,
+    AUTH_DB,
+    AUTH_INI,
+    DEFAULT_PERMISSION,
+    PERMISSIONS,
+    SECRET_KEY_ENV,
+    SECRET_KEY_FILE,
+    AuthSpec,
+    ServerConfigError,
+    auth_launch,
+    read_secret_file,
+)
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 DEFAULT_WORKERS = 4
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # else ~7 job-runner processes per server
-ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's basic-auth: the admin created on first start
-SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # MLflow's basic-auth: CSRF key, the same for every worker
 SECRET_ENV = ("PGPASSWORD", "MLFLOW_BACKEND_STORE_URI", ADMIN_PASSWORD_ENV, SECRET_KEY_ENV)  # what display() masks
-AUTH_INI, AUTH_DB, SECRET_KEY_FILE = "basic_auth.ini", "basic_auth.db", "flask_secret_key"
-DEFAULT_PERMISSION = "READ"  # a signed-in user without a grant reads; writing needs EDIT/MANAGE granted
-PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 POSTGRES_DRIVER = "postgresql+psycopg2"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ServerConfigError(ValueError):
-    """The server cannot be started as asked; the message names the option."""
-
-
-@dataclass(frozen=True)
-class AuthSpec:
-    """MLflow's basic-auth app: where its config lives, who the admin is, where users and grants are stored.
-
-    ``config_dir`` holds ``basic_auth.ini`` (written 0600; it names no password) and, unless
-    ``MLFLOW_FLASK_SERVER_SECRET_KEY`` is set, a generated ``flask_secret_key`` (0600).
-    ``database_uri`` defaults to ``basic_auth.db`` beside a SQLite tracking database, or the
-    tracking database itself for PostgreSQL (MLflow keeps the auth tables and their own
-    migration table, ``alembic_version_auth``, apart). The admin password comes from
-    ``admin_password_file`` (owner-only) or ``MLFLOW_AUTH_ADMIN_PASSWORD``, never from argv.
-    """
-
-    config_dir: str
-    admin_username: str = "admin"
-    admin_password_file: str | None = None
-    database_uri: str | None = None
-    default_permission: str = DEFAULT_PERMISSION
 
 
 @dataclass(frozen=True)
@@ -217,72 +203,14 @@ def mlflow_executable() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
 
 
-def read_secret_file(path: str | Path, option: str) -> str:
-    """A secret from a file only its owner can read (first line, stripped); anything else is a clear error."""
-    path = Path(path).expanduser()
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text().strip()
-    except OSError as e:
-        raise ServerConfigError(f"{option} {path}: cannot be read ({e.strerror})") from None
-    if mode & 0o077:
-        raise ServerConfigError(f"{option} {path}: readable by other users (mode {mode & 0o777:o}); "
-                                f"run: chmod 600 {shlex.quote(str(path))}")
-    if not text:
-        raise ServerConfigError(f"{option} {path}: is empty")
-    return text.splitlines()[0].strip()
-
-
-def _auth_launch(auth: AuthSpec, visible_uri: str | None, backend: str, environ: Mapping[str, str]
-                 ) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
-    """The environment and files of MLflow's basic-auth app (admin password and secret key: environment only)."""
-    config_dir = Path(auth.config_dir).expanduser()
-    if not config_dir.is_absolute():
-        raise ServerConfigError(f"--auth-dir {auth.config_dir!r}: give an absolute folder")
-    if auth.default_permission not in PERMISSIONS:
-        raise ServerConfigError(f"--default-permission {auth.default_permission!r}: one of {', '.join(PERMISSIONS)}")
-    if auth.default_permission in ("EDIT", "MANAGE"):
-        raise ServerConfigError(f"--default-permission {auth.default_permission}: every signed-in user could then "
-                                "write every experiment and move every alias; grant EDIT/MANAGE per user instead")
-    if not auth.admin_username or not re.fullmatch(r"[A-Za-z0-9_.@-]+", auth.admin_username):
-        raise ServerConfigError(f"--admin-username {auth.admin_username!r}: letters, digits and _.@- only")
-    if auth.admin_password_file:
-        password = read_secret_file(auth.admin_password_file, "--admin-password-file")
-    elif environ.get(ADMIN_PASSWORD_ENV):
-        password = environ[ADMIN_PASSWORD_ENV]
-    else:
-        raise ServerConfigError(f"--auth needs the admin's password: --admin-password-file FILE (mode 0600) or "
-                                f"${ADMIN_PASSWORD_ENV} in the environment (never on the command line)")
-    database = auth.database_uri
-    if database is None:
-        if backend.startswith("sqlite:///"):
-            database = f"sqlite:///{Path(backend[len('sqlite:///'):]).parent / AUTH_DB}"
-        elif visible_uri is not None and visible_uri.startswith(POSTGRES_DRIVER):
-            database = visible_uri  # the same database: MLflow keeps its auth tables (and migrations) apart
-        else:
-            raise ServerConfigError("--auth: give --auth-database-uri for this backend store (the auth database "
-                                    "must not carry a password in its URI)")
-    if urlsplit(database).password is not None:
-        raise ServerConfigError(f"--auth-database-uri {mask_uri(database)!r}: no password in the URI; PostgreSQL "
-                                "reads PGPASSWORD")
-    ini = "\n".join(["[mlflow]", f"default_permission = {auth.default_permission}", f"database_uri = {database}",
-                     f"admin_username = {auth.admin_username}",
-                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-                     "grant_default_workspace_access = false", ""])
-    files = [(str(config_dir / AUTH_INI), ini)]
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config_dir / AUTH_INI), ADMIN_PASSWORD_ENV: password,
-           "MLFLOW_AUTH_ADMIN_USERNAME": auth.admin_username}
-    key_file = config_dir / SECRET_KEY_FILE
-    if environ.get(SECRET_KEY_ENV):
-        env[SECRET_KEY_ENV] = environ[SECRET_KEY_ENV]
-    elif key_file.is_file():
-        env[SECRET_KEY_ENV] = read_secret_file(key_file, "the server's secret key")
-    else:
-        import secrets
-
-        env[SECRET_KEY_ENV] = secrets.token_urlsafe(32)
-        files.append((str(key_file), env[SECRET_KEY_ENV] + "\n"))
-    return env, tuple(files)
+def _auth_database(backend: str, visible_uri: str | None) -> str | None:
+    """Where users and grants go by default: ``basic_auth.db`` beside a SQLite store, or the PostgreSQL
+    tracking database itself (MLflow keeps its auth tables and their migrations apart); else None."""
+    if backend.startswith("sqlite:///"):
+        return f"sqlite:///{Path(backend[len('sqlite:///'):]).parent / AUTH_DB}"
+    if visible_uri is not None and visible_uri.startswith(POSTGRES_DRIVER):
+        return visible_uri
+    return None
 
 
 def server_launch(spec: ServerSpec, environ: Mapping[str, str], mlflow: list[str] | None = None) -> ServerLaunch:
@@ -305,7 +233,7 @@ def server_launch(spec: ServerSpec, environ: Mapping[str, str], mlflow: list[str
     files: tuple[tuple[str, str], ...] = ()
     warnings: list[str] = []
     if spec.auth is not None:
-        auth_env, files = _auth_launch(spec.auth, visible_uri, spec.backend_store_uri, environ)
+        auth_env, files = auth_launch(spec.auth, _auth_database(spec.backend_store_uri, visible_uri), environ)
         secret_env = {**secret_env, **auth_env}
         argv += ["--app-name", "basic-auth"]
     elif not is_loopback(host):

@@ -310,7 +310,7 @@ def test_named_test_lists_are_each_kept_checksummed_and_all_held_out(tmp_path):
     decide, sets = read_test_sets(tmp_path / "data", decide_on="E")
     assert decide == "E" and list(sets) == ["E", "O"] and sets["O"].features is sets["E"].features
     assert sets["O"].trials == read_trials(o_list, root=root)
-    with pytest.raises(ValueError, match="--decide-on H: .* has no test list of that name .*O, E"):
+    with pytest.raises(ValueError, match="--decide-on H: the data folder has no test list of that name .*O, E"):
         read_test_sets(tmp_path / "data", decide_on="H")
     (tmp_path / "data" / "trials-test-E.txt").write_text("0 id00005/vid0/00000.wav id00006/vid1/00001.wav\n")
     with pytest.raises(ManifestError, match="trials-test-E.txt: changed since prepare"):

@@ -82,11 +82,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> SimpleNamespace:
-    """10 tone speakers x 4 utterances; test list over the last 3, dev = 2 held-out speakers, train = 5."""
+    """10 tone speakers x 4 utterances; test list over the last 3 (and a second named list, ``pair``, over 2 of
+    them, reported beside it), dev = 2 held-out speakers, train = 5."""
     base = tmp_path_factory.mktemp("registry_corpus")
     utts = make_tone_corpus(base / "wav", n_speakers=10, utts_per_speaker=4, seed=0)
     test_trials = write_test_trials(base / "trials.txt", utts, sorted(utts)[-TEST_SPEAKERS:], seed=0)
-    prepare_dataset(base / "wav", base / "trials.txt", base / "data", dev_speakers=2, num_workers=0, progress=False)
+    write_test_trials(base / "pair.txt", utts, sorted(utts)[-2:], seed=1)
+    prepare_dataset(base / "wav", {"test": base / "trials.txt", "pair": base / "pair.txt"}, base / "data",
+                    dev_speakers=2, num_workers=0, progress=False)
     return SimpleNamespace(root=base / "wav", data=base / "data", n_test=len(test_trials))
 
 
@@ -290,6 +293,19 @@ def test_significantly_better_challenger_takes_over(ladder, store):
     assert float(tags["trial_dev_eer"]) == min(DEV_EER["good"]) and tags["selection_metric"] == "dev_eer"
     assert (r.challenger.eer, r.champion.eer) == (pytest.approx(0.0, abs=5.0), 50.0)
     assert "significantly better on the test list (" in r.reason and "seeds" not in r.reason
+    # Every named test list is reported; the gate decided on `test`.
+    assert r.decided_on == tags["decided_on"] == "test" and [c.name for c in r.lists] == ["test", "pair"]
+    on_test, on_pair = r.lists
+    assert (on_test.challenger_eer, on_test.champion_eer, on_test.delta) == (r.challenger.eer, r.champion.eer, r.delta)
+    pair = read_eval_set(store.data, "test", list_name="pair")
+    assert on_pair.n_trials == len(pair.trials) < r.n_trials and on_pair.n_speakers == 2
+    assert (on_pair.challenger_eer, on_pair.champion_eer) == (pytest.approx(0.0, abs=5.0), 50.0)
+    assert on_pair.delta.high < 0 and 0.0 <= on_pair.challenger_min_dcf <= 1.0
+    assert {k: tags[k] for k in ("list.pair.eer", "list.pair.delta_eer", "list.test.eer")} == {
+        "list.pair.eer": f"{on_pair.challenger_eer:.4f}", "list.pair.delta_eer": f"{on_pair.delta.estimate:.4f}",
+        "list.test.eer": tags["eer"]}
+    shown = format_promotion(r)
+    assert "every test list (the gate decided on test):" in shown and "test*" in shown and "\n  pair " in shown
 
 
 def test_equal_or_worse_challenger_does_not_move_champion(ladder, store):
@@ -374,6 +390,18 @@ def test_promotion_with_a_replication_gates_every_seed_and_registers_the_best_by
     assert shown[0] == f"study rep: evidence replication: {r.evidence_detail}"
     assert any(line.split()[:1] == ["seeds"] and "mean of" in line for line in shown)
     assert any(line.split()[:1] == ["difference"] and "(seed mean - champion)" in line for line in shown)
+
+
+def test_promotion_decides_on_the_named_list_it_is_given(store):
+    r = promote("main", store.uri, model_name="mfcon-pair", data_dir=store.data, n_boot=200, decide_on="pair")
+    pair = read_eval_set(store.data, "test", list_name="pair")
+    assert r.decided_on == "pair" and r.n_trials == len(pair.trials) and r.n_groups == 2
+    assert [c.name for c in r.lists] == ["pair", "test"] and r.lists[0].challenger_eer == r.challenger.eer
+    assert _tags(store, r.version, "mfcon-pair")["decided_on"] == "pair"
+    assert "scored on test list pair:" in format_promotion(r)
+    with pytest.raises(ValueError, match="--decide-on H: the data folder has no test list of that name "
+                                         r"\(its test lists: test, pair\)"):
+        promote("main", store.uri, model_name="mfcon-pair", data_dir=store.data, n_boot=200, decide_on="H")
 
 
 def test_a_replication_without_an_mfcon_configuration_falls_back_to_the_best_trial(store):

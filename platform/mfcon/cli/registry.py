@@ -23,6 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default=None, choices=SELECTION_METRICS,
                    help="dev metric that picks the best trial or the replica to register (default: the metric "
                         "the study optimised)")
+    p.add_argument("--decide-on", metavar="NAME",
+                   help="the named test list the gate decides on (default: 'test' when the data folder has it, "
+                        "else its first list); every list is scored and reported")
     p.add_argument("--force", action="store_true", help="make it champion even if not significantly better")
     p.add_argument("--rollback", action="store_true", help="champion <- previous instead of promoting")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -45,9 +48,10 @@ def _promote(args: argparse.Namespace) -> None:
         return
     result = promote(args.study, tracking_uri(args), model_name=args.model_name, metric=args.metric,
                      data_dir=args.data, force=args.force, n_boot=args.n_boot, seed=args.seed,
-                     score_norm=args.score_norm, top_n=args.top_n)
+                     score_norm=args.score_norm, top_n=args.top_n, decide_on=args.decide_on)
     print(format_promotion(result))
-    print(f"next: mfcon score test --data {args.data} --model models:/{result.model_name}/{result.version}   "
+    print(f"next: mfcon score {result.decided_on} --data {args.data} "
+          f"--model models:/{result.model_name}/{result.version}   "
           f"(or: mfcon verify a.wav b.wav --model models:/{result.model_name}@champion)")
 
 
@@ -59,12 +63,27 @@ def _row(label: str, version: str, s: Scored) -> str:
     return f"  {label:<11} {version:<8} {s.eer:7.2f}  {_ci(*s.eer_ci)}  {s.threshold:+.4f}"
 
 
+def format_lists(r: PromotionResult) -> str:
+    """One row per named test list: challenger and champion EER / minDCF and the difference with its CI."""
+    rows = [f"  {'list':<10} {'trials':>7} {'spk':>4}  {'challenger EER %':>16} {'minDCF':>7}  "
+            f"{'champion EER %':>14} {'minDCF':>7}  difference"]
+    for c in r.lists:
+        mark = "*" if c.name == r.decided_on else ""
+        champ = (f"{c.champion_eer:14.2f} {c.champion_min_dcf:7.4f}" if c.champion_eer is not None
+                 else f"{'-':>14} {'-':>7}")
+        diff = f"{c.delta.estimate:+6.2f} {_ci(c.delta.low, c.delta.high)}" if c.delta is not None else "-"
+        rows.append(f"  {c.name + mark:<10} {c.n_trials:>7} {c.n_speakers:>4}  {c.challenger_eer:16.2f} "
+                    f"{c.challenger_min_dcf:7.4f}  {champ}  {diff}")
+    return "\n".join(rows)
+
+
 def format_promotion(r: PromotionResult) -> str:
     """The evidence, champion vs challenger EER table on the test list with the CIs, and the decision."""
     conf = f"{r.delta.confidence if r.delta else 0.95:.0%}"
     lines = [f"study {r.study}: evidence {r.evidence}: {r.evidence_detail}",
              f"registered run {r.trial.run_id[:12]} ({r.trial.trial_id}), {r.metric} {r.trial.value:.4g} on dev",
-             f"scored on the test list: {r.n_trials} trials, {r.n_groups} enrollment speakers (cluster bootstrap)", "",
+             f"scored on {'the test list' if r.decided_on == 'test' else 'test list ' + r.decided_on}: "
+             f"{r.n_trials} trials, {r.n_groups} enrollment speakers (cluster bootstrap)", "",
              f"  {'':<11} {'version':<8} {'EER %':>7}  {conf + ' CI':<16}  threshold"]
     if r.champion is not None:
         lines.append(_row("champion", f"v{r.champion_version}", r.champion))
@@ -76,6 +95,8 @@ def format_promotion(r: PromotionResult) -> str:
         what = "seed mean - champion" if len(r.seed_eers) > 1 else "challenger - champion"
         lines.append(f"  {'difference':<11} {'':<8} {r.delta.estimate:+7.2f}  {_ci(r.delta.low, r.delta.high)}  "
                      f"({what})")
+    if r.lists:
+        lines += ["", f"every test list (the gate decided on {r.decided_on}):", format_lists(r)]
     verdict = (f"PROMOTED: {r.model_name}@champion -> v{r.version}" if r.promoted
                else f"not promoted: {r.model_name}@champion stays v{r.champion_version}")
     lines += ["", f"{verdict} ({r.reason})"]

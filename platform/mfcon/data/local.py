@@ -50,10 +50,7 @@ def read_test_sets(data_dir: str | Path, score_norm: str = "mean", top_n: int = 
     :meth:`Manifest.default_test_list` and an unknown name is a ValueError listing the names."""
     manifest = read_manifest(data_dir)
     names = manifest.test_lists()
-    decide_on = decide_on or manifest.default_test_list()
-    if decide_on not in names:
-        raise ValueError(f"--decide-on {decide_on}: {data_dir} has no test list of that name "
-                         f"(its test lists: {', '.join(names)})")
+    decide_on = manifest.decided_list(decide_on)
     first = read_eval_set(data_dir, "test", score_norm, top_n, list_name=decide_on)
     sets = {decide_on: first}
     for name in names:

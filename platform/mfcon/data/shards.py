@@ -200,6 +200,16 @@ class Manifest(_Model):
         names = self.test_lists()
         return TEST_LIST if TEST_LIST in names else names[0]
 
+    def decided_list(self, name: str | None) -> str:
+        """``name`` (``--decide-on``) when it is a test list here, else ValueError naming the lists; None: the
+        default list."""
+        if name is None:
+            return self.default_test_list()
+        if name not in self.test_lists():
+            raise ValueError(f"--decide-on {name}: the data folder has no test list of that name (its test lists: "
+                             f"{', '.join(self.test_lists())})")
+        return name
+
 
 @dataclass
 class SplitArrays:

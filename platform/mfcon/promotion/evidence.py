@@ -27,9 +27,11 @@ test list is only ever scored with them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mfcon.data.corpus.voxceleb import TrialPair
 from mfcon.data.shards import read_manifest
 from mfcon.evaluation.metrics import BootstrapResult, bootstrap_eer_difference, equal_error_rate
 from mfcon.evaluation.selection import best_value
@@ -82,6 +85,7 @@ class Scored:
     eer_ci: tuple[float, float] = (math.nan, math.nan)
     cohort: np.ndarray | None = None  # (S, E) AS-norm cohort of this model's embeddings, when the scoring uses one
     top_n: int = DEFAULT_TOP_N
+    lists: dict[str, Scored] = field(default_factory=dict)  # the same model on each other named test list
 
 
 @dataclass
@@ -97,6 +101,11 @@ class Evidence:
     replication_run_id: str | None = None
     config: str | None = None  # the replication's configuration label
     seeds: list[int] = field(default_factory=list)  # the training seed of each of ``models`` (a replication)
+
+    def on_list(self, name: str) -> Evidence:
+        """The same evidence judged on another named test list (every model was scored on it too)."""
+        return dataclasses.replace(self, challenger=self.challenger.lists[name],
+                                   models=[m.lists[name] for m in self.models])
 
     def delta(self, champion: Scored, groups: np.ndarray, n_boot: int, confidence: float,
               seed: int) -> BootstrapResult | PairedInterval:
@@ -177,9 +186,14 @@ def _trial_scores(scorer: TrialScorer, emb: np.ndarray, eval_set: EvalSet) -> tu
     return scorer.score(a, b), np.array([t.label for t in eval_set.trials], dtype=np.int64)
 
 
-def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path, dev_set: EvalSet | None = None) -> Scored:
+OtherLists = Mapping[str, Sequence[TrialPair]]  # other named test lists over the eval set's utterances
+
+
+def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path, dev_set: EvalSet | None = None,
+                   others: OtherLists | None = None) -> Scored:
     """The model's serving settings fitted on ``dev_set`` (mean embedding, then the EER threshold of its dev
     trials) and every trial of ``eval_set`` scored with them (AS-norm with the set's cohort); the test EER.
+    ``others``: further test lists over the same utterances, scored alike into ``Scored.lists``.
 
     Without ``dev_set`` (a data folder without dev trials) the eval set's own mean and threshold are used."""
     data_cfg = read_manifest(data_dir).feature_config
@@ -194,14 +208,19 @@ def score_embedder(model: SpeakerEmbedder, eval_set: EvalSet, data_dir: Path, de
         fit_set, fit_emb = dev_set, model.embed_features(dev_set.features)
     scorer = TrialScorer(fit_emb.mean(axis=0), cohort, eval_set.top_n)
     threshold = equal_error_rate(*_trial_scores(scorer, fit_emb, fit_set))[1]
-    scores, labels = _trial_scores(scorer, emb, eval_set)
-    eer = equal_error_rate(scores, labels)[0]
-    return Scored(scores, labels, 100.0 * eer, threshold, scorer.mean, cohort=cohort, top_n=eval_set.top_n)
+    def scored(trials: Sequence[TrialPair]) -> Scored:
+        scores, labels = _trial_scores(scorer, emb, dataclasses.replace(eval_set, trials=list(trials)))
+        eer = equal_error_rate(scores, labels)[0]
+        return Scored(scores, labels, 100.0 * eer, threshold, scorer.mean, cohort=cohort, top_n=eval_set.top_n)
+
+    result = scored(eval_set.trials)
+    result.lists = {name: scored(trials) for name, trials in (others or {}).items()}
+    return result
 
 
 def score_model(model_uri: str, tracking_uri: str, eval_set: EvalSet, data_dir: Path,
-                dev_set: EvalSet | None = None) -> Scored:
-    return score_embedder(embedder_of(load_embedder(model_uri, tracking_uri)), eval_set, data_dir, dev_set)
+                dev_set: EvalSet | None = None, others: OtherLists | None = None) -> Scored:
+    return score_embedder(embedder_of(load_embedder(model_uri, tracking_uri)), eval_set, data_dir, dev_set, others)
 
 
 def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float]:
@@ -213,9 +232,10 @@ def eer_interval(s: Scored, groups: np.ndarray, n_boot: int, confidence: float, 
 # ---------------------------------------------------------------- the evidence
 
 def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], metric: str, eval_set: EvalSet,
-                    data_dir: Path, tracking_uri: str, notes: list[str], dev_set: EvalSet | None = None) -> Evidence:
+                    data_dir: Path, tracking_uri: str, notes: list[str], dev_set: EvalSet | None = None,
+                    others: OtherLists | None = None) -> Evidence:
     """The study's replication when it has a usable one, else its best trial; models scored on ``eval_set``
-    with serving settings fitted on ``dev_set``."""
+    (and ``others``) with serving settings fitted on ``dev_set``."""
 
     table = read_replication(client, study)
     if table is not None:
@@ -223,9 +243,10 @@ def gather_evidence(client: MlflowClient, study: str, trials: list[StudyTrial], 
             notes.append(f"replication {table['run_id']} has no MFCon configuration to promote: "
                          "judged the best study trial instead")
         else:
-            return replication_evidence(client, table, metric, eval_set, data_dir, tracking_uri, notes, dev_set)
+            return replication_evidence(client, table, metric, eval_set, data_dir, tracking_uri, notes, dev_set,
+                                        others)
     trial, uri = _first_with_model(client, study, trials, data_dir, notes)
-    scored = score_model(uri, tracking_uri, eval_set, data_dir, dev_set)
+    scored = score_model(uri, tracking_uri, eval_set, data_dir, dev_set, others)
     detail = f"best trial {trial.trial_id} by {metric}, re-scored on the test list of {len(eval_set.trials)} trials"
     return Evidence(STUDY_TRIAL, detail, trial, uri, scored, [scored])
 
@@ -243,7 +264,7 @@ def _first_with_model(client: MlflowClient, study: str, trials: list[StudyTrial]
 
 def replication_evidence(client: MlflowClient, table: dict[str, Any], metric: str, eval_set: EvalSet,
                          data_dir: Path, tracking_uri: str, notes: list[str],
-                         dev_set: EvalSet | None = None) -> Evidence:
+                         dev_set: EvalSet | None = None, others: OtherLists | None = None) -> Evidence:
     """Every seed model of the replication's best configuration; registers the seed with the lowest ``metric``."""
     label, run_id = table["best"], table["run_id"]
     config = table.get("configs", {}).get(label) or {}
@@ -261,7 +282,7 @@ def replication_evidence(client: MlflowClient, table: dict[str, Any], metric: st
                              math.inf if value is None else value, dict(run.data.params), dict(run.data.tags))
         uri = challenger_model_uri(client, replica, data_dir, notes)
         replicas.append((replica, uri))
-        models.append(score_model(uri, tracking_uri, eval_set, data_dir, dev_set))
+        models.append(score_model(uri, tracking_uri, eval_set, data_dir, dev_set, others))
     pick = min(range(len(replicas)), key=lambda i: (replicas[i][0].value, i))
     trial, uri = replicas[pick]
     seed = seeds[pick] if pick < len(seeds) else trial.params.get("replica.seed", "?")

@@ -8,6 +8,12 @@ bootstrap CI of EER(challenger) - EER(champion) on the held-out **test** list
 (resampling enrollment speakers) is below 0, or when forced (tag
 ``forced=true``). The dev list picks the challenger, the test list judges it.
 
+Several named test lists (``prepare --test-trials O=... --test-trials E=...``):
+every model is scored on each, the EER, minDCF and difference to the champion
+are reported per list (version tags ``list.<NAME>.*``), and the gate decides on
+one, ``decide_on`` (``--decide-on``; default ``test`` when the folder has it,
+else its first list), recorded as tag ``decided_on``.
+
 Evidence (:mod:`mfcon.promotion.evidence`, tags ``evidence`` and
 ``evidence_detail``): with a replication of the study, its best configuration
 (chosen on dev): all of its seed models are gated, the seed with the lowest dev
@@ -47,9 +53,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mfcon import storage
-from mfcon.data.local import read_eval_set
+from mfcon.data.local import read_eval_set, read_test_sets
 from mfcon.data.shards import manifest_hash
-from mfcon.evaluation.metrics import BootstrapResult
+from mfcon.evaluation.metrics import BootstrapResult, min_dcf
 from mfcon.evaluation.verdicts import PairedInterval
 from mfcon.names import (
     CHAMPION,
@@ -80,7 +86,8 @@ from mfcon.tracking import ROLE_TAG, code_version, find_runs
 from mfcon.tracking.records import study_metric
 
 __all__ = [
-    "FINISHED_STATES", "REPLICATION", "SELECTION_METRICS", "STUDY_TRIAL", "PromotionResult", "RegistryError",
+    "FINISHED_STATES", "REPLICATION", "SELECTION_METRICS", "STUDY_TRIAL", "ListComparison", "PromotionResult",
+    "RegistryError",
     "RollbackResult", "Scored", "StudyTrial", "challenger_model_uri", "finished_trials", "promote", "rollback",
     "score_embedder",
 ]
@@ -96,6 +103,33 @@ def study_selection_metric(client: MlflowClient, study: str) -> str:
     if not parents:
         return SELECTION_METRICS[0]
     return study_metric(dict(parents[0].data.tags), None)
+
+
+@dataclass(frozen=True)
+class ListComparison:
+    """Challenger (and champion) on one named test list, with their difference; EER in percent, minDCF p=0.01."""
+
+    name: str
+    n_trials: int
+    n_speakers: int
+    challenger_eer: float
+    challenger_min_dcf: float
+    champion_eer: float | None = None
+    champion_min_dcf: float | None = None
+    delta: BootstrapResult | PairedInterval | None = None  # EER(challenger) - EER(champion), points
+
+
+def _min_dcf(s: Scored) -> float:
+    return float(min_dcf(s.scores, s.labels, p_target=0.01)[0])
+
+
+def compare_on_list(name: str, ev: Evidence, champion: Scored | None, groups: np.ndarray, n_boot: int,
+                    confidence: float, seed: int) -> ListComparison:
+    """The evidence and the champion on list ``name`` (``ev`` and ``champion`` already judged on it)."""
+    delta = ev.delta(champion, groups, n_boot, confidence, seed) if champion is not None else None
+    return ListComparison(name, len(groups), len(set(groups)), ev.challenger.eer, _min_dcf(ev.challenger),
+                          None if champion is None else champion.eer,
+                          None if champion is None else _min_dcf(champion), delta)
 
 
 @dataclass
@@ -119,6 +153,8 @@ class PromotionResult:
     replication_run_id: str | None = None
     seed_eers: list[float] = field(default_factory=list)  # test EER (%) of every challenger model gated
     notes: list[str] = field(default_factory=list)
+    decided_on: str = TEST_SPLIT  # the named test list the gate decided on
+    lists: list[ListComparison] = field(default_factory=list)  # every test list, the decided one first (when >1)
 
 
 @dataclass(frozen=True)
@@ -141,12 +177,14 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
 
 def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metric: str | None = None,
             data_dir: str | Path | None = None, force: bool = False, n_boot: int = 1000, seed: int = 0,
-            confidence: float = 0.95, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N) -> PromotionResult:
+            confidence: float = 0.95, score_norm: str = "mean", top_n: int = DEFAULT_TOP_N,
+            decide_on: str | None = None) -> PromotionResult:
     """Register the study's challenger; make it ``champion`` if significantly better on the test list (or forced).
 
     ``metric`` (a dev metric; default: the one the study optimised) picks the best trial, or the replica to
     register; serving settings are fitted on the dev split of ``data_dir``, whose test split scores challenger
-    and champion.
+    and champion on every named test list; the gate decides on ``decide_on`` (default: ``test`` when the folder
+    has it, else its first list).
     """
     if data_dir is None:
         raise RegistryError("promote needs data_dir: the prepared data folder whose test trials judge the models")
@@ -154,21 +192,33 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
     client = open_registry(tracking_uri)
     metric = metric or study_selection_metric(client, study)
     exp_id, trials = finished_trials(client, study, metric)
-    eval_set = read_eval_set(data_dir, TEST_SPLIT, score_norm, top_n)  # champion and challenger scored alike
+    decided, tests = read_test_sets(data_dir, score_norm, top_n, decide_on)  # champion and challenger alike
+    eval_set = tests[decided]
+    others = {name: s.trials for name, s in tests.items() if name != decided}
     dev_set = read_eval_set(data_dir, DEV_SPLIT, "mean")  # fits each model's serving settings
     groups = np.array([t.enroll.split("/")[0] for t in eval_set.trials])
     notes: list[str] = []
-    ev = gather_evidence(client, study, trials, metric, eval_set, data_dir, tracking_uri, notes, dev_set)
+    ev = gather_evidence(client, study, trials, metric, eval_set, data_dir, tracking_uri, notes, dev_set, others)
     challenger = ev.challenger
     challenger.eer_ci = eer_interval(challenger, groups, n_boot, confidence, seed)
 
     champ_version = (_aliases(client, model_name) or {}).get(CHAMPION)
     champion, delta = None, None
     if champ_version:
-        champion = score_model(f"models:/{model_name}/{champ_version}", tracking_uri, eval_set, data_dir, dev_set)
+        champion = score_model(f"models:/{model_name}/{champ_version}", tracking_uri, eval_set, data_dir, dev_set,
+                               others)
         champion.eer_ci = eer_interval(champion, groups, n_boot, confidence, seed)
         delta = ev.delta(champion, groups, n_boot, confidence, seed)
-    on = f"the test list ({len(eval_set.trials)} trials, {len(set(groups))} speakers)"
+    lists = []
+    if others:
+        lists.append(compare_on_list(decided, ev, champion, groups, n_boot, confidence, seed))
+        for name, trials in others.items():
+            list_groups = np.array([t.enroll.split("/")[0] for t in trials])
+            lists.append(compare_on_list(name, ev.on_list(name), None if champion is None else champion.lists[name],
+                                         list_groups,
+                                         n_boot, confidence, seed))
+    named = "the test list" if decided == TEST_SPLIT else f"test list {decided}"
+    on = f"{named} ({len(eval_set.trials)} trials, {len(set(groups))} speakers)"
     if ev.kind == REPLICATION:
         on += f" with {len(ev.models)} seeds of {ev.config}"
     decision = gate(delta, force=force, evidence=on, units="percent")
@@ -179,6 +229,7 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
     tags = _version_tags(study, ev, metric, champion, champ_version, delta, decision.promote, decision.forced,
                          decision.reason, data_hash, study_tags.get("mfcon.code_version") or code_version(),
                          confidence, n_boot, len(eval_set.trials), len(set(groups)))
+    tags.update(_list_tags(decided, lists))
     version = _register(client, model_name, ev.model_uri, ev.trial.run_id, tags)
     if challenger.cohort is not None:
         store_cohort(client, model_name, version, ev.trial.run_id, challenger.cohort)
@@ -192,7 +243,7 @@ def promote(study: str, tracking_uri: str, model_name: str = DEFAULT_MODEL, metr
         champion=champion, champion_version=champ_version, delta=delta, promoted=decision.promote,
         forced=decision.forced, reason=decision.reason, n_trials=len(eval_set.trials), n_groups=len(set(groups)),
         evidence=ev.kind, evidence_detail=ev.detail, replication_run_id=ev.replication_run_id,
-        seed_eers=[m.eer for m in ev.models], notes=notes)
+        seed_eers=[m.eer for m in ev.models], notes=notes, decided_on=decided, lists=lists)
 
 
 def _study_tags(client: MlflowClient, exp_id: str) -> dict[str, str]:
@@ -229,6 +280,22 @@ def _version_tags(study: str, ev: Evidence, metric: str, champ: Scored | None, c
         tags.update({"champion_version": champ_version, "champion_eer": f"{champ.eer:.4f}",
                      "delta_eer": f"{delta.estimate:.4f}", "delta_ci_low": f"{delta.low:.4f}",
                      "delta_ci_high": f"{delta.high:.4f}"})
+    return tags
+
+
+def _list_tags(decided: str, lists: list[ListComparison]) -> dict[str, str]:
+    """``decided_on``, and per list ``list.<NAME>.eer`` / ``.min_dcf`` (+ ``.champion_eer``, ``.delta_eer`` and its
+    CI when there is a champion) when there are several lists."""
+    tags = {"decided_on": decided}
+    for c in lists:
+        prefix = f"list.{c.name}."
+        tags.update({prefix + "n_trials": str(c.n_trials), prefix + "eer": f"{c.challenger_eer:.4f}",
+                     prefix + "min_dcf": f"{c.challenger_min_dcf:.4f}"})
+        if c.delta is not None:
+            tags.update({prefix + "champion_eer": f"{c.champion_eer:.4f}",
+                         prefix + "delta_eer": f"{c.delta.estimate:.4f}",
+                         prefix + "delta_ci_low": f"{c.delta.low:.4f}",
+                         prefix + "delta_ci_high": f"{c.delta.high:.4f}"})
     return tags
 
 

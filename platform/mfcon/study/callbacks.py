@@ -153,6 +153,12 @@ class MLflowStudyCallback(Callback):
         return self._runs
 
     @never_raises
+    def setup(self, **info):
+        """The tracker before the first trial: an MLflow client, the spool and, on SQLite, the store's schema take
+        seconds, which the first trial's start would otherwise hold Tune's loop for."""
+        self.runs  # noqa: B018
+
+    @never_raises
     def on_step_begin(self, iteration, trials, **info):
         if self._resubmit:  # ended before the last driver died, never spooled: finish them now
             self._resubmit = False

@@ -30,12 +30,18 @@ def small_corpus(tmp_path_factory):
 def small_data(small_corpus, tmp_path_factory) -> Path:
     """The small corpus as fbank Parquet shards (train: 8 speakers, dev: 4 held out, test: the trial list's 4).
 
-    Four dev speakers keep dev EERs off a floor of exact 0, where every trial ties and ASHA can stop none."""
+    Four dev speakers keep dev EERs off a floor of exact 0, where every trial ties and ASHA can stop none.
+    Beside the list named ``test``, a second named test list ``half`` (the trials of its first 2 enrollment
+    speakers: no new utterances, the same shards) lets replication and promotion report two lists."""
     from mfcon.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("shards")
-    prepare_dataset(small_corpus.root, small_corpus.trials, out, dev_speakers=4, rows_per_shard=16, num_workers=1,
-                    progress=False)
+    half = out.parent / f"{out.name}-half.txt"
+    lines = small_corpus.trials.read_text().splitlines()
+    first = sorted({line.split()[1].split("/")[0] for line in lines})[:2]
+    half.write_text("".join(f"{line}\n" for line in lines if line.split()[1].split("/")[0] in first))
+    prepare_dataset(small_corpus.root, {"test": small_corpus.trials, "half": half}, out, dev_speakers=4,
+                    rows_per_shard=16, num_workers=1, progress=False)
     return out
 
 

@@ -115,6 +115,17 @@ def test_replicas_are_tracked_with_test_metrics(replicated, small_data):
     assert top.delta.low <= top.delta.estimate <= top.delta.high
     test = read_eval_set(small_data, "test")
     assert result.n_trials == len(test.trials)
+    # Two named test lists (conftest's `half` beside `test`): each replica is scored on both, decided on `test`.
+    half = read_eval_set(small_data, "test", list_name="half")
+    assert result.decided_on == "test" and list(result.lists) == ["test", "half"]
+    assert result.list_trials["half"] == (len(half.trials), 2) and result.lists["test"] == result.verdicts
+    for run in replicas:
+        assert run.data.metrics["test_test_eer"] == run.data.metrics["test_eer"]
+        assert 0 <= run.data.metrics["test_half_eer"] <= 100 and "test_half_min_dcf" in run.data.metrics
+    half_top = result.lists["half"]["top1"]
+    assert sorted(half_top.test_eer) == pytest.approx(sorted(r.data.metrics["test_half_eer"] for r in replicas
+                                                              if r.data.params["replica.label"] == "top1"))
+    assert half_top.delta.low <= half_top.delta.estimate <= half_top.delta.high
 
 
 def test_replication_table_verdict_and_plot_are_logged(replicated):
@@ -133,6 +144,13 @@ def test_replication_table_verdict_and_plot_are_logged(replicated):
     assert (significance == "not significant") == (delta.low <= 0 <= delta.high)
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/replication.png"]
     assert "baseline" in result.summary() and "test list" in result.summary()
+    assert table["decided_on"] == "test" and set(table["lists"]) == {"test", "half"}
+    half = result.lists["half"]["top1"].delta
+    assert table["lists"]["half"]["configs"]["top1"]["delta_eer"]["estimate"] == pytest.approx(half.estimate)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mfcon.decided_on"] == "test"
+    assert run.data.metrics["delta_test_half_eer.top1"] == pytest.approx(half.estimate)
+    assert "test list half (reported, not decided on: " in result.summary()
 
 
 def test_report_shows_the_replication_table_and_plot(replicated, tmp_path):

@@ -36,6 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replication-seed", type=int, default=0,
                    help="draws the training seeds, never one a study trial used (a re-run must give the same)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--decide-on", metavar="NAME",
+                   help="the named test list the verdict is decided on (default: 'test' when the data folder has "
+                        "it, else its first list); every list is scored and reported")
     p.add_argument("--address", help="Ray cluster address, e.g. auto (default: a private local Ray)")
     add_store_options(p)
     add_score_norm_options(p)
@@ -75,7 +78,7 @@ def _replicate(args: argparse.Namespace) -> None:
     result = replicate_study(args.study, workdir=args.workdir, top_k=args.top_k, seeds=args.seeds,
                              tracking_uri=args.tracking_uri, address=args.address, n_boot=args.n_boot,
                              score_norm=args.score_norm, top_n=args.top_n,
-                             replication_seed=args.replication_seed)
+                             replication_seed=args.replication_seed, decide_on=args.decide_on)
     print("\n" + result.summary())
 
 

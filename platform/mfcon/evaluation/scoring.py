@@ -119,6 +119,11 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, device: torch.device | s
     cohort = embed_cohort(model, eval_set.cohort, device, max_frames) if eval_set.cohort is not None else None
     scores, labels = score_trials(eval_set.utt_ids, emb, eval_set.trials, cohort=cohort, top_n=eval_set.top_n,
                                   centre=centre)
+    return evaluate_scores(scores, labels)
+
+
+def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """EER, its threshold and minDCF (p_target 0.01, 0.05) of scored trials."""
     eer, threshold = equal_error_rate(scores, labels)
     return EvalResult(eer=float(eer), eer_threshold=float(threshold),
                       min_dcf_01=float(min_dcf(scores, labels, p_target=0.01)[0]),

@@ -18,10 +18,18 @@ promoted model is served; the test list is only ever scored. The plan (which
 configurations, which seeds) is written once; a re-run continues exactly that
 plan, or refuses when asked for another.
 
+Several named test lists (``prepare --test-trials O=... --test-trials E=...``):
+every replica is scored on each of them (one embedding of the test split), the
+table and the per-configuration differences are reported for each list, and the
+verdict is decided on one (``decide_on``, ``--decide-on``; default ``test`` when
+the folder has it, else its first list), recorded as tag ``mfcon.decided_on``.
+
 MLflow: a ``replication`` parent run in the study's experiment, a ``replica``
 child run per (configuration, seed) with its per-epoch dev metrics, its best
-checkpoint and model, and its ``test_*`` metrics; the parent holds
-``replication.json`` (the table), per-configuration metrics and the verdict.
+checkpoint and model, and its ``test_*`` metrics (the decided list; every list
+``L`` also as ``test_L_*`` when there are several); the parent holds
+``replication.json`` (the table, and under ``lists`` every list's), per-configuration
+metrics and the verdict.
 """
 
 from __future__ import annotations
@@ -44,12 +52,20 @@ from ray import tune
 
 from mfcon import storage
 from mfcon.config import TrainConfig, apply_overrides
-from mfcon.data.local import read_eval_set
+from mfcon.data.local import read_eval_set, read_test_sets
+from mfcon.data.shards import read_manifest
 from mfcon.evaluation.selection import best_value
 from mfcon.models.mfa_conformer import build_model
 from mfcon.plots import replication_plot
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, ScoreNormName
-from mfcon.evaluation.scoring import EvalSet, evaluate, extract_embeddings
+from mfcon.evaluation.scoring import (
+    EvalResult,
+    EvalSet,
+    embed_cohort,
+    evaluate_scores,
+    extract_embeddings,
+    score_trials,
+)
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
 from mfcon.study.plot_logging import log_figures
@@ -197,6 +213,9 @@ class ReplicationResult:
     n_speakers: int
     epochs: int
     metric: str = "dev_eer"  # the dev metric that chose ``best``
+    decided_on: str = "test"  # the test list the verdict is decided on
+    lists: dict[str, dict[str, ConfigVerdict]] = dataclasses.field(default_factory=dict)  # every list's verdicts
+    list_trials: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # list -> (trials, speakers)
 
     def verdict(self) -> str:
         if self.best is None:
@@ -204,18 +223,30 @@ class ReplicationResult:
         return verdict_line(self.verdicts[self.best], BASELINE)
 
     def summary(self) -> str:
-        return (f"replication of {self.study}: {len(next(iter(self.replica_runs.values())))} seeds x "
-                f"{len(self.replica_runs)} configurations, {self.epochs} epochs each, scored on the test list "
+        on = "the test list" if len(self.lists) <= 1 else f"test list {self.decided_on} (decided on)"
+        text = (f"replication of {self.study}: {len(next(iter(self.replica_runs.values())))} seeds x "
+                f"{len(self.replica_runs)} configurations, {self.epochs} epochs each, scored on {on} "
                 f"({self.n_trials} trials, {self.n_speakers} enrollment speakers)\n"
                 f"{format_table(self.verdicts)}\n{self.verdict()}")
+        for name, verdicts in self.lists.items():
+            if name == self.decided_on:
+                continue
+            trials, speakers = self.list_trials[name]
+            line = verdict_line(verdicts[self.best], BASELINE) if self.best else ""
+            text += (f"\n\ntest list {name} (reported, not decided on: {trials} trials, {speakers} enrollment "
+                     f"speakers)\n{format_table(verdicts)}" + (f"\n{line}" if line else ""))
+        return text
 
 
 def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, seeds: int = 3,
                     tracking_uri: str | None = None, address: str | None = None, n_boot: int = 1000,
                     confidence: float = 0.95, score_norm: ScoreNormName = "mean",
-                    top_n: int = DEFAULT_TOP_N, replication_seed: int = 0) -> ReplicationResult:
+                    top_n: int = DEFAULT_TOP_N, replication_seed: int = 0,
+                    decide_on: str | None = None) -> ReplicationResult:
     """Retrain and score; re-running with the same flags continues an interrupted replication (finished
-    replicas are kept); ``replication_seed`` draws its training seeds, disjoint from the study's."""
+    replicas are kept); ``replication_seed`` draws its training seeds, disjoint from the study's. Every named
+    test list of the data folder is scored; the verdict is decided on ``decide_on`` (default: ``test`` when there
+    is one, else the first list)."""
     if top_k < 1 or seeds < 2:
         raise StudyError(f"replication needs --top-k >= 1 and --seeds >= 2 (got {top_k}, {seeds}): "
                          "one seed cannot show seed-to-seed spread")
@@ -227,6 +258,7 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
     with storage.local_copy(info["space"]) as local_space:
         space = load_search_space(local_space).model_copy(update={"name": study})
     data_dir = info["data"]
+    decide_on = read_manifest(data_dir).decided_list(decide_on)  # a wrong name fails before anything trains
     root = storage.join(study_paths(workdir, study)["root"], "replication")
     runtime = build_runtime(space, data_dir, storage.join(root, "train"))  # input errors before anything runs
     replicas = planned_replicas(space, uri, root, top_k, seeds, replication_seed)
@@ -239,9 +271,9 @@ def replicate_study(study: str, workdir: str | Path = "runs", top_k: int = 1, se
         failed = [r for r in grid if r.error is not None]
         if failed:
             print(f"warning: {len(failed)} replicas failed; the verdict uses the others")
-        test = read_eval_set(data_dir, "test", score_norm, top_n)
+        _, tests = read_test_sets(data_dir, score_norm, top_n, decide_on)  # the decided list first
         dev = read_eval_set(data_dir, "dev", "mean")  # centres the test scores, as a served model is centred
-        result = score_replicas(tracker, replicas, test, n_boot, confidence, dev=dev, metric=space.metric)
+        result = score_replicas(tracker, replicas, tests, n_boot, confidence, dev=dev, metric=space.metric)
         tracker.finish("FINISHED")
     return result
 
@@ -268,49 +300,61 @@ def _tuner(space: SearchSpace, runtime: StudyRuntime, replicas: tuple[Replica, .
             failure_config=tune.FailureConfig(max_failures=space.resources.max_failures)))
 
 
-def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], test: EvalSet, n_boot: int,
-                   confidence: float, dev: EvalSet | None = None, metric: str = "dev_eer") -> ReplicationResult:
-    """Every finished replica's best checkpoint on the test list (centred with its ``dev`` embeddings' mean);
-    seed-paired verdicts logged on the replication run; the best configuration is chosen by ``metric`` on dev."""
+def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], tests: EvalSet | dict[str, EvalSet],
+                   n_boot: int, confidence: float, dev: EvalSet | None = None,
+                   metric: str = "dev_eer") -> ReplicationResult:
+    """Every finished replica's best checkpoint on each test list (centred with its ``dev`` embeddings' mean);
+    seed-paired verdicts per list logged on the replication run, decided on the first list of ``tests`` (one
+    EvalSet: the list named ``test``); the best configuration is chosen by ``metric`` on dev."""
+    tests = {"test": tests} if isinstance(tests, EvalSet) else tests
+    decided = next(iter(tests))
     client = tracker.client
     runs = find_runs(client, tracker.experiment_id, **{"mlflow.parentRunId": tracker.parent_run_id})
     by_index = {int(r.data.params["replica.index"]): r for r in runs if "replica.index" in r.data.params}
-    scores: dict[str, dict[int, np.ndarray]] = {}
+    scores: dict[str, dict[str, dict[int, np.ndarray]]] = {name: {} for name in tests}  # list -> label -> seed
     dev_values: dict[str, list[float]] = {}
     replica_runs: dict[str, list[tuple[int, str]]] = {}
     for index, replica in enumerate(replicas):
         run = by_index.get(index)
         if run is None or run.data.tags.get(STATE_TAG) != "completed":
             continue
-        result = _score_on_test(client, run.info.run_id, test, dev)
+        result = _score_on_test(client, run.info.run_id, tests, dev)
         if result is None:
             continue
-        scores.setdefault(replica.label, {})[replica.seed] = result
+        for name, list_scores in result.items():
+            scores[name].setdefault(replica.label, {})[replica.seed] = list_scores
         history = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, metric)}
         value = best_value(history)
         dev_values.setdefault(replica.label, []).append(math.nan if value is None else value)
         replica_runs.setdefault(replica.label, []).append((replica.seed, run.info.run_id))
-    if BASELINE not in scores or len(scores) < 2:
-        raise StudyError(f"too few finished replicas to compare (have {sorted(scores)}); see the replica runs' "
-                         "states in MLflow and re-run to continue")
-    labels = np.array([t.label for t in test.trials])
-    groups = np.array([t.enroll.split("/")[0] for t in test.trials])
-    verdicts = replicate_verdicts(scores, labels, groups, BASELINE, n_boot=n_boot, confidence=confidence)
-    for label, v in verdicts.items():
-        verdicts[label] = dataclasses.replace(
+    if BASELINE not in scores[decided] or len(scores[decided]) < 2:
+        raise StudyError(f"too few finished replicas to compare (have {sorted(scores[decided])}); see the replica "
+                         "runs' states in MLflow and re-run to continue")
+    lists, list_trials = {}, {}
+    for name, test in tests.items():
+        labels = np.array([t.label for t in test.trials])
+        groups = np.array([t.enroll.split("/")[0] for t in test.trials])
+        verdicts = replicate_verdicts(scores[name], labels, groups, BASELINE, n_boot=n_boot, confidence=confidence)
+        lists[name] = {label: dataclasses.replace(
             v, params={k: str(val) for k, val in _config_params(replicas, label).items()})
-    mfcon = [label for label in verdicts if label != BASELINE]
+            for label, v in verdicts.items()}
+        list_trials[name] = (len(test.trials), len(set(groups)))
+    mfcon = [label for label in lists[decided] if label != BASELINE]
     best = min(mfcon, key=lambda label: np.nanmean(dev_values[label])) if mfcon else None
-    out = ReplicationResult(tracker.study, tracker.parent_run_id, verdicts, best, replica_runs, len(test.trials),
-                            len(set(groups)), int(replicas[0].config["epochs"]), metric)
+    out = ReplicationResult(tracker.study, tracker.parent_run_id, lists[decided], best, replica_runs,
+                            *list_trials[decided], int(replicas[0].config["epochs"]), metric, decided,
+                            lists if len(lists) > 1 else {}, list_trials)
     _log_replication(client, out)
-    client.set_tag(out.run_id, "mfcon.evaluation.score_norm", test.score_norm)
+    client.set_tag(out.run_id, "mfcon.evaluation.score_norm", tests[decided].score_norm)
+    client.set_tag(out.run_id, "mfcon.decided_on", decided)
     return out
 
 
-def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, dev: EvalSet | None) -> np.ndarray | None:
-    """The replica's exported best-dev-epoch weights scored on the test list, centred with the mean of its dev
-    embeddings (when given); ``test_*`` metrics on its run."""
+def _score_on_test(client: MlflowClient, run_id: str, tests: dict[str, EvalSet],
+                   dev: EvalSet | None) -> dict[str, np.ndarray] | None:
+    """The replica's exported best-dev-epoch weights scored on every test list (one embedding of the test split,
+    whose lists share it), centred with the mean of its dev embeddings (when given); ``test_*`` metrics of the
+    first (decided) list on its run, and ``test_<list>_*`` of each list when there are several."""
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         try:
             state = load_checkpoint(client.download_artifacts(run_id, EXPORTED_ARTIFACT, tmp))
@@ -322,12 +366,27 @@ def _score_on_test(client: MlflowClient, run_id: str, test: EvalSet, dev: EvalSe
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
+    results = _evaluate_lists(model, tests, dev, device)
+    now, step = int(time.time() * 1000), int(state["epoch"])
+    named = list(results.items())
+    values = dict(named[0][1].metrics("test"))
+    if len(named) > 1:
+        for name, result in named:
+            values.update(result.metrics(f"test_{name}"))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    return {name: result.scores for name, result in named}
+
+
+def _evaluate_lists(model: torch.nn.Module, tests: dict[str, EvalSet], dev: EvalSet | None,
+                    device: torch.device) -> dict[str, EvalResult]:
+    """:func:`mfcon.evaluation.scoring.evaluate` of each list, embedding the shared test split and cohort once."""
+    first = next(iter(tests.values()))
     centre = extract_embeddings(model, dev.features, device).mean(axis=0) if dev is not None else None
-    result = evaluate(model, test, device, centre=centre)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(state["epoch"]))
-                                      for k, v in result.metrics("test").items()])
-    return result.scores
+    emb = extract_embeddings(model, first.features, device)
+    cohort = embed_cohort(model, first.cohort, device) if first.cohort is not None else None
+    return {name: evaluate_scores(*score_trials(test.utt_ids, emb, test.trials, cohort=cohort, top_n=test.top_n,
+                                                centre=centre))
+            for name, test in tests.items()}
 
 
 def _config_params(replicas: tuple[Replica, ...], label: str) -> dict[str, Any]:
@@ -342,6 +401,20 @@ def _interval(d) -> dict[str, Any] | None:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(d).items()}
 
 
+def _verdict_metrics(verdicts: dict[str, ConfigVerdict], prefix: str, now: int) -> list[Metric]:
+    """``<prefix>_eer_mean.<label>``, ``..._sd``, ``<prefix>_min_dcf_mean``, and ``delta_<prefix>_eer`` (+ CI)."""
+    metrics = []
+    for label, v in verdicts.items():
+        metrics += [Metric(f"{prefix}_eer_mean.{label}", v.eer_mean, now, 0),
+                    Metric(f"{prefix}_eer_sd.{label}", v.eer_std, now, 0),
+                    Metric(f"{prefix}_min_dcf_mean.{label}", v.min_dcf_mean, now, 0)]
+        if v.delta is not None:
+            metrics += [Metric(f"delta_{prefix}_eer.{label}", v.delta.estimate, now, 0),
+                        Metric(f"delta_{prefix}_eer_low.{label}", v.delta.low, now, 0),
+                        Metric(f"delta_{prefix}_eer_high.{label}", v.delta.high, now, 0)]
+    return metrics
+
+
 def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
     table = {"study": r.study, "best": r.best, "verdict": r.verdict(), "n_trials": r.n_trials,
              "n_speakers": r.n_speakers, "epochs": r.epochs, "metric": r.metric,
@@ -350,16 +423,17 @@ def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
                                  "runs": [run for _, run in r.replica_runs[label]], "test_eer": list(v.test_eer),
                                  "test_min_dcf": list(v.test_min_dcf), "delta_eer": _interval(v.delta)}
                          for label, v in r.verdicts.items()}}
+    table["decided_on"] = r.decided_on
+    if r.lists:
+        table["lists"] = {name: {"n_trials": r.list_trials[name][0], "n_speakers": r.list_trials[name][1],
+                                 "configs": {label: {"test_eer": list(v.test_eer), "test_min_dcf": list(v.test_min_dcf),
+                                                     "delta_eer": _interval(v.delta)} for label, v in verdicts.items()}}
+                          for name, verdicts in r.lists.items()}
     client.log_dict(r.run_id, table, REPLICATION_FILE)
     now = int(time.time() * 1000)
-    metrics = []
-    for label, v in r.verdicts.items():
-        metrics += [Metric(f"test_eer_mean.{label}", v.eer_mean, now, 0), Metric(f"test_eer_sd.{label}", v.eer_std, now, 0),
-                    Metric(f"test_min_dcf_mean.{label}", v.min_dcf_mean, now, 0)]
-        if v.delta is not None:
-            metrics += [Metric(f"delta_test_eer.{label}", v.delta.estimate, now, 0),
-                        Metric(f"delta_test_eer_low.{label}", v.delta.low, now, 0),
-                        Metric(f"delta_test_eer_high.{label}", v.delta.high, now, 0)]
+    metrics = _verdict_metrics(r.verdicts, "test", now)
+    for name, verdicts in r.lists.items():
+        metrics += _verdict_metrics(verdicts, f"test_{name}", now)
     client.log_batch(r.run_id, metrics=metrics)
     client.set_tag(r.run_id, "mfcon.verdict", r.verdict())
     client.set_tag(r.run_id, "mfcon.replication_best", r.best or "")

@@ -284,3 +284,22 @@ def test_intervals_are_seeded_cluster_bootstraps_around_the_estimate():
 
     assert list(enrollment_speakers([TrialPair(1, "id1/v/1.wav", "id1/v/2.wav"),
                                      TrialPair(0, "id2/v/1.wav", "id1/v/2.wav")])) == ["id1", "id2"]
+
+
+def test_export_a_registered_version_gives_the_served_embeddings(env, tmp_path):
+    """``mfcon export``'s loading is serving's (NAME@ALIAS pinned to its version, files checked); a fresh
+    torch.jit.load of the file gives the embeddings the served model gives."""
+    import torch
+
+    from mfcon.serving.export import ATOL, RTOL, export_torchscript, load_for_export, model_uri_of, read_export_metadata
+
+    net, feature_config, source = load_for_export(model_uri_of(f"{NAME}@champion"), env.uri)
+    assert source == f"models:/{NAME}/{env.versions[0]}" and feature_config == read_manifest(env.data).feature_config
+    exported = export_torchscript(net, tmp_path / "speaker.pt", feature_config, source=source)
+    feats = [np.array(f) for f in read_eval_set(env.data, "test").features[:3]]
+    scripted = torch.jit.load(str(exported.path))
+    with torch.no_grad():
+        got = np.concatenate([scripted(torch.from_numpy(f)[None]).numpy() for f in feats])
+    np.testing.assert_allclose(got, env.embedder.embed_features(feats), atol=ATOL, rtol=RTOL)
+    meta = read_export_metadata(exported.path)
+    assert meta["feature_config"] == feature_config.model_dump(mode="json") and meta["source"] == source

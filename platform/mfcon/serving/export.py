@@ -21,7 +21,7 @@ every T), saved with ``torch.jit.save``, loaded back with ``torch.jit.load`` and
 with the model itself (mfcon's embedding path, :func:`mfcon.evaluation.scoring.
 extract_embeddings`) on seeded random features of several lengths: every embedding must
 agree within ``atol=1e-5, rtol=1e-4`` (:data:`ATOL`, :data:`RTOL`), else nothing is
-written. The TorchScript module runs the math attention path (the CPU one) on any device.
+written. The trace records the CPU attention path; only CPU is checked.
 
 ONNX is not offered: neither ``onnx`` nor ``onnxruntime`` is a dependency of mfcon, so an
 ONNX export could not be checked to give the same embeddings here (docs/evaluation.md).

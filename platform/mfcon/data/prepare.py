@@ -77,7 +77,8 @@ from mfcon.data.shards import (
 )
 
 DEFAULT_FEATURES = FeatureConfig()
-_OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json|trials-(dev|test|test-[A-Za-z0-9_-]+)\.txt)"
+_OWN_FILE = re.compile(r"^((train|dev|test)-\d{5}\.parquet(\.done\.json)?|manifest\.json"
+                       r"|trials-(dev|test|test-[A-Za-z0-9_-]+)\.txt)"
                        r"(\.tmp-\d+)?$")
 
 

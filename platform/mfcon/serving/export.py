@@ -168,9 +168,15 @@ def export_torchscript(model: nn.Module, out: str | Path, feature_config: Featur
 
 
 def read_export_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``mfcon.json`` an export carries: input/output shapes, feature and model config, the tolerance."""
-    extra = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[EXTRA_FILE])
+    """The ``mfcon.json`` an export carries: input/output shapes, feature and model config, the tolerance.
+
+    Read from the archive as a zip member, never by ``torch.jit.load``: reading what a file says it is
+    must not deserialise a program from it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (member,) = [n for n in archive.namelist() if n.endswith(f"/extra/{EXTRA_FILE}")]
+            return json.loads(archive.read(member))
+    except (zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not an mfcon TorchScript export (no extra/{EXTRA_FILE} inside)") from e

@@ -85,8 +85,13 @@ def _replicate(args: argparse.Namespace) -> None:
 def print_summary(summary: StudySummary) -> None:
     """A finished study for the terminal: trial states, the best trial and its parameters, where MLflow and the
     Optuna study are."""
+    from mfcon.study.trial_table import trial_table
+
     states = ", ".join(f"{n} {state}" for state, n in sorted(summary.states.items()))
     print(f"\nstudy {summary.study}: {summary.num_trials} trials ({states})")
+    rows = getattr(summary, "trials", None)
+    if rows:
+        print("\n".join(trial_table(rows, summary.metric)))
     if summary.best_trial is not None and summary.best_metric is not None:
         print(f"best trial {summary.best_trial}: {summary.metric} {summary.best_metric:.3f}"
               + ("%" if summary.metric.endswith("eer") else ""))

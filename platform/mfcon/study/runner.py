@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_g
 from mfcon.study.search import StudySearch
 from mfcon.evaluation.noise_floor import compare_with_baseline
 from mfcon.evaluation.selection import best_value
-from mfcon.names import BASELINE_KEY, check_study_name
+from mfcon.names import BASELINE_KEY, SEED_KEY, check_study_name
 from mfcon.study.spaces import (
     DefineByRun,
     SearchSpace,
@@ -39,6 +39,7 @@ from mfcon.study.spaces import (
     trial_params,
 )
 from mfcon.study.trial import StudyRuntime, run_trial, with_gpu_decision
+from mfcon.study.trial_table import TrialRow
 from mfcon.tracking import METRIC_TAG, StudyTracker, check_tracking_uri, resolve_tracking_uri
 
 TRIAL_COLUMNS = {"epoch": "epoch", "train_loss": "loss", "dev_eer": "dev EER %", "dev_min_dcf": "dev minDCF",
@@ -62,6 +63,7 @@ class StudySummary:
     metric: str
     baseline: dict[str, Any] | None = None  # the baseline comparison: values, noise floor, verdict and its line
     optuna_storage: str | None = None  # the database holding the study's Optuna study (None: a study from before)
+    trials: list[TrialRow] = field(default_factory=list)  # every trial of this run, for the ranked table
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -353,6 +355,7 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudyS
     mfcon: dict[str, float | None] = {}
     baseline: list[float | None] = []
     best_trial, best_value_, best_params = None, None, {}
+    rows: list[TrialRow] = []
     for result in grid:
         if result.error is not None:
             state = "failed"
@@ -362,8 +365,13 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudyS
         states[state] = states.get(state, 0) + 1
         trial_id = (result.metrics or {}).get("trial_id") or result.path
         value = trial_best_value(result, space.metric) if state != "failed" else None
+        config = result.config or {}
+        params = trial_params(space, config)
+        rows.append(TrialRow(str(trial_id), state, int((result.metrics or {}).get("epoch", 0)), value, params,
+                             baseline=bool(config.get(BASELINE_KEY)),
+                             seed=int(config[SEED_KEY]) if config.get(SEED_KEY) is not None else None))
         if value is not None and (best_value_ is None or value < best_value_):
-            best_trial, best_value_, best_params = trial_id, value, trial_params(space, result.config or {})
+            best_trial, best_value_, best_params = trial_id, value, params
         if state != "failed":
             if (result.config or {}).get(BASELINE_KEY):
                 baseline.append(value)
@@ -377,4 +385,4 @@ def summarize(grid, space: SearchSpace, uri: str, experiment_dir: str) -> StudyS
                       "best_value": c.best_value, "difference": c.difference, "verdict": c.verdict, "line": c.line()}
     return StudySummary(study=space.name, tracking_uri=uri, experiment_dir=experiment_dir, num_trials=len(grid),
                         states=states, best_trial=best_trial, best_metric=best_value_, best_params=best_params,
-                        metric=space.metric, baseline=comparison)
+                        metric=space.metric, baseline=comparison, trials=rows)

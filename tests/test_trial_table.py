@@ -29,6 +29,13 @@ def test_each_row_says_lambda_tau_blocks_and_marks_the_baseline():
     assert "9.00 " in trial_table(_rows(), "dev_min_dcf")[3] + " "
 
 
+def test_a_trial_known_by_its_folder_shows_a_short_name():
+    row = TrialRow("/runs/s/tune/s/run_trial_7f3a1_00003_3_lr=0.0010,weight=0.1000_2026-12-07_18-00-01", "failed",
+                   0, None, {})
+    name = trial_table([row], "dev_eer")[1].split()[1]
+    assert name.startswith("run_trial_7f3a1_00003") and len(name) <= 24
+
+
 def test_a_long_study_shows_its_best_rows_and_says_how_many_are_not_shown():
     rows = [TrialRow(f"t{i:02d}", "completed", 2, float(i), {LAMBDA: 0.1}) for i in range(25)]
     lines = trial_table(rows, "dev_eer", limit=10)

@@ -37,6 +37,12 @@ def _number(value: Any, fmt: str) -> str:
         return "-"
 
 
+def _name(trial: str) -> str:
+    """A trial id as Tune prints it; a failed trial with no result is known by its folder: its last part."""
+    name = trial.rstrip("/").rsplit("/", 1)[-1]
+    return name if len(name) <= 24 else name[:21] + "..."
+
+
 def trial_table(rows: list[TrialRow], metric: str, limit: int = 10) -> list[str]:
     """The table's lines: a header, the best ``limit`` rows, then one line saying how many are not shown.
 
@@ -48,13 +54,13 @@ def trial_table(rows: list[TrialRow], metric: str, limit: int = 10) -> list[str]
        2  b      completed       2    8.00%    0.0000      -  none  (baseline, seed 0)
     """
     unit = "%" if metric.endswith("eer") else ""
-    width = max([5, *(len(r.trial) for r in rows)])
+    width = max([5, *(len(_name(r.trial)) for r in rows)])
     lines = [f"rank  {'trial':<{width}}  {'state':<9}  epochs  {metric:>7}  {'lambda':>8}  {'tau':>5}  blocks"]
     order = ranked(rows)
     for rank, r in enumerate(order[:limit], 1):
         value = f"{r.value:.2f}{unit}" if r.value is not None else "-"
         note = f"  (baseline, seed {r.seed})" if r.baseline and r.seed is not None else "  (baseline)" if r.baseline else ""
-        lines.append(f"{rank:>4}  {r.trial:<{width}}  {r.state:<9}  {r.epochs:>6}  {value:>7}  "
+        lines.append(f"{rank:>4}  {_name(r.trial):<{width}}  {r.state:<9}  {r.epochs:>6}  {value:>7}  "
                      f"{_number(r.params.get(LAMBDA), '.4f'):>8}  {_number(r.params.get(TAU), '.3f'):>5}  "
                      f"{r.params.get(BLOCKS, '-')}{note}")
     if len(order) > limit:

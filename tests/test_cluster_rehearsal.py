@@ -168,14 +168,16 @@ def _create_users() -> None:
 
 
 def _open_interpreter_path() -> list[tuple[Path, int]]:
-    """Let the node users run the CI venv's interpreter (e.g. pyenv's under /root, mode 700): o+x on each
-    folder above it that lacks it. Returns (folder, old mode) to restore."""
+    """Let the node users (and the head's tracking user) run the CI venv's interpreter and import from the
+    venv (pyenv's Python under /root, a clone in a mode-700 ``mktemp -d`` folder): o+x on each folder above
+    either that lacks it. Returns (folder, old mode) to restore, innermost first."""
     changed = []
-    for folder in Path(os.path.realpath(sys.executable)).parents:
-        mode = folder.stat().st_mode
-        if not mode & 0o001:
-            folder.chmod(mode | 0o001)
-            changed.append((folder, mode))
+    for start in (Path(os.path.realpath(sys.executable)), BIN):
+        for folder in start.parents:
+            mode = folder.stat().st_mode
+            if not mode & 0o001:
+                folder.chmod(mode | 0o001)
+                changed.append((folder, mode))
     return changed
 
 

@@ -5,9 +5,12 @@ retrains its best configuration and the lambda = 0 baseline with 3 seeds each
 (equal compute) and scores them on the held-out test list, which ends the demo
 with a verdict and its confidence interval. Runs on one 2-core machine on
 embedded defaults (private local Ray, SQLite MLflow in --workdir, generated
-corpus), and unchanged on a cluster:
+corpus), and unchanged on a cluster whose nodes all mount one filesystem (the demo generates its
+corpus into --workdir, so it needs a shared folder, declared with MFCON_SHARED_FS; a cluster without
+one runs pipelines/prepare.py and pipelines/study.py with s3:// URIs instead, as the README shows):
 
-    ray job submit --working-dir . -- python pipelines/demo.py --address auto --workdir /shared/runs
+    ray job submit --working-dir . --runtime-env-json '{"env_vars": {"MFCON_SHARED_FS": "/shared"}}' \
+        -- python pipelines/demo.py --address auto --workdir /shared/demo
 
 Every step resumes: a finished corpus, shards, study and replication are reused.
 """

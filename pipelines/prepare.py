@@ -1,13 +1,15 @@
-"""Corpus -> shards as a pipeline file (``mfcon prepare``); on a cluster, feature extraction runs as Ray tasks:
+"""Corpus -> shards as a pipeline file (``mfcon prepare``); on a cluster, feature extraction runs as Ray tasks,
+which read the audio, so the corpus must be at the same path on every node (a read-only mount); the shards go
+to the bucket the study reads:
 
     ray job submit --working-dir . -- python pipelines/prepare.py \\
-        --corpus /shared/voxceleb1/wav --test-trials /shared/voxceleb1/veri_test2.txt --dev-speakers 40 \\
-        --out /shared/vox1-shards --ray auto
+        --corpus /mnt/voxceleb1/wav --test-trials /mnt/voxceleb1/veri_test2.txt --dev-speakers 40 \\
+        --out s3://bucket/vox1-shards --ray auto
 
 With Kaldi-style augmented copies and WeSpeaker speed perturbation of the train split (the MUSAN and RIR
 folders must be readable at the same path on every node):
 
-        ... --augment-copies 2 --musan /shared/musan --rir /shared/RIRS_NOISES/simulated_rirs --speed-perturb 0.9,1.1
+        ... --augment-copies 2 --musan /mnt/musan --rir /mnt/RIRS_NOISES/simulated_rirs --speed-perturb 0.9,1.1
 """
 
 from __future__ import annotations

@@ -62,7 +62,10 @@ def _python(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
     code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
             "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
-    done = _python(code, env, timeout=60)
+    try:
+        done = _python(code, env, timeout=60)
+    except subprocess.TimeoutExpired:  # a loaded machine: not up yet, the caller's deadline decides
+        return 0
     # Ray may print its own log lines (e.g. the raylet's) to stdout around ours: read the marked line only.
     counts = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("ALIVE ")]
     return int(counts[-1]) if done.returncode == 0 and counts else 0

@@ -56,7 +56,6 @@ from mfcon.data.local import read_eval_set, read_test_sets
 from mfcon.data.shards import read_manifest
 from mfcon.evaluation.selection import best_value
 from mfcon.models.mfa_conformer import build_model
-from mfcon.plots import replication_plot
 from mfcon.evaluation.score_norm import DEFAULT_TOP_N, ScoreNormName
 from mfcon.evaluation.scoring import (
     EvalResult,
@@ -68,7 +67,7 @@ from mfcon.evaluation.scoring import (
 )
 from mfcon.study.callbacks import MLflowStudyCallback
 from mfcon.study.optuna_rebuild import parse_param
-from mfcon.study.plot_logging import log_figures
+from mfcon.study.replication_log import BASELINE, log_replication
 from mfcon.study.reaper import PlacementGroupReaper, remove_orphaned_placement_groups
 from mfcon.study.runner import (
     DRIVER_MEMORY_BYTES,
@@ -87,7 +86,6 @@ from mfcon.study.spaces import (
 )
 from mfcon.study.trial import StudyRuntime, fit_trainer, with_gpu_decision
 from mfcon.tracking import (
-    REPLICATION_FILE,
     STATE_TAG,
     StudyTracker,
     check_tracking_uri,
@@ -98,7 +96,6 @@ from mfcon.tracking import (
 from mfcon.train.checkpoint import EXPORTED_ARTIFACT, load_checkpoint
 from mfcon.evaluation.verdicts import ConfigVerdict, format_table, replicate_verdicts, verdict_line
 
-BASELINE = "baseline"
 PLAN_FILE = "plan.json"  # in the replication folder: its configurations and fresh seeds, fixed on the first run
 REPLICA_KEYS = ("replica.index", "replica.label", "replica.seed")
 
@@ -344,7 +341,7 @@ def score_replicas(tracker: StudyTracker, replicas: tuple[Replica, ...], tests: 
     out = ReplicationResult(tracker.study, tracker.parent_run_id, lists[decided], best, replica_runs,
                             *list_trials[decided], int(replicas[0].config["epochs"]), metric, decided,
                             lists if len(lists) > 1 else {}, list_trials)
-    _log_replication(client, out)
+    log_replication(client, out)
     client.set_tag(out.run_id, "mfcon.evaluation.score_norm", tests[decided].score_norm)
     client.set_tag(out.run_id, "mfcon.decided_on", decided)
     return out
@@ -392,50 +389,3 @@ def _evaluate_lists(model: torch.nn.Module, tests: dict[str, EvalSet], dev: Eval
 def _config_params(replicas: tuple[Replica, ...], label: str) -> dict[str, Any]:
     params = next(r.params for r in replicas if r.label == label)
     return {k: v for k, v in params.items() if k not in REPLICA_KEYS}
-
-
-def _interval(d) -> dict[str, Any] | None:
-    """The verdict's interval as JSON (every field of the paired interval)."""
-    if d is None:
-        return None
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(d).items()}
-
-
-def _verdict_metrics(verdicts: dict[str, ConfigVerdict], prefix: str, now: int) -> list[Metric]:
-    """``<prefix>_eer_mean.<label>``, ``..._sd``, ``<prefix>_min_dcf_mean``, and ``delta_<prefix>_eer`` (+ CI)."""
-    metrics = []
-    for label, v in verdicts.items():
-        metrics += [Metric(f"{prefix}_eer_mean.{label}", v.eer_mean, now, 0),
-                    Metric(f"{prefix}_eer_sd.{label}", v.eer_std, now, 0),
-                    Metric(f"{prefix}_min_dcf_mean.{label}", v.min_dcf_mean, now, 0)]
-        if v.delta is not None:
-            metrics += [Metric(f"delta_{prefix}_eer.{label}", v.delta.estimate, now, 0),
-                        Metric(f"delta_{prefix}_eer_low.{label}", v.delta.low, now, 0),
-                        Metric(f"delta_{prefix}_eer_high.{label}", v.delta.high, now, 0)]
-    return metrics
-
-
-def _log_replication(client: MlflowClient, r: ReplicationResult) -> None:
-    table = {"study": r.study, "best": r.best, "verdict": r.verdict(), "n_trials": r.n_trials,
-             "n_speakers": r.n_speakers, "epochs": r.epochs, "metric": r.metric,
-             "seeds": sorted({s for runs in r.replica_runs.values() for s, _ in runs}),
-             "configs": {label: {"params": v.params, "seeds": [s for s, _ in r.replica_runs[label]],
-                                 "runs": [run for _, run in r.replica_runs[label]], "test_eer": list(v.test_eer),
-                                 "test_min_dcf": list(v.test_min_dcf), "delta_eer": _interval(v.delta)}
-                         for label, v in r.verdicts.items()}}
-    table["decided_on"] = r.decided_on
-    if r.lists:
-        table["lists"] = {name: {"n_trials": r.list_trials[name][0], "n_speakers": r.list_trials[name][1],
-                                 "configs": {label: {"test_eer": list(v.test_eer), "test_min_dcf": list(v.test_min_dcf),
-                                                     "delta_eer": _interval(v.delta)} for label, v in verdicts.items()}}
-                          for name, verdicts in r.lists.items()}
-    client.log_dict(r.run_id, table, REPLICATION_FILE)
-    now = int(time.time() * 1000)
-    metrics = _verdict_metrics(r.verdicts, "test", now)
-    for name, verdicts in r.lists.items():
-        metrics += _verdict_metrics(verdicts, f"test_{name}", now)
-    client.log_batch(r.run_id, metrics=metrics)
-    client.set_tag(r.run_id, "mfcon.verdict", r.verdict())
-    client.set_tag(r.run_id, "mfcon.replication_best", r.best or "")
-    client.set_tag(r.run_id, "mfcon.replication_seeds", ",".join(map(str, table["seeds"])))
-    log_figures(client, r.run_id, {"replication": replication_plot(r.verdicts, BASELINE)})
